@@ -1,0 +1,21 @@
+"""l0core: L0 regularization (hard-concrete gates) for any ``torch.nn.Module``.
+
+Louizos, Welling & Kingma (2017), "Learning Sparse Neural Networks through L0 Regularization".
+Depends on torch only.
+"""
+
+from .baselines import L1Regularizer
+from .controller import SparsityController
+from .functional import HardConcrete, eval_gate, log_alpha_from_droprate, prob_nonzero, sample_gates
+from .regularizer import L0Regularizer
+
+__all__ = [
+    "HardConcrete",
+    "L0Regularizer",
+    "L1Regularizer",
+    "SparsityController",
+    "eval_gate",
+    "log_alpha_from_droprate",
+    "prob_nonzero",
+    "sample_gates",
+]

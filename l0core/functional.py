@@ -1,0 +1,163 @@
+"""The hard-concrete distribution as pure functions.
+
+Louizos, Welling & Kingma (2017), "Learning Sparse Neural Networks through L0 Regularization",
+https://arxiv.org/abs/1712.01312. A gate ``z`` is a concrete (relaxed Bernoulli) variable ``s``
+stretched to the interval ``(gamma, zeta)`` and clamped to ``[0, 1]``, so it is exactly 0 or
+exactly 1 with non-zero probability while staying differentiable in its location ``log_alpha``:
+
+    u ~ U(eps, 1 - eps)
+    s = sigmoid((log u - log(1 - u) + log_alpha) / beta)
+    z = clamp(s * (zeta - gamma) + gamma, 0, 1)
+    P(z != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta))          (the L0 penalty, Eq. 12)
+
+``beta`` is the temperature, ``gamma = limit_a < 0`` and ``zeta = limit_b > 1`` the stretch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "HardConcrete",
+    "eval_gate",
+    "log_alpha_from_droprate",
+    "prob_nonzero",
+    "sample_gates",
+]
+
+LOG_ALPHA_BOUND = 10.0
+"""Gate logits are kept in [-10, 10]: P(z != 0) is then within 2e-4 of 0 or 1, and every
+quantity derived from them stays finite in half precision."""
+
+
+@dataclass(frozen=True)
+class HardConcrete:
+    """The constants of the hard-concrete distribution (the authors' defaults)."""
+
+    temperature: float = 2.0 / 3.0
+    limit_a: float = -0.1
+    limit_b: float = 1.1
+    epsilon: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not self.limit_a < 0:
+            raise ValueError(f"limit_a must be < 0 (the stretch below 0), got {self.limit_a!r}")
+        if not self.limit_b > 1:
+            raise ValueError(f"limit_b must be > 1 (the stretch above 1), got {self.limit_b!r}")
+        if not 0 < self.epsilon < 0.5:
+            raise ValueError(f"epsilon must be in (0, 0.5), got {self.epsilon!r}")
+
+    @property
+    def span(self) -> float:
+        """``zeta - gamma``, the length of the stretched interval."""
+        return self.limit_b - self.limit_a
+
+    @property
+    def l0_shift(self) -> float:
+        """``beta * log(-gamma / zeta)``: ``P(z != 0) = sigmoid(log_alpha - l0_shift)``."""
+        return self.temperature * math.log(-self.limit_a / self.limit_b)
+
+
+def log_alpha_from_droprate(droprate: float) -> float:
+    """The authors' initial gate logit ``log(1 - p) - log(p)`` for ``droprate_init = p``.
+
+    Note that ``p`` is *not* ``P(z = 0)``: with the default constants, ``p = 0.5`` gives
+    ``log_alpha = 0`` and ``P(z != 0) = sigmoid(-beta * log(-gamma / zeta)) ~ 0.83``.
+    """
+    if not 0 < droprate < 1:
+        raise ValueError(f"droprate_init must be in (0, 1), got {droprate!r}")
+    return math.log(1 - droprate) - math.log(droprate)
+
+
+def prob_nonzero(log_alpha: Tensor, hc: HardConcrete) -> Tensor:
+    """``P(z != 0)`` for each gate, the differentiable L0 count (paper Eq. 12)."""
+    return torch.sigmoid(log_alpha - hc.l0_shift)
+
+
+def eval_gate(log_alpha: Tensor, hc: HardConcrete, rule: str = "mean") -> Tensor:
+    """The deterministic gate used at test time.
+
+    Args:
+        log_alpha: gate logits.
+        hc: the distribution's constants.
+        rule: ``"mean"``: the paper's Eq. 13, ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma,
+            0, 1)``. ``"median"``: the median of the gate, which is the stretched and clamped median
+            ``sigmoid(log_alpha / beta)`` of the concrete variable ``s`` (``u = 1/2``).
+
+    Returns:
+        Gates in [0, 1], exactly 0 for pruned groups.
+    """
+    if rule == "mean":
+        s = torch.sigmoid(log_alpha)
+    elif rule == "median":
+        s = torch.sigmoid(log_alpha / hc.temperature)
+    else:
+        raise ValueError(f"test_gate must be 'mean' or 'median', got {rule!r}")
+    return (s * hc.span + hc.limit_a).clamp_(0.0, 1.0)
+
+
+def _noise_to_gate_(u: Tensor, log_alpha: Tensor, hc: HardConcrete) -> Tensor:
+    """Turn uniform noise ``u`` into gates, in place (no temporary of the gates' size)."""
+    u.logit_().add_(log_alpha).mul_(1.0 / hc.temperature).sigmoid_()
+    return u.mul_(hc.span).add_(hc.limit_a).clamp_(0.0, 1.0)
+
+
+def _gate_grad_(grad: Tensor, z: Tensor, hc: HardConcrete) -> Tensor:
+    """Multiply ``grad`` (a fresh buffer) in place by ``dz/dlog_alpha``, computed from ``z`` alone.
+
+    Inside (0, 1), ``z = s * span + gamma`` so ``s = (z - gamma) / span`` and
+    ``dz/dlog_alpha = span * s * (1 - s) / beta = t * (span - t) / (span * beta)`` with
+    ``t = z - gamma``, and ``t * (span - t) = span^2 / 4 - (t - span / 2)^2``. Where the clamp is
+    active (z == 0 or z == 1) the derivative is 0: ``sign(z - z^2)`` is that indicator, since
+    ``z - z^2 > 0`` exactly inside (0, 1). One temporary buffer in all.
+    """
+    half = hc.span / 2
+    tmp = torch.sub(z, hc.limit_a + half)
+    tmp.square_().neg_().add_(half * half)
+    grad.mul_(tmp).mul_(1.0 / (hc.span * hc.temperature))
+    torch.mul(z, z, out=tmp)
+    return grad.mul_(tmp.neg_().add_(z).sign_())
+
+
+class _SampleGates(torch.autograd.Function):
+    """Sampled gates with a hand-written backward that keeps only ``z`` (not ``s``, not ``u``)."""
+
+    @staticmethod
+    def forward(ctx, log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...]) -> Tensor:
+        u = torch.empty(size, dtype=log_alpha.dtype, device=log_alpha.device)
+        u.uniform_(hc.epsilon, 1.0 - hc.epsilon)
+        z = _noise_to_gate_(u, log_alpha, hc)
+        ctx.save_for_backward(z)
+        ctx.hc = hc
+        ctx.expanded = tuple(size) != tuple(log_alpha.shape)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        (z,) = ctx.saved_tensors
+        g = _gate_grad_(grad.clone(), z, ctx.hc)
+        if ctx.expanded:  # per-sample gates: (B, n) -> (n,)
+            g = g.sum(0)
+        return g, None, None
+
+
+def sample_gates(log_alpha: Tensor, hc: HardConcrete, batch_size: int | None = None) -> Tensor:
+    """Draw hard-concrete gates with the reparametrization trick.
+
+    Args:
+        log_alpha: gate logits, shape ``(n,)``.
+        hc: the distribution's constants.
+        batch_size: draw ``(batch_size, n)`` independent gates (one set per example) instead of one
+            set shared by the whole batch.
+
+    Returns:
+        Gates in [0, 1], differentiable with respect to ``log_alpha``.
+    """
+    size = tuple(log_alpha.shape) if batch_size is None else (batch_size, *log_alpha.shape)
+    return _SampleGates.apply(log_alpha, hc, size)

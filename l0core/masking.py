@@ -1,0 +1,67 @@
+"""Sampled masked weights for all weight-gated parameters in one autograd node.
+
+One draw of uniform noise covers every weight-gated parameter (a flat logit tensor), the gates
+are computed in place in that buffer, and the hand-written backward writes ``dL/dz`` of every
+parameter straight into one fresh flat gradient, with no ``cat`` and no saved ``s`` or ``u``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .functional import HardConcrete, _gate_grad_, _noise_to_gate_
+
+__all__ = ["masked_weights"]
+
+
+class _MaskedWeights(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, log_alpha: Tensor, hc: HardConcrete, layout, *weights: Tensor):
+        # layout: per weight, (offset, n_gates, view_shape, reduce_dims)
+        z = torch.empty_like(log_alpha)
+        z.uniform_(hc.epsilon, 1.0 - hc.epsilon)
+        _noise_to_gate_(z, log_alpha, hc)
+        outs = tuple(
+            w * z[off : off + n].view(shape).to(w.dtype)
+            for w, (off, n, shape, _) in zip(weights, layout, strict=True)
+        )
+        ctx.save_for_backward(z, *weights)
+        ctx.hc, ctx.layout = hc, layout
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        z, *weights = ctx.saved_tensors
+        gz = torch.zeros_like(z) if any(g is None for g in grads) else torch.empty_like(z)
+        grad_ws = []
+        for g, w, (off, n, shape, reduce_dims) in zip(grads, weights, ctx.layout, strict=True):
+            if g is None:
+                grad_ws.append(None)
+                continue
+            zi = z[off : off + n].view(shape)
+            if reduce_dims:
+                gz[off : off + n] = (g * w).sum(reduce_dims).flatten().to(gz.dtype)
+            else:
+                torch.mul(g, w, out=gz[off : off + n].view(shape))
+            grad_ws.append(g * zi.to(g.dtype) if ctx.needs_input_grad[3 + len(grad_ws)] else None)
+        return (_gate_grad_(gz, z, ctx.hc), None, None, *grad_ws)
+
+
+def masked_weights(
+    log_alpha: Tensor,
+    hc: HardConcrete,
+    weights: list[Tensor],
+    layout: tuple[tuple[int, int, tuple[int, ...], tuple[int, ...]], ...],
+) -> tuple[Tensor, ...]:
+    """``weights[i] * z[i]`` with fresh hard-concrete gates ``z`` drawn for every weight.
+
+    Args:
+        log_alpha: the flat logits of all weight-gated parameters.
+        hc: the distribution's constants.
+        weights: the parameters, in the order of ``layout``.
+        layout: per weight, ``(offset, n_gates, view_shape, reduce_dims)``: its gates are
+            ``log_alpha[offset:offset + n_gates].view(view_shape)``, broadcast against the weight;
+            ``reduce_dims`` are the broadcast dimensions (empty for one gate per weight).
+    """
+    return _MaskedWeights.apply(log_alpha, hc, layout, *weights)

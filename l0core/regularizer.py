@@ -1,0 +1,439 @@
+"""``L0Regularizer``: hard-concrete L0 gates around any ``torch.nn.Module``.
+
+Louizos, Welling & Kingma (2017), "Learning Sparse Neural Networks through L0 Regularization".
+The wrapped module is left intact: its parameters stay where they are (so its ``state_dict`` keys
+and checkpoints are unchanged), and gated tensors are swapped in only for the duration of a
+forward, once per forward, so a module that reads its weight twice sees one mask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .controller import SparsityController
+from .flops import layer_macs, record_shapes
+from .functional import LOG_ALPHA_BOUND, HardConcrete, eval_gate, prob_nonzero, sample_gates
+from .gates import GateSite, init_logits, plan_sites, resolve_droprates
+from .masking import masked_weights
+from .selection import Selector, select_params
+
+__all__ = ["L0Regularizer"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _check_number(name: str, value: object, low: float, *, open_low: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (open_low and value == low):
+        rel = ">" if open_low else ">="
+        raise ValueError(f"{name} must be a finite number {rel} {low}, got {value!r}")
+    return float(value)
+
+
+class L0Regularizer(nn.Module):
+    """Wrap ``model`` with L0 gates; ``reg(*args)`` runs the model with gated parameters.
+
+    Args:
+        model: any module; it is used in place (not copied) and not modified.
+        lam: strength of the expected-L0 penalty, ``lam * count_l0()``.
+        weight_decay: strength of the expected-L2 penalty, ``weight_decay * count_l2()``.
+        droprate_init: ``p`` in the initial logit ``log(1 - p) - log(p)``; a float, or a mapping
+            ``{glob on parameter name: p}``. It is not ``P(z = 0)``: with the default constants,
+            ``p = 0.5`` gives ``P(z != 0) ~ 0.83``.
+        temperature, limit_a, limit_b, epsilon: the hard-concrete constants (beta, gamma, zeta
+            and the noise clamp).
+        granularity: ``"weight"`` (one gate per parameter element, as in the paper),
+            ``"output"`` (one per output unit / channel, dim 0 of the weight) or ``"input"``
+            (one per input feature, dim 1, the authors' L0Dense).
+        include, exclude: globs on parameter names or module types, or a callable
+            ``(name, param, module) -> bool``. By default every parameter with two or more
+            dimensions is gated; ``include="*"`` gates everything.
+        per_sample: independent gates per example for structured gates applied on activations.
+        test_gate: the eval-mode gate, ``"mean"`` (paper Eq. 13) or ``"median"``.
+        target_sparsity: if set, add a Lagrangian term that drives the expected sparsity to it
+            (see ``SparsityController``); ``lam`` may then be 0.
+        dual_lr: the multipliers' dual-ascent step for ``target_sparsity``.
+        init: ``"random"`` (the authors' N(logit, 0.01)) or ``"magnitude"`` (gates of the
+            largest pretrained weights start most open, to fine-tune a trained model).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lam: float,
+        weight_decay: float = 0.0,
+        droprate_init: float | Mapping[str, float] = 0.2,
+        temperature: float = 2.0 / 3.0,
+        limit_a: float = -0.1,
+        limit_b: float = 1.1,
+        epsilon: float = 1e-6,
+        *,
+        granularity: str = "weight",
+        include: Selector = None,
+        exclude: Selector = None,
+        per_sample: bool = False,
+        test_gate: str = "mean",
+        target_sparsity: float | None = None,
+        dual_lr: float = 0.05,
+        init: str = "random",
+    ) -> None:
+        super().__init__()
+        self.lam = _check_number("lam", lam, 0.0)
+        self.weight_decay = _check_number("weight_decay", weight_decay, 0.0)
+        if test_gate not in ("mean", "median"):
+            raise ValueError(f"test_gate must be 'mean' or 'median', got {test_gate!r}")
+        if not isinstance(per_sample, bool):
+            raise TypeError(f"per_sample must be a bool, got {per_sample!r}")
+        if per_sample and granularity == "weight":
+            raise ValueError(
+                "per_sample=True needs structured gates (granularity 'output' or 'input'); "
+                "weight gates draw one sample per forward, as in the paper"
+            )
+        self.hc = HardConcrete(temperature, limit_a, limit_b, epsilon)
+        self.granularity, self.per_sample, self.test_gate = granularity, per_sample, test_gate
+        self.module = model
+        targets = select_params(model, include, exclude)
+        self._wsites, self._asites = plan_sites(model, targets, granularity)
+        ref = targets[0].param
+        dtype = ref.dtype if ref.dtype == torch.float64 else torch.float32
+        for attr, sites in (("weight_log_alpha", self._wsites), ("unit_log_alpha", self._asites)):
+            total = sum(s.n_gates for s in sites)
+            if not total:
+                self.register_parameter(attr, None)
+                self.register_buffer(f"_{attr}_groups", None, persistent=False)
+                continue
+            rates = resolve_droprates(sites, droprate_init)
+            logits = init_logits(sites, rates, init, total).clamp_(
+                -LOG_ALPHA_BOUND, LOG_ALPHA_BOUND
+            )
+            setattr(self, attr, nn.Parameter(logits.to(ref.device, dtype)))
+            groups = torch.cat([torch.full((s.n_gates,), float(s.group_size)) for s in sites])
+            self.register_buffer(f"_{attr}_groups", groups.to(ref.device, dtype), persistent=False)
+        self.n_gated = sum(s.numel for s in self._wsites + self._asites)
+        self._layout = tuple(
+            (s.offset, s.n_gates, s.view_shape, _broadcast_dims(s)) for s in self._wsites
+        )
+        self.controller = (
+            SparsityController(target_sparsity, dual_lr) if target_sparsity is not None else None
+        )
+        self._eval_cache: tuple[Any, Any] | None = None
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self.last_shrink_report = None
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped module with gated parameters (sampled in train, deterministic in eval)."""
+        if self.training:
+            self._clamp_logits()
+            wz = self._sampled_weights()
+            az = self._sampled_units()
+        else:
+            wz, az = self._eval_weights_and_units()
+        with self._swapped(wz), self._unit_hooks(az), self._shape_recorder():
+            return self.module(*args, **kwargs)
+
+    def _clamp_logits(self) -> None:
+        with torch.no_grad():
+            for la in (self.weight_log_alpha, self.unit_log_alpha):
+                if la is not None:
+                    la.clamp_(-LOG_ALPHA_BOUND, LOG_ALPHA_BOUND)
+
+    @staticmethod
+    def _compute(la: Tensor) -> Tensor:
+        return la.float() if la.dtype in _LOW_PRECISION else la
+
+    def _sampled_weights(self) -> list[Tensor]:
+        if not self._wsites:
+            return []
+        weights = [s.target.param for s in self._wsites]
+        la = self._compute(self.weight_log_alpha)
+        return list(masked_weights(la, self.hc, weights, self._layout))
+
+    def _sampled_units(self) -> list[Tensor | None]:
+        if not self._asites:
+            return []
+        if self.per_sample:  # drawn in the hooks, once the batch size is known
+            return [None] * len(self._asites)
+        z = sample_gates(self._compute(self.unit_log_alpha), self.hc)
+        return list(z.split([s.n_gates for s in self._asites]))
+
+    def eval_gates(self) -> tuple[Tensor | None, Tensor | None]:
+        """The deterministic gates ``(weight_gates, unit_gates)`` as flat tensors (no grad)."""
+        with torch.no_grad():
+            return tuple(
+                None if la is None else eval_gate(self._compute(la), self.hc, self.test_gate)
+                for la in (self.weight_log_alpha, self.unit_log_alpha)
+            )
+
+    def _eval_weights_and_units(self) -> tuple[list[Tensor], list[Tensor]]:
+        grad = torch.is_grad_enabled()
+        key = tuple(
+            (la._version, la.data_ptr(), la.dtype)
+            for la in (self.weight_log_alpha, self.unit_log_alpha)
+            if la is not None
+        ) + tuple((s.target.param._version, s.target.param.data_ptr()) for s in self._wsites)
+        if not grad and self._eval_cache is not None and self._eval_cache[0] == key:
+            return self._eval_cache[1]
+        if grad:  # differentiable deterministic gates (e.g. for gate saliency analysis)
+            zw, zu = (
+                None if la is None else eval_gate(self._compute(la), self.hc, self.test_gate)
+                for la in (self.weight_log_alpha, self.unit_log_alpha)
+            )
+        else:
+            zw, zu = self.eval_gates()
+        wz = [
+            s.target.param * zw[s.slice].view(s.view_shape).to(s.target.param.dtype)
+            for s in self._wsites
+        ]
+        az = list(zu.split([s.n_gates for s in self._asites])) if zu is not None else []
+        if not grad:
+            self._eval_cache = (key, (wz, az))
+        return wz, az
+
+    @contextlib.contextmanager
+    def _swapped(self, tensors: list[Tensor]) -> Iterator[None]:
+        """Put the gated tensors in place of the parameters for one forward."""
+        swapped = []
+        try:
+            for site, t in zip(self._wsites, tensors, strict=True):
+                for mod, attr in ((site.target.module, site.target.attr), *site.target.aliases):
+                    swapped.append((mod, attr, mod._parameters[attr]))
+                    mod._parameters[attr] = t
+            yield
+        finally:
+            for mod, attr, p in reversed(swapped):
+                mod._parameters[attr] = p
+
+    @contextlib.contextmanager
+    def _unit_hooks(self, gates: list[Tensor | None]) -> Iterator[None]:
+        handles = []
+        try:
+            for site, z in zip(self._asites, gates, strict=True):
+                hook = _UnitGate(self, site, z)
+                if site.granularity == "output":
+                    handles.append(site.hook_module.register_forward_hook(hook))
+                else:
+                    handles.append(site.hook_module.register_forward_pre_hook(hook))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _shape_recorder(self) -> contextlib.AbstractContextManager:
+        if self._shapes is not None:
+            return contextlib.nullcontext()
+        self._shapes = {}
+        return record_shapes(self.module, self._shapes)
+
+    # ---- penalties ------------------------------------------------------------------------
+    def _prob_nonzero(self) -> tuple[Tensor | None, Tensor | None]:
+        return tuple(
+            None if la is None else prob_nonzero(self._compute(la), self.hc)
+            for la in (self.weight_log_alpha, self.unit_log_alpha)
+        )
+
+    def count_l0(self) -> Tensor:
+        """Expected number of retained gated parameters, ``sum_g P(z_g != 0) * |g|``."""
+        total = None
+        for p, groups in zip(
+            self._prob_nonzero(),
+            (self._weight_log_alpha_groups, self._unit_log_alpha_groups),
+            strict=True,
+        ):
+            if p is None:
+                continue
+            term = torch.dot(p, groups)
+            total = term if total is None else total + term
+        return total
+
+    def count_l2(self) -> Tensor:
+        """Expected L2 cost, ``sum_g P(z_g != 0) * ||theta_g||^2``."""
+        pw, pu = self._prob_nonzero()
+        total = None
+        for sites, p in ((self._wsites, pw), (self._asites, pu)):
+            for s in sites:
+                w = s.target.param
+                sq = w.pow(2)
+                bd = _broadcast_dims(s)
+                sq = sq.sum(bd) if bd else sq
+                term = torch.dot(p[s.slice], sq.flatten().to(p.dtype))
+                total = term if total is None else total + term
+        return total
+
+    def expected_density(self) -> Tensor:
+        """``count_l0() / n_gated``: the expected fraction of gated parameters kept."""
+        return self.count_l0() / self.n_gated
+
+    def regularization(self) -> Tensor:
+        """``lam * count_l0() + weight_decay * count_l2()`` (+ the target-sparsity term)."""
+        l0 = self.count_l0()
+        reg = self.lam * l0
+        if self.weight_decay:
+            reg = reg + self.weight_decay * self.count_l2()
+        if self.controller is not None:
+            reg = reg + self.controller(1.0 - l0 / self.n_gated)
+        return reg
+
+    # ---- inspection and export ------------------------------------------------------------
+    def gate_parameters(self) -> Iterator[nn.Parameter]:
+        """The gate logits (give them their own learning rate)."""
+        yield from (la for la in (self.weight_log_alpha, self.unit_log_alpha) if la is not None)
+
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
+        """The wrapped module's own parameters."""
+        yield from self.module.parameters()
+
+    def _site_eval_gates(self) -> list[tuple[GateSite, Tensor]]:
+        zw, zu = self.eval_gates()
+        return [(s, zw[s.slice]) for s in self._wsites] + [(s, zu[s.slice]) for s in self._asites]
+
+    def sparsity(self) -> float:
+        """Fraction of gated parameters whose eval gate is exactly 0."""
+        zeros = sum(int((z == 0).sum()) * s.group_size for s, z in self._site_eval_gates())
+        return zeros / self.n_gated
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per parameter: name, shape, gated, granularity, how applied, densities."""
+        pw, pu = self._prob_nonzero()
+        probs = {s.name: pw[s.slice] for s in self._wsites}
+        probs.update({s.name: pu[s.slice] for s in self._asites})
+        sites = dict(self._site_eval_gates_by_name())
+        rows = []
+        for name, p in self.module.named_parameters():
+            row: dict[str, Any] = {"name": name, "shape": tuple(p.shape), "numel": p.numel()}
+            if name in sites:
+                s, z = sites[name]
+                row.update(
+                    gated=True,
+                    granularity=s.granularity,
+                    applied=s.applied if s.applied == "weight" else f"activation:{s.hook_name}",
+                    n_gates=s.n_gates,
+                    expected_density=float(probs[name].detach().mean()),
+                    eval_density=float((z != 0).float().mean()),
+                )
+            else:
+                row.update(gated=False, granularity=None, applied=None, n_gates=0,
+                           expected_density=1.0, eval_density=1.0)  # fmt: skip
+            rows.append(row)
+        return rows
+
+    def _site_eval_gates_by_name(self) -> Iterator[tuple[str, tuple[GateSite, Tensor]]]:
+        for s, z in self._site_eval_gates():
+            yield s.name, (s, z)
+
+    def prune(self, shrink: bool = False) -> nn.Module:
+        """A plain copy of the module whose weights are the eval-gated weights.
+
+        Args:
+            shrink: also remove dead units and channels (``l0core.export.shrink``); the report
+                is kept in ``self.last_shrink_report``.
+
+        Returns:
+            A standard ``nn.Module`` (no l0core objects, no hooks), in eval mode, picklable.
+        """
+        model = copy.deepcopy(self.module)
+        with torch.no_grad():
+            for site, z in self._site_eval_gates():
+                _apply_gate_to_copy(model, site, z)
+        model.eval()
+        if not shrink:
+            return model
+        from .export import shrink as _shrink
+
+        model, self.last_shrink_report = _shrink(model)
+        return model
+
+    def expected_flops(self, *example_args: Any, **example_kwargs: Any) -> float:
+        """Expected multiply-adds per example of the Linear and ConvNd layers.
+
+        A layer costs ``output positions * expected non-zero weights`` (its gated weights count
+        with ``P(z != 0)``). Output positions come from the real output shapes, recorded at the
+        first forward, or from a forward on ``example_args`` if given.
+        """
+        if example_args or example_kwargs:
+            self._shapes = None
+            was = self.training
+            self.eval()
+            with torch.no_grad():
+                self(*example_args, **example_kwargs)
+            self.train(was)
+        if not self._shapes:
+            raise RuntimeError("expected_flops() needs one forward first, or an example input")
+        pw, pu = self._prob_nonzero()
+        density = {s.name: (pw[s.slice], s) for s in self._wsites}
+        density.update({s.name: (pu[s.slice], s) for s in self._asites})
+        total = 0.0
+        for name, mod in self.module.named_modules():
+            if name not in self._shapes:
+                continue
+            wname = f"{name}.weight" if name else "weight"
+            nnz = float(mod.weight.numel())
+            if wname in density:
+                p, site = density[wname]
+                nnz = float(p.detach().sum()) * site.group_size
+            total += layer_macs(mod, self._shapes[name], nnz)
+        return total
+
+    def extra_repr(self) -> str:
+        return (
+            f"lam={self.lam}, weight_decay={self.weight_decay}, granularity={self.granularity!r}, "
+            f"per_sample={self.per_sample}, test_gate={self.test_gate!r}, gated_params={self.n_gated}"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_eval_cache"] = None
+        return state
+
+
+class _UnitGate:
+    """A forward (pre-)hook that scales a layer's units by their gates for one forward."""
+
+    def __init__(self, reg: L0Regularizer, site: GateSite, z: Tensor | None) -> None:
+        self.reg, self.site, self.z = reg, site, z
+
+    def _gates(self, x: Tensor) -> Tensor:
+        site, dim = self.site, self.site.unit_dim % x.dim()
+        if self.z is None:  # per-sample: (B, n)
+            la = self.reg._compute(self.reg.unit_log_alpha)[site.slice]
+            z = sample_gates(la, self.reg.hc, batch_size=x.shape[0])
+            shape = [x.shape[0]] + [1] * (x.dim() - 1)
+            shape[dim] = site.n_gates
+        else:
+            z, shape = self.z, [1] * x.dim()
+            shape[dim] = site.n_gates
+        return z.view(shape).to(x.dtype)
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any = None) -> Any:
+        if self.site.granularity == "output":
+            return output * self._gates(output)
+        x, *rest = inputs
+        return (x * self._gates(x), *rest)
+
+
+def _broadcast_dims(site: GateSite) -> tuple[int, ...]:
+    shape = site.target.param.shape
+    return tuple(d for d, n in enumerate(site.view_shape) if n == 1 and shape[d] != 1)
+
+
+def _apply_gate_to_copy(model: nn.Module, site: GateSite, z: Tensor) -> None:
+    """Bake eval gates into the parameters of a plain copy of the wrapped module."""
+    name = site.target.name
+    mod_name, _, attr = name.rpartition(".")
+    w = getattr(model.get_submodule(mod_name), attr)
+    if site.applied == "weight" or site.granularity == "input":
+        w.mul_(z.view(site.view_shape).to(w.dtype))
+        return
+    hook = model.get_submodule(site.hook_name)
+    # Output gates scale a layer's rows and bias, or the affine BatchNorm after it.
+    scaled = [hook.weight, hook.bias] if site.hook_name != mod_name else [w, hook.bias]
+    for t in scaled:
+        if t is not None:
+            t.mul_(z.view(-1, *([1] * (t.dim() - 1))).to(t.dtype))
