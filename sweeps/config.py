@@ -1,0 +1,80 @@
+"""Settings of the sweep engine, read from the environment in one place.
+
+Every setting has the prefix ``L0SWEEP_`` (``L0SWEEP_DATA_DIR``, ``L0SWEEP_MAX_TRIALS``, ...).
+The MLflow tracking URI also honours ``MLFLOW_TRACKING_URI``, as MLflow users expect. Settings are
+read afresh on every call to :func:`get_settings`, so a test (or a service) that changes the
+environment sees the change without a restart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DataPathError", "SweepSettings", "get_settings", "resolve_data_path"]
+
+
+class SweepSettings(BaseSettings):
+    """Where data, results and runs live, and the limits that protect a shared lab."""
+
+    model_config = SettingsConfigDict(env_prefix="L0SWEEP_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path.home() / ".l0sweep" / "data",
+        description="Root of every dataset file a spec names (npz files, downloaded IDX files).",
+    )
+    fashion_mnist_dir: Path = Field(
+        default=Path("/usr/share/datasets/fashion-mnist"),
+        description="Fashion-MNIST IDX files (where Debian's dataset-fashion-mnist puts them).",
+    )
+    mnist_dir: Path | None = Field(
+        default=None, description="MNIST IDX files; default: <data_dir>/mnist."
+    )
+    storage_path: Path = Field(
+        default=Path.home() / ".l0sweep" / "ray_results",
+        description="Tune experiments, one directory per sweep id; shared by all nodes.",
+    )
+    tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("L0SWEEP_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="MLflow tracking URI; None leaves MLflow's own default.",
+    )
+    max_trials: int = Field(default=512, ge=1, description="Most trials one sweep may expand to.")
+    max_epochs: int = Field(default=200, ge=1, description="Most epochs one trial may train.")
+
+
+def get_settings() -> SweepSettings:
+    """The current settings (environment read now, not cached)."""
+    return SweepSettings()
+
+
+class DataPathError(ValueError):
+    """A dataset path that is absolute, climbs out of the data directory, or does not exist."""
+
+
+def resolve_data_path(relative: str, data_dir: Path | None = None) -> Path:
+    """Resolve a path named in a spec inside the data directory.
+
+    Args:
+        relative: a path relative to the data directory, as written in a spec.
+        data_dir: the data directory; default: the ``L0SWEEP_DATA_DIR`` setting.
+
+    Raises:
+        DataPathError: the path is absolute, contains ``..``, or resolves (through symlinks)
+            outside the data directory.
+    """
+    root = Path(data_dir if data_dir is not None else get_settings().data_dir)
+    candidate = Path(relative)
+    if candidate.is_absolute() or relative.startswith("~"):
+        raise DataPathError(f"path {relative!r} must be relative to the data directory {root}")
+    if ".." in candidate.parts:
+        raise DataPathError(f"path {relative!r} must not contain '..'")
+    resolved_root = root.resolve()
+    resolved = (resolved_root / candidate).resolve()
+    if not resolved.is_relative_to(resolved_root):
+        raise DataPathError(
+            f"path {relative!r} resolves to {resolved}, outside the data directory {resolved_root}"
+        )
+    return resolved

@@ -1,0 +1,231 @@
+"""Built-in datasets, all real and offline: IDX files, scikit-learn's digits, MNIST-1D, a sparse
+teacher, and a user's npz file.
+
+A loader returns raw numpy arrays (and a test split where the dataset has an official one);
+:func:`load_dataset` splits off validation (and test where needed) with the spec's seed,
+standardises with training statistics only, and caches the result per process.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from .config import get_settings, resolve_data_path
+from .registry import DATASETS, register_dataset
+
+__all__ = ["DataSplits", "RawData", "load_dataset", "read_idx"]
+
+
+@dataclass
+class RawData:
+    """Arrays as a loader returns them; ``x_test`` is None when there is no official test split."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSplits:
+    """Standardised float32 inputs and int64 labels for the three splits."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IdxParams(_Params):
+    path: str | None = Field(
+        default=None,
+        description="Directory of the IDX files, relative to the data directory; "
+        "default: the dataset's directory setting.",
+    )
+    limit: PositiveInt | None = Field(default=None, description="Use the first N training images.")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not) as a numpy array of its declared shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{stem}(.gz) not found in {directory}")
+
+
+def _load_idx_dir(directory: Path, params: IdxParams) -> RawData:
+    x = read_idx(_find_idx(directory, "train-images-idx3-ubyte"))
+    y = read_idx(_find_idx(directory, "train-labels-idx1-ubyte"))
+    x_test = read_idx(_find_idx(directory, "t10k-images-idx3-ubyte"))
+    y_test = read_idx(_find_idx(directory, "t10k-labels-idx1-ubyte"))
+    if params.limit is not None:
+        x, y = x[: params.limit], y[: params.limit]
+    return RawData(x[:, None] / 255.0, y, x_test[:, None] / 255.0, y_test, {"dir": str(directory)})
+
+
+@register_dataset("fashion-mnist", params=IdxParams)
+def fashion_mnist(params: IdxParams) -> RawData:
+    """Fashion-MNIST (28x28 grey clothing images, 10 classes) from IDX files."""
+    settings = get_settings()
+    directory = resolve_data_path(params.path) if params.path else settings.fashion_mnist_dir
+    return _load_idx_dir(directory, params)
+
+
+@register_dataset("mnist", params=IdxParams)
+def mnist(params: IdxParams) -> RawData:
+    """MNIST (28x28 grey digits, 10 classes) from IDX files."""
+    settings = get_settings()
+    default = settings.mnist_dir or settings.data_dir / "mnist"
+    directory = resolve_data_path(params.path) if params.path else default
+    return _load_idx_dir(directory, params)
+
+
+@register_dataset("digits")
+def digits(params: BaseModel) -> RawData:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes); quick tests and demos."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return RawData(bunch.images[:, None] / 16.0, bunch.target)
+
+
+class Mnist1dParams(_Params):
+    num_samples: PositiveInt = 5000
+    seed: int = 42
+
+
+@register_dataset("mnist1d", params=Mnist1dParams)
+def mnist1d(params: Mnist1dParams) -> RawData:
+    """MNIST-1D (Greydanus 2020): 40-sample 1D signals, 10 classes, generated locally."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = params.num_samples, params.seed
+    d = make_dataset(args)
+    return RawData(d["x"], d["y"], d["x_test"], d["y_test"])
+
+
+class SparseTeacherParams(_Params):
+    num_samples: PositiveInt = 6000
+    num_features: PositiveInt = 64
+    hidden: PositiveInt = 32
+    num_classes: int = Field(default=4, ge=2)
+    density: float = Field(default=0.1, gt=0, le=1, description="Fraction of nonzero weights.")
+    seed: int = 0
+
+
+@register_dataset("sparse-teacher", params=SparseTeacherParams)
+def sparse_teacher(params: SparseTeacherParams) -> RawData:
+    """Labels from a random two-layer teacher with a known fraction of nonzero weights."""
+    rng = np.random.default_rng(params.seed)
+    shapes = [(params.num_features, params.hidden), (params.hidden, params.num_classes)]
+    weights = [rng.normal(size=s) * (rng.random(s) < params.density) for s in shapes]
+    x = rng.normal(size=(params.num_samples, params.num_features))
+    y = np.argmax(np.maximum(x @ weights[0], 0) @ weights[1], axis=1)
+    nonzero = sum(int((w != 0).sum()) for w in weights)
+    total = sum(w.size for w in weights)
+    return RawData(x, y, info={"teacher_density": nonzero / total})
+
+
+class NpzParams(_Params):
+    path: str = Field(description="The .npz file, relative to the data directory.")
+    x_key: str = "x"
+    y_key: str = "y"
+    x_test_key: str | None = Field(default=None, description="Official test inputs, if any.")
+    y_test_key: str | None = None
+
+
+@register_dataset("npz", params=NpzParams)
+def npz(params: NpzParams) -> RawData:
+    """A user's .npz file with input and integer label arrays (no pickled objects)."""
+    path = resolve_data_path(params.path)
+    with np.load(path, allow_pickle=False) as f:
+        missing = [k for k in (params.x_key, params.y_key) if k not in f.files]
+        if missing:
+            raise KeyError(f"{params.path} lacks arrays {missing}; it has {f.files}")
+        raw = RawData(f[params.x_key], f[params.y_key])
+        if params.x_test_key and params.y_test_key:
+            raw.x_test, raw.y_test = f[params.x_test_key], f[params.y_test_key]
+    return raw
+
+
+def _tensor_split(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+    return torch.as_tensor(x[idx], dtype=torch.float32), torch.as_tensor(y[idx], dtype=torch.int64)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(
+    name: str, params_json: str, val_fraction: float, test_fraction: float, split_seed: int
+) -> DataSplits:
+    entry = DATASETS.get(name)
+    raw: RawData = entry.factory(entry.params.model_validate(json.loads(params_json)))
+    x, y = np.asarray(raw.x, dtype=np.float32), np.asarray(raw.y).astype(np.int64)
+    rng = np.random.default_rng(split_seed)
+    order = rng.permutation(len(x))
+    if raw.x_test is None:
+        n_test = max(1, round(test_fraction * len(x)))
+        test_idx, order = order[:n_test], order[n_test:]
+        x_test, y_test = x[test_idx], y[test_idx]
+    else:
+        x_test = np.asarray(raw.x_test, dtype=np.float32)
+        y_test = np.asarray(raw.y_test).astype(np.int64)
+    n_val = max(1, round(val_fraction * len(order)))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    mean, std = float(x[train_idx].mean()), float(x[train_idx].std()) or 1.0
+    x, x_test = (x - mean) / std, (x_test - mean) / std
+    num_classes = int(max(y.max(), y_test.max())) + 1
+    return DataSplits(
+        train=_tensor_split(x, y, train_idx),
+        val=_tensor_split(x, y, val_idx),
+        test=_tensor_split(x_test, y_test, np.arange(len(x_test))),
+        input_shape=tuple(x.shape[1:]),
+        num_classes=num_classes,
+        info={**raw.info, "n_train": len(train_idx), "n_val": len(val_idx), "n_test": len(x_test)},
+    )
+
+
+def load_dataset(
+    name: str,
+    params: dict[str, Any] | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+) -> DataSplits:
+    """Load a registered dataset and split it; the same arguments give the same splits.
+
+    Args:
+        name: a registered dataset name.
+        params: the dataset's parameters (validated by its params model).
+        val_fraction: fraction of the training data held out for validation.
+        test_fraction: fraction held out for test where the dataset has no official test split.
+        split_seed: seed of the split permutation.
+    """
+    params_json = json.dumps(params or {}, sort_keys=True)
+    return _load_cached(name, params_json, val_fraction, test_fraction, split_seed)

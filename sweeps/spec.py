@@ -1,0 +1,373 @@
+"""The sweep spec: one Pydantic model that the REST API, the CLI and every trial validate with.
+
+Any field typed ``Searchable[...]`` takes either a fixed value or one search domain, written as a
+one-key mapping: ``{grid: [...]}``, ``{choice: [...]}``, ``{uniform: [low, high]}``,
+``{loguniform: [low, high]}`` or ``{randint: [low, high]}`` (both ends included). Domain values
+are validated against the field's own type, so errors carry the field path
+(``regularizer.lam.loguniform.0``). Model and dataset parameters are validated by the registry
+entry they name. Limits (``L0SWEEP_MAX_TRIALS``, ``L0SWEEP_MAX_EPOCHS``) come from
+:mod:`sweeps.config`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Generic, Literal, TypeVar, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PositiveInt,
+    Tag,
+    create_model,
+    model_validator,
+)
+
+from .config import get_settings
+from .registry import DATASETS, MODELS
+
+__all__ = [
+    "DOMAIN_KINDS",
+    "EPOCH_METRICS",
+    "FINAL_METRICS",
+    "Choice",
+    "DatasetSpec",
+    "Grid",
+    "LogUniform",
+    "ModelSpec",
+    "Objective",
+    "RandInt",
+    "RegularizerSpec",
+    "ResourcesSpec",
+    "SchedulerSpec",
+    "SearchSpec",
+    "SweepSpec",
+    "TrainSpec",
+    "Uniform",
+    "json_schema",
+]
+
+# What a trial reports after every epoch (objectives and schedulers may use these) ...
+EPOCH_METRICS = {
+    "epoch": "epoch number, from 1",
+    "train_loss": "mean task loss over the epoch's batches",
+    "penalty": "regularization term at the end of the epoch (lambda included)",
+    "expected_l0": "expected number of retained gated parameters",
+    "expected_density": "expected_l0 / number of gated parameters",
+    "sparsity": "fraction of gated parameters whose deterministic gate is exactly 0",
+    "val_loss": "task loss on the validation split (deterministic gates)",
+    "val_accuracy": "accuracy on the validation split (deterministic gates)",
+    "expected_flops": "expected multiply-adds per example",
+    "nonzero_params": "nonzero parameters of the exported model",
+    "total_params": "parameters of the dense model",
+    "epoch_seconds": "wall time of the epoch's training",
+}
+# ... and once, at the end, on the test split: never an objective (choose on validation).
+FINAL_METRICS = {
+    "test_accuracy": "accuracy of the exported (pruned) model on the test split",
+    "shrunk_params": "parameters of the shrunk model (structured gates)",
+}
+
+T = TypeVar("T")
+DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Grid(_Strict, Generic[T]):
+    """Every value, each in its own trial (a grid dimension)."""
+
+    grid: list[T] = Field(min_length=1)
+
+
+class Choice(_Strict, Generic[T]):
+    """One value drawn uniformly per sample."""
+
+    choice: list[T] = Field(min_length=1)
+
+
+class _Range(_Strict, Generic[T]):
+    def _bounds(self) -> tuple[Any, Any]:
+        return getattr(self, self._kind)  # type: ignore[attr-defined]
+
+    @model_validator(mode="after")
+    def _ordered(self) -> _Range[T]:
+        low, high = self._bounds()
+        if not low < high:
+            raise ValueError(f"{self._kind}: low must be below high, got [{low}, {high}]")  # type: ignore[attr-defined]
+        return self
+
+
+class Uniform(_Range[T], Generic[T]):
+    _kind = "uniform"
+    uniform: tuple[T, T]
+
+
+class LogUniform(_Range[T], Generic[T]):
+    _kind = "loguniform"
+    loguniform: tuple[T, T]
+
+    @model_validator(mode="after")
+    def _positive(self) -> LogUniform[T]:
+        if self.loguniform[0] <= 0:  # type: ignore[operator]
+            raise ValueError(f"loguniform: low must be > 0, got {self.loguniform[0]}")
+        return self
+
+
+class RandInt(_Range[T], Generic[T]):
+    _kind = "randint"
+    randint: tuple[T, T]
+
+
+def _domain_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        keys = list(value)
+        return keys[0] if len(keys) == 1 and keys[0] in DOMAIN_KINDS else None
+    if isinstance(value, BaseModel) and type(value).__name__.startswith(
+        ("Grid", "Choice", "Uniform", "LogUniform", "RandInt")
+    ):
+        return next(iter(type(value).model_fields))
+    return "value"
+
+
+def _searchable(tp: Any, ranges: tuple[type, ...] = ()) -> Any:
+    members = [
+        Annotated[tp, Tag("value")],
+        Annotated[Grid[tp], Tag("grid")],
+        Annotated[Choice[tp], Tag("choice")],
+    ] + [Annotated[r[tp], Tag(r.model_fields.__iter__().__next__())] for r in ranges]
+    return Annotated[
+        Union[tuple(members)],  # noqa: UP007 (a runtime-built union)
+        Discriminator(
+            _domain_tag,
+            custom_error_type="search_domain",
+            custom_error_message="expected a value or one of {grid, choice, uniform, loguniform, randint}",
+        ),
+    ]
+
+
+SearchFloat = _searchable(float, (Uniform, LogUniform))
+SearchInt = _searchable(PositiveInt, (RandInt,))
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+_Domain = (Grid, Choice, Uniform, LogUniform, RandInt)
+
+
+def _is_domain(value: Any) -> bool:
+    return _domain_tag(value) not in (None, "value")
+
+
+def _domain_values(value: Any) -> list[Any] | None:
+    """The finite values of a grid/choice domain; None for ranges."""
+    tag = _domain_tag(value)
+    return getattr(value, tag) if tag in ("grid", "choice") else None
+
+
+class RegularizerSpec(_Strict):
+    """Which sparsity method wraps the model, with the l0core options."""
+
+    kind: _searchable(Literal["l0", "l1", "none"]) = "l0"
+    lam: _searchable(Annotated[float, Field(ge=0)], (Uniform, LogUniform)) = Field(
+        default=1e-4, description="Penalty weight (per gated parameter count, as in l0core)."
+    )
+    granularity: _searchable(Literal["weight", "output", "input"]) = "weight"
+    droprate_init: _searchable(Fraction, (Uniform,)) = 0.2
+    temperature: _searchable(Annotated[float, Field(gt=0)], (Uniform, LogUniform)) = 2 / 3
+    per_sample: _searchable(bool) = False
+    test_gate: _searchable(Literal["mean", "median"]) = "mean"
+    target_sparsity: _searchable(Fraction | None, (Uniform,)) = Field(
+        default=None, description="Lagrangian controller target; None: fixed lambda."
+    )
+    l2: _searchable(Annotated[float, Field(ge=0)], (Uniform, LogUniform)) = Field(
+        default=0.0, description="Expected-L2 weight decay of the L0 paper (weight_decay)."
+    )
+    l1_threshold: _searchable(Annotated[float, Field(gt=0)], (LogUniform,)) = 1e-3
+    include: list[str] | None = Field(default=None, description="Glob patterns to gate.")
+    exclude: list[str] | None = Field(default=None, description="Glob patterns not to gate.")
+
+
+class TrainSpec(_Strict):
+    """How each trial trains."""
+
+    epochs: PositiveInt = 10
+    batch_size: SearchInt = 128
+    optimizer: _searchable(Literal["adam", "sgd"]) = "adam"
+    lr: _searchable(Annotated[float, Field(gt=0)], (Uniform, LogUniform)) = 1e-3
+    gate_lr: _searchable(Annotated[float, Field(gt=0)] | None, (Uniform, LogUniform)) = Field(
+        default=None, description="Learning rate of the gate logits; None: same as lr."
+    )
+    weight_decay: _searchable(Annotated[float, Field(ge=0)], (Uniform, LogUniform)) = 0.0
+    momentum: _searchable(Annotated[float, Field(ge=0, lt=1)], (Uniform,)) = 0.9
+    init_from: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{32}$",
+        description="MLflow run id of a dense trial whose weights start this one (gates open).",
+    )
+
+
+def _registry_union(registry: Any, kind: str) -> Any:
+    """A union of one spec class per registered entry, discriminated by ``name``."""
+    members = []
+    for entry in registry.entries():
+        cls = create_model(
+            f"{kind}_{entry.name}".replace("-", "_"),
+            __base__=_Strict,
+            name=(Literal[entry.name], ...),
+            params=(entry.params, Field(default_factory=entry.params)),
+            **({"__doc__": entry.description} if entry.description else {}),
+            **(_DATASET_FIELDS if kind == "dataset" else {}),
+        )
+        members.append(Annotated[cls, Tag(entry.name)])
+    return Annotated[Union[tuple(members)], Discriminator("name")]  # noqa: UP007
+
+
+_DATASET_FIELDS: dict[str, Any] = {
+    "val_fraction": (float, Field(default=0.1, gt=0, lt=0.5)),
+    "test_fraction": (float, Field(default=0.2, gt=0, lt=0.5, description="If no test split.")),
+    "split_seed": (int, 0),
+}
+ModelSpec = _registry_union(MODELS, "model")
+DatasetSpec = _registry_union(DATASETS, "dataset")
+
+
+class Objective(_Strict):
+    metric: str
+    mode: Literal["max", "min"] = "max"
+
+    @model_validator(mode="after")
+    def _known_metric(self) -> Objective:
+        if self.metric in FINAL_METRICS:
+            raise ValueError(
+                f"{self.metric!r} is measured once on the test split and cannot be an objective; "
+                "choose on validation metrics"
+            )
+        if self.metric not in EPOCH_METRICS:
+            raise ValueError(
+                f"unknown metric {self.metric!r}; reported: {', '.join(EPOCH_METRICS)}"
+            )
+        return self
+
+
+class SearchSpec(_Strict):
+    algorithm: Literal["random", "optuna"] = Field(
+        default="random", description="random: grid and random sampling; optuna: multi-objective."
+    )
+    num_samples: PositiveInt = Field(default=1, description="Samples (each repeats the grid).")
+    seeds: list[int] = Field(default=[0], min_length=1, description="Every config runs per seed.")
+    random_state: int = Field(default=0, description="Seed of the search algorithm itself.")
+
+
+class SchedulerSpec(_Strict):
+    kind: Literal["fifo", "asha"] = "fifo"
+    metric: str | None = Field(default=None, description="Default: the first objective's metric.")
+    grace_period: PositiveInt = 1
+    reduction_factor: float = Field(default=2.0, gt=1)
+
+
+class ResourcesSpec(_Strict):
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    gpus_per_trial: float = Field(default=0.0, ge=0)
+    max_concurrent_trials: PositiveInt | None = None
+    max_failures: int = Field(default=0, ge=0, description="Retries per trial (from checkpoint).")
+    time_budget_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _whole_gpus_above_one(self) -> ResourcesSpec:
+        if self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer():
+            raise ValueError(f"gpus_per_trial above 1 must be whole, got {self.gpus_per_trial}")
+        return self
+
+
+class SweepSpec(_Strict):
+    """A sweep: what to train, how to search, where to record it."""
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][\w.\- ]*$")
+    experiment: str = Field(default="l0sweep", min_length=1, max_length=200)
+    tags: dict[str, str] = Field(default_factory=dict)
+    model: ModelSpec
+    dataset: DatasetSpec
+    regularizer: RegularizerSpec = Field(default_factory=RegularizerSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    objectives: list[Objective] = Field(
+        default_factory=lambda: [Objective(metric="val_accuracy"), Objective(metric="sparsity")],
+        min_length=1,
+    )
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SweepSpec:
+        """Load a spec from a YAML (.yaml/.yml) or JSON file."""
+        text = Path(path).read_text()
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        return cls.model_validate(data)
+
+    def searched_fields(self) -> dict[str, Any]:
+        """``{"section.field": domain}`` for every searched field."""
+        out = {}
+        for section in ("regularizer", "train"):
+            for key, value in getattr(self, section):
+                if _is_domain(value):
+                    out[f"{section}.{key}"] = value
+        return out
+
+    def grid_size(self) -> int:
+        return math.prod(
+            len(d.grid) for d in self.searched_fields().values() if isinstance(d, Grid)
+        )
+
+    def num_trials(self) -> int:
+        """Trials this spec expands to: grid size x num_samples x seeds."""
+        return self.grid_size() * self.search.num_samples * len(self.search.seeds)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        problems = []
+        searched = self.searched_fields()
+        if self.search.algorithm == "optuna":
+            grids = [k for k, d in searched.items() if isinstance(d, Grid)]
+            if grids:
+                problems.append(f"optuna search takes no grid domains ({grids}); use choice")
+            if len(self.search.seeds) > 1:
+                problems.append(
+                    "optuna proposes one config per trial: give one seed, or use random"
+                )
+        metric = self.scheduler.metric or self.objectives[0].metric
+        if self.scheduler.kind == "asha":
+            if metric not in EPOCH_METRICS:
+                problems.append(
+                    f"scheduler.metric {metric!r} is not reported; use one of {list(EPOCH_METRICS)}"
+                )
+            if self.scheduler.grace_period > self.train.epochs:
+                problems.append(
+                    f"scheduler.grace_period {self.scheduler.grace_period} exceeds train.epochs {self.train.epochs}"
+                )
+        names = [o.metric for o in self.objectives]
+        if len(set(names)) != len(names):
+            problems.append(f"objectives repeat a metric: {names}")
+        settings = get_settings()
+        if self.train.epochs > settings.max_epochs:
+            problems.append(
+                f"train.epochs {self.train.epochs} exceeds the limit {settings.max_epochs} (L0SWEEP_MAX_EPOCHS)"
+            )
+        if self.num_trials() > settings.max_trials:
+            problems.append(
+                f"the spec expands to {self.num_trials()} trials (grid {self.grid_size()} x "
+                f"num_samples {self.search.num_samples} x seeds {len(self.search.seeds)}), over the "
+                f"limit {settings.max_trials} (L0SWEEP_MAX_TRIALS)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of :class:`SweepSpec` (``l0sweep schema``, ``GET /schema/sweep``)."""
+    return SweepSpec.model_json_schema()
