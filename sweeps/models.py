@@ -7,6 +7,7 @@ MLP 784-300-100 and LeNet-5-Caffe 20-50-800-500 are its MNIST models).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal
 
@@ -50,7 +51,7 @@ def mlp(params: MlpParams, input_shape: tuple[int, ...], num_classes: int) -> nn
     """Fully connected network on flattened inputs (784-300-100-10 in the L0 paper)."""
     widths = [math.prod(input_shape), *params.hidden]
     layers: list[nn.Module] = [nn.Flatten()]
-    for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):
+    for d_in, d_out in itertools.pairwise(widths):
         layers += [nn.Linear(d_in, d_out), _ACTIVATIONS[params.activation]()]
     layers.append(nn.Linear(widths[-1], num_classes))
     return nn.Sequential(*layers)
