@@ -1,0 +1,161 @@
+"""The FastAPI app factory: settings in, app out (no global state, so tests build their own)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.control import SweepControl
+from service.errors import BackendUnavailable, install_error_handlers
+from service.jobs import JobRunner
+from service.record import SweepCache, SweepStore
+from service.routes import catalog, health, sweeps
+from service.settings import Settings
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+# The service answers 503 within seconds when MLflow is down instead of retrying for minutes
+# (MLflow's client default); drivers and trials keep their own, longer, retry settings.
+_MLFLOW_CLIENT_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the service for ``settings`` (default: read from the environment).
+
+    Raises:
+        ValueError: no Ray address or MLflow tracking URI is configured, or the bind address is
+            not loopback and no token is set.
+    """
+    settings = settings or Settings()
+    if not settings.ray_address or not settings.tracking_uri:
+        raise ValueError(
+            "the service needs L0SWEEP_RAY_ADDRESS and L0SWEEP_TRACKING_URI; "
+            "`l0sweep serve` starts an embedded Ray and MLflow when they are unset"
+        )
+    settings.check_bind()
+    for key, value in _MLFLOW_CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
+
+    store = SweepStore(settings.tracking_uri, timeout_s=settings.backend_timeout_s)
+    jobs = JobRunner(
+        settings.ray_address,
+        python=settings.driver_python,
+        tracking_uri=settings.tracking_uri,
+        storage_path=settings.resolved_storage_path(),
+        stop_grace_s=settings.stop_grace_s,
+    )
+    control = SweepControl(
+        store,
+        jobs,
+        SweepCache(store),
+        max_concurrent_sweeps=settings.max_concurrent_sweeps,
+        max_resubmits=settings.max_resubmits,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_background(control, settings))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(
+        title="l0sweep",
+        summary="Launch L0-sparsity sweeps on Ray, browse them in MLflow.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.control = control
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(sweeps.router)
+    app.include_router(catalog.router)
+    return app
+
+
+async def _background(control: SweepControl, settings: Settings) -> None:
+    """Refresh the sweep cache every few seconds; reconcile jobs at start-up and then periodically."""
+    last_reconcile = -float("inf")
+    while True:
+        try:
+            await asyncio.to_thread(control.cache.refresh)
+            if time.monotonic() - last_reconcile >= settings.reconcile_interval_s:
+                await asyncio.to_thread(control.reconcile)
+                last_reconcile = time.monotonic()
+        except BackendUnavailable as exc:
+            logger.warning("background refresh: %s", exc.message)
+        await asyncio.sleep(settings.refresh_interval_s)
+
+
+class BodyLimit:
+    """Answer 413 to a request body over ``max_bytes``, declared or streamed, before parsing it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in {"GET", "HEAD", "OPTIONS", "DELETE"}:
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._too_large(send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send) -> None:
+        body = f'{{"detail":"request body over the limit of {self.max_bytes} bytes"}}'.encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

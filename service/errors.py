@@ -1,0 +1,131 @@
+"""Errors of the service's adapters, and the one place that maps them to HTTP answers.
+
+The record (MLflow) and jobs (Ray) adapters raise the exceptions below; routes raise nothing but
+these and FastAPI's own validation errors. `install_error_handlers` turns each into a JSON body
+``{"detail": ...}`` with its status code, so no client input can surface as a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+__all__ = [
+    "BackendUnavailable",
+    "Conflict",
+    "NotFound",
+    "ServiceError",
+    "TooManySweeps",
+    "install_error_handlers",
+    "validation_details",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of the errors the service answers with its own status code."""
+
+    status_code = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str] | None:
+        return None
+
+
+class NotFound(ServiceError):
+    """No such sweep (or no such artifact of it)."""
+
+    status_code = 404
+
+
+class Conflict(ServiceError):
+    """The sweep is in the wrong state for the request (cancel a finished one, delete a live one)."""
+
+    status_code = 409
+
+
+class TooManySweeps(ServiceError):
+    """The concurrent-sweep limit is reached."""
+
+    status_code = 429
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "30"}
+
+
+class BackendUnavailable(ServiceError):
+    """Ray or MLflow cannot be reached; nothing was created."""
+
+    status_code = 503
+
+    def __init__(self, backend: str, message: str) -> None:
+        super().__init__(f"{backend} is unavailable: {message}")
+        self.backend = backend
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+def validation_details(errors: list[dict[str, Any]], *, drop_body: bool = True) -> list[dict]:
+    """Pydantic errors as JSON-safe dicts with a dotted ``field`` path.
+
+    The offending ``input`` is not echoed back: it can be huge or hold NaN, which JSON cannot carry.
+    """
+    details = []
+    for err in errors:
+        loc = list(err.get("loc", ()))
+        path = loc[1:] if drop_body and loc and loc[0] == "body" else loc
+        details.append(
+            {
+                "loc": [p if isinstance(p, int) else str(p) for p in loc],
+                "field": ".".join(str(p) for p in path) or "body",
+                "msg": str(err.get("msg", "invalid value")),
+                "type": str(err.get("type", "value_error")),
+            }
+        )
+    return details
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN and infinities (not JSON) with None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the exception-to-status mapping on ``app``."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        if exc.status_code >= 500:
+            logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
+        return JSONResponse(
+            status_code=exc.status_code, content={"detail": exc.message}, headers=exc.headers()
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": validation_details(exc.errors())})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            status_code=exc.status_code,
+            content={"detail": json_safe(exc.detail)},
+            headers=getattr(exc, "headers", None),
+        )

@@ -1,0 +1,175 @@
+"""Sweeps as Ray Jobs: the driver of each sweep runs in its own job, never in the service.
+
+Tune installs signal handlers and wants the main thread (ray-project/ray issues 18920, 50358),
+so the service submits ``python -m sweeps.driver --sweep-id ID`` through Ray's job-submission API.
+The submission id is derived from the sweep id and an attempt number: a retried submission of the
+same attempt is refused by Ray instead of launching a second driver. Stopping a job sends the
+driver SIGTERM, which the driver turns into Tune's graceful stop; ``stop_grace_s`` is how long Ray
+waits before it kills the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from dataclasses import dataclass
+
+import requests
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from service.errors import BackendUnavailable
+
+__all__ = ["JobRunner", "JobState"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobState:
+    submission_id: str
+    status: str
+    message: str | None
+
+    @property
+    def alive(self) -> bool:
+        return self.status in {JobStatus.PENDING.value, JobStatus.RUNNING.value}
+
+
+class JobRunner:
+    """Submits, follows and stops sweep drivers on a Ray cluster.
+
+    Args:
+        address: the Ray dashboard (job-submission) URL, e.g. ``http://127.0.0.1:8265``.
+        python: the interpreter that runs the driver on the cluster (it must import ``sweeps``).
+        tracking_uri: the MLflow tracking URI passed to the driver.
+        storage_path: the Tune storage path passed to the driver.
+        stop_grace_s: seconds Ray waits after SIGTERM before it kills the driver.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        python: str,
+        tracking_uri: str,
+        storage_path: str,
+        stop_grace_s: int = 60,
+    ) -> None:
+        self.address = address.rstrip("/")
+        self.python = python
+        self.tracking_uri = tracking_uri
+        self.storage_path = storage_path
+        self.stop_grace_s = stop_grace_s
+        self._client: JobSubmissionClient | None = None
+
+    @staticmethod
+    def submission_id(sweep_id: str, attempt: int) -> str:
+        return f"l0sweep-{sweep_id}-{attempt}"
+
+    def entrypoint(self, sweep_id: str) -> str:
+        argv = [
+            self.python,
+            "-m",
+            "sweeps.driver",
+            "--sweep-id",
+            sweep_id,
+            "--tracking-uri",
+            self.tracking_uri,
+            "--storage-path",
+            self.storage_path,
+        ]
+        return shlex.join(argv)
+
+    def ping(self) -> None:
+        """Raise `BackendUnavailable` unless the Ray job server answers now."""
+        self._call("reach the Ray job server", lambda c: None)
+
+    def submit(self, sweep_id: str, attempt: int) -> str:
+        """Submit the sweep's driver; a second submission of the same attempt is a no-op.
+
+        Returns:
+            The submission id.
+        """
+        submission_id = self.submission_id(sweep_id, attempt)
+
+        def submit(client: JobSubmissionClient) -> str:
+            try:
+                return client.submit_job(
+                    entrypoint=self.entrypoint(sweep_id),
+                    submission_id=submission_id,
+                    metadata={"l0sweep.sweep_id": sweep_id, "l0sweep.attempt": str(attempt)},
+                    runtime_env={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(self.stop_grace_s)}},
+                )
+            except RuntimeError as exc:
+                if "already exists" in str(exc):
+                    return submission_id
+                raise
+
+        return self._call(f"submit the driver of sweep {sweep_id}", submit)
+
+    def state(self, submission_id: str) -> JobState | None:
+        """The job's state, or None when the cluster does not know it (e.g. it was restarted)."""
+
+        def info(client: JobSubmissionClient) -> JobState | None:
+            try:
+                details = client.get_job_info(submission_id)
+            except RuntimeError as exc:
+                if "does not exist" in str(exc):
+                    return None
+                raise
+            return JobState(submission_id, str(details.status.value), details.message)
+
+        return self._call(f"read job {submission_id}", info)
+
+    def stop(self, submission_id: str) -> bool:
+        """Ask the driver to stop (SIGTERM, graceful). False when the job is not running."""
+
+        def stop(client: JobSubmissionClient) -> bool:
+            try:
+                return client.stop_job(submission_id)
+            except RuntimeError as exc:
+                if "does not exist" in str(exc):
+                    return False
+                raise
+
+        return self._call(f"stop job {submission_id}", stop)
+
+    def delete(self, submission_id: str) -> None:
+        """Forget a finished job (its logs stay on disk); unknown jobs are ignored."""
+
+        def delete(client: JobSubmissionClient) -> None:
+            try:
+                client.delete_job(submission_id)
+            except RuntimeError as exc:
+                if "does not exist" not in str(exc):
+                    raise
+
+        self._call(f"delete job {submission_id}", delete)
+
+    def dashboard_url(self, submission_id: str | None) -> str | None:
+        if not submission_id or not self.address.startswith(("http://", "https://")):
+            return None
+        return f"{self.address}/#/jobs/{submission_id}"
+
+    def _call(self, what: str, fn):
+        try:
+            if self._client is None:
+                self._client = JobSubmissionClient(self.address)
+            return fn(self._client)
+        except (
+            ConnectionError,
+            requests.RequestException,
+            RuntimeError,
+            ValueError,
+            AuthenticationError,
+        ) as exc:
+            # A restarted head invalidates the client; build a new one on the next call.
+            self._client = None
+            logger.warning("Ray: could not %s: %s", what, _first_line(exc))
+            raise BackendUnavailable("Ray", f"could not {what} at {self.address}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__

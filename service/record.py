@@ -1,0 +1,455 @@
+"""Sweeps as MLflow parent runs: the service's only record (ARCHITECTURE.md, "MLflow is the record").
+
+`SweepStore` is the MLflow adapter: it creates and updates sweeps through `sweeps.tracking` and
+reads them back with `MlflowClient`, turning MLflow failures into `NotFound` and
+`BackendUnavailable`. `SweepCache` keeps the latest listing and trial summaries in memory,
+refreshed in the background, because MLflow searches take tens of milliseconds and the API must
+answer reads in a few.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import requests
+from mlflow.entities import Run, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from service.errors import BackendUnavailable, NotFound
+from service.schemas import ACTIVE, TERMINAL, Progress
+from sweeps import tracking
+from sweeps.spec import SweepSpec
+
+__all__ = ["SweepCache", "SweepRecord", "SweepStore", "SweepView", "spec_digest"]
+
+logger = logging.getLogger(__name__)
+
+TAG_KIND = "l0sweep.kind"
+TAG_NAME = "l0sweep.name"
+TAG_STATUS = "l0sweep.status"
+TAG_MESSAGE = "l0sweep.status_message"
+TAG_SPEC = "l0sweep.spec"
+TAG_JOB_ID = "l0sweep.job_id"
+TAG_JOB_ATTEMPT = "l0sweep.job_attempt"
+TAG_CANCEL = "l0sweep.cancel_requested"
+TAG_IDEMPOTENCY = "l0sweep.idempotency_key"
+TAG_SPEC_SHA = "l0sweep.spec_sha256"
+TAG_NUM_TRIALS = "l0sweep.num_trials"
+
+_MLFLOW_ERRORS = (MlflowException, requests.RequestException, httpx.HTTPError, OSError)
+
+
+def spec_digest(spec: SweepSpec) -> str:
+    """A stable digest of a spec, to tell a replayed POST from a different one."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """What the parent run says about a sweep (its tags are the truth)."""
+
+    id: str
+    name: str
+    experiment_id: str
+    status: str
+    message: str | None
+    created_at: datetime | None
+    ended_at: datetime | None
+    job_id: str | None
+    job_attempt: int
+    cancel_requested: bool
+    idempotency_key: str | None
+    spec_sha256: str | None
+    num_trials: int
+    objectives: list[dict[str, Any]]
+
+    @classmethod
+    def from_run(cls, run: Run) -> SweepRecord:
+        tags = run.data.tags
+        spec = _parse_json(tags.get(TAG_SPEC))
+        return cls(
+            id=run.info.run_id,
+            name=tags.get(TAG_NAME) or run.info.run_name or run.info.run_id,
+            experiment_id=run.info.experiment_id,
+            status=_status(tags.get(TAG_STATUS)),
+            message=tags.get(TAG_MESSAGE) or None,
+            created_at=_ms_to_datetime(run.info.start_time),
+            ended_at=_ms_to_datetime(run.info.end_time),
+            job_id=tags.get(TAG_JOB_ID) or None,
+            job_attempt=_to_int(tags.get(TAG_JOB_ATTEMPT), 0),
+            cancel_requested=tags.get(TAG_CANCEL) == "true",
+            idempotency_key=tags.get(TAG_IDEMPOTENCY) or None,
+            spec_sha256=tags.get(TAG_SPEC_SHA) or None,
+            num_trials=_to_int(tags.get(TAG_NUM_TRIALS), 0),
+            objectives=_objectives(spec),
+        )
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class SweepView:
+    """A sweep record with its trials, as the API shows it."""
+
+    record: SweepRecord
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    trials_fetched: bool = False
+
+    @property
+    def progress(self) -> Progress:
+        return summarize_progress(self.trials, self.record.num_trials)
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return best_trial(self.trials, self.record.objectives)
+
+
+class SweepStore:
+    """Sweeps in MLflow. Every method raises `BackendUnavailable` when MLflow cannot be reached.
+
+    Args:
+        tracking_uri: the MLflow tracking URI the service and the drivers share.
+        timeout_s: timeout of the health probe.
+    """
+
+    def __init__(self, tracking_uri: str, timeout_s: float = 5.0) -> None:
+        self.tracking_uri = tracking_uri
+        self.timeout_s = timeout_s
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def ping(self) -> None:
+        """Raise `BackendUnavailable` unless MLflow answers now."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            url = self.tracking_uri.rstrip("/") + "/health"
+            try:
+                response = httpx.get(url, timeout=self.timeout_s)
+            except httpx.HTTPError as exc:
+                raise BackendUnavailable("MLflow", f"{url}: {exc.__class__.__name__}") from exc
+            if response.status_code != 200:
+                raise BackendUnavailable("MLflow", f"{url} answered {response.status_code}")
+            return
+        with self._mlflow("health check"):
+            self.client.search_experiments(max_results=1)
+
+    def create(self, spec: SweepSpec, extra_tags: dict[str, str]) -> str:
+        """Record a new PENDING sweep; returns its id (the parent run id)."""
+        tags = {
+            TAG_SPEC_SHA: spec_digest(spec),
+            TAG_JOB_ATTEMPT: "0",
+            **extra_tags,
+        }
+        with self._mlflow("create the sweep's parent run"):
+            return tracking.create_sweep_run(spec, tracking_uri=self.tracking_uri, extra_tags=tags)
+
+    def get(self, sweep_id: str) -> SweepRecord:
+        """The sweep's record, read now. Raises `NotFound` for an unknown or deleted id."""
+        with self._mlflow(f"read sweep {sweep_id}"):
+            try:
+                run = self.client.get_run(sweep_id)
+            except MlflowException as exc:
+                if _is_not_found(exc):
+                    raise NotFound(f"no sweep with id {sweep_id!r}") from exc
+                raise
+        if run.data.tags.get(TAG_KIND) != "sweep" or run.info.lifecycle_stage == "deleted":
+            raise NotFound(f"no sweep with id {sweep_id!r}")
+        return SweepRecord.from_run(run)
+
+    def list(self) -> list[SweepRecord]:
+        """Every sweep in every active experiment, newest first."""
+        with self._mlflow("list sweeps"):
+            experiment_ids = [e.experiment_id for e in self._experiments()]
+            if not experiment_ids:
+                return []
+            records: list[SweepRecord] = []
+            token = None
+            while True:
+                page = self.client.search_runs(
+                    experiment_ids=experiment_ids,
+                    filter_string=f"tags.`{TAG_KIND}` = 'sweep'",
+                    run_view_type=ViewType.ACTIVE_ONLY,
+                    max_results=1000,
+                    order_by=["attributes.start_time DESC"],
+                    page_token=token,
+                )
+                records.extend(SweepRecord.from_run(run) for run in page)
+                token = page.token
+                if not token:
+                    return records
+
+    def trials(self, sweep_id: str) -> list[dict[str, Any]]:
+        """The sweep's trials (config, latest metrics, status), as `sweeps.tracking` reads them."""
+        with self._mlflow(f"read the trials of sweep {sweep_id}"):
+            return [_json_safe_trial(t) for t in tracking.sweep_trials(sweep_id, self.tracking_uri)]
+
+    def set_status(self, sweep_id: str, status: str, message: str | None = None) -> None:
+        with self._mlflow(f"set the status of sweep {sweep_id}"):
+            tracking.set_sweep_status(sweep_id, status, message, self.tracking_uri)
+
+    def set_tags(self, sweep_id: str, tags: dict[str, str]) -> None:
+        with self._mlflow(f"tag sweep {sweep_id}"):
+            for key, value in tags.items():
+                self.client.set_tag(sweep_id, key, value)
+
+    def delete(self, sweep_id: str) -> None:
+        """Delete the parent run and its trials' runs (MLflow soft delete: restorable)."""
+        with self._mlflow(f"delete sweep {sweep_id}"):
+            record = self.get(sweep_id)
+            children = self.client.search_runs(
+                experiment_ids=[record.experiment_id],
+                filter_string=f"tags.`l0sweep.sweep_id` = '{sweep_id}'",
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=10000,
+            )
+            for child in children:
+                self.client.delete_run(child.info.run_id)
+            self.client.delete_run(sweep_id)
+
+    def artifact(self, sweep_id: str, suffix: str) -> bytes | None:
+        """The bytes of the parent run's first top-level artifact ending in ``suffix``, if any."""
+        with self._mlflow(f"read the artifacts of sweep {sweep_id}"):
+            for info in self.client.list_artifacts(sweep_id):
+                if not info.is_dir and info.path.endswith(suffix):
+                    return _download(self.client, sweep_id, info.path)
+        return None
+
+    def find_by_idempotency_key(self, key: str) -> SweepRecord | None:
+        """The sweep created with ``key``, if any (``key`` is validated by the route)."""
+        with self._mlflow("look up an Idempotency-Key"):
+            experiment_ids = [e.experiment_id for e in self._experiments()]
+            if not experiment_ids:
+                return None
+            runs = self.client.search_runs(
+                experiment_ids=experiment_ids,
+                filter_string=f"tags.`{TAG_KIND}` = 'sweep' and tags.`{TAG_IDEMPOTENCY}` = '{key}'",
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=1,
+            )
+        return SweepRecord.from_run(runs[0]) if runs else None
+
+    def _experiments(self) -> list:
+        experiments = []
+        token = None
+        while True:
+            page = self.client.search_experiments(
+                view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+            )
+            experiments.extend(page)
+            token = page.token
+            if not token:
+                return experiments
+
+    def _mlflow(self, what: str) -> _MlflowErrors:
+        return _MlflowErrors(what)
+
+
+class _MlflowErrors:
+    """Context manager: MLflow transport and server failures become `BackendUnavailable`."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or isinstance(exc, NotFound | BackendUnavailable):
+            return False
+        if isinstance(exc, _MLFLOW_ERRORS):
+            if isinstance(exc, MlflowException) and _is_not_found(exc):
+                return False
+            logger.warning("MLflow failed to %s: %s", self.what, _first_line(exc))
+            raise BackendUnavailable("MLflow", f"could not {self.what}") from exc
+        return False
+
+
+class SweepCache:
+    """The latest view of every sweep, refreshed from MLflow by `refresh`.
+
+    Reads never touch MLflow. Trials are re-read for active sweeps only; a terminal sweep's
+    trials are read once more after it ends, then kept.
+    """
+
+    def __init__(self, store: SweepStore) -> None:
+        self.store = store
+        self._views: dict[str, SweepView] = {}
+        self._order: list[str] = []
+        self._lock = threading.Lock()
+        self.last_error: BackendUnavailable | None = None
+        self.refreshed_at: float | None = None
+
+    def refresh(self) -> None:
+        """Re-read the listing and the trials of active sweeps; keeps the old view on failure."""
+        try:
+            records = self.store.list()
+            fresh: dict[str, SweepView] = {}
+            for record in records:
+                old = self.get(record.id)
+                needs_trials = (
+                    old is None
+                    or not old.trials_fetched
+                    or record.status in ACTIVE
+                    or old.record.status != record.status
+                )
+                if needs_trials:
+                    fresh[record.id] = SweepView(record, self._trials(record.id), True)
+                else:
+                    fresh[record.id] = replace(old, record=record)
+        except BackendUnavailable as exc:
+            self.last_error = exc
+            raise
+        with self._lock:
+            self._views = fresh
+            self._order = [r.id for r in records]
+        self.last_error = None
+        self.refreshed_at = time.monotonic()
+
+    def _trials(self, sweep_id: str) -> list[dict[str, Any]]:
+        try:
+            return self.store.trials(sweep_id)
+        except NotFound:
+            return []
+
+    def get(self, sweep_id: str) -> SweepView | None:
+        with self._lock:
+            return self._views.get(sweep_id)
+
+    def all(self) -> list[SweepView]:
+        with self._lock:
+            return [self._views[i] for i in self._order if i in self._views]
+
+    def put(self, record: SweepRecord, trials: list[dict[str, Any]] | None = None) -> SweepView:
+        """Write-through after a change made by this process, so readers see it at once."""
+        with self._lock:
+            old = self._views.get(record.id)
+            kept = trials if trials is not None else (old.trials if old else [])
+            view = SweepView(
+                record, kept, trials is not None or (old is not None and old.trials_fetched)
+            )
+            if record.id not in self._views:
+                self._order.insert(0, record.id)
+            self._views[record.id] = view
+            return view
+
+    def drop(self, sweep_id: str) -> None:
+        with self._lock:
+            self._views.pop(sweep_id, None)
+            self._order = [i for i in self._order if i != sweep_id]
+
+    def active_count(self) -> int:
+        with self._lock:
+            return sum(1 for v in self._views.values() if v.record.status in ACTIVE)
+
+
+def summarize_progress(trials: list[dict[str, Any]], num_trials: int) -> Progress:
+    """Count trials by state; trials not yet created count as pending."""
+    counts = {"pending": 0, "running": 0, "finished": 0, "failed": 0, "stopped": 0}
+    for trial in trials:
+        counts[_TRIAL_STATE.get(str(trial.get("status", "")).upper(), "pending")] += 1
+    total = max(num_trials, len(trials))
+    counts["pending"] += total - len(trials)
+    return Progress(total=total, **counts)
+
+
+def best_trial(trials: list[dict[str, Any]], objectives: list[dict[str, Any]]) -> dict | None:
+    """The trial best on the first objective so far, with its objective metrics."""
+    if not objectives:
+        return None
+    metric, mode = objectives[0]["metric"], objectives[0].get("mode", "max")
+    scored = [t for t in trials if _finite(t.get("metrics", {}).get(metric))]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    best = pick(scored, key=lambda t: t["metrics"][metric])
+    names = [o["metric"] for o in objectives]
+    return {
+        "trial_id": best.get("trial_id"),
+        "run_id": best.get("run_id"),
+        "metrics": {n: best["metrics"].get(n) for n in names if n in best["metrics"]},
+    }
+
+
+_TRIAL_STATE = {
+    "PENDING": "pending",
+    "SCHEDULED": "pending",
+    "RUNNING": "running",
+    "FINISHED": "finished",
+    "TERMINATED": "finished",
+    "FAILED": "failed",
+    "ERROR": "failed",
+    "KILLED": "stopped",
+    "STOPPED": "stopped",
+}
+
+
+def _status(tag: str | None) -> str:
+    return tag if tag in ACTIVE or tag in TERMINAL else "PENDING"
+
+
+def _objectives(spec: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not spec:
+        return []
+    out = []
+    for objective in spec.get("objectives") or []:
+        if isinstance(objective, dict) and "metric" in objective:
+            out.append({"metric": str(objective["metric"]), "mode": objective.get("mode", "max")})
+    return out
+
+
+def _json_safe_trial(trial: dict[str, Any]) -> dict[str, Any]:
+    metrics = {k: (v if _finite(v) else None) for k, v in (trial.get("metrics") or {}).items()}
+    return {**trial, "metrics": metrics}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _parse_json(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _ms_to_datetime(ms: int | None) -> datetime | None:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
+
+
+def _to_int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
+
+
+def _is_not_found(exc: MlflowException) -> bool:
+    return exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _download(client: MlflowClient, run_id: str, path: str) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, path, tmp)
+        return Path(local).read_bytes()

@@ -1,0 +1,1 @@
+"""One router per resource: sweeps, the catalog (models, datasets, schema) and health."""

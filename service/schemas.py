@@ -1,0 +1,107 @@
+"""Response models of the REST API, shared by the typed client (pydantic only, no FastAPI)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "BackendHealth",
+    "Health",
+    "ParetoFront",
+    "Progress",
+    "SweepLinks",
+    "SweepOut",
+    "SweepPage",
+    "TrialOut",
+]
+
+SweepStatus = Literal["PENDING", "RUNNING", "FINISHED", "FAILED", "CANCELLED"]
+TERMINAL: frozenset[str] = frozenset({"FINISHED", "FAILED", "CANCELLED"})
+ACTIVE: frozenset[str] = frozenset({"PENDING", "RUNNING"})
+
+
+class Progress(BaseModel):
+    """Trial counts of a sweep; ``pending`` includes trials Tune has not started yet."""
+
+    total: int = 0
+    pending: int = 0
+    running: int = 0
+    finished: int = 0
+    failed: int = 0
+    stopped: int = 0
+
+
+class SweepLinks(BaseModel):
+    self: str
+    trials: str
+    pareto: str
+    mlflow: str | None = Field(None, description="The parent run in the MLflow UI.")
+    ray_job: str | None = Field(None, description="The driver's job in the Ray dashboard.")
+
+
+class SweepOut(BaseModel):
+    """A sweep: its MLflow parent run, its status tag, its Ray job and its trials' progress."""
+
+    id: str = Field(description="The MLflow parent run id.")
+    name: str
+    experiment_id: str
+    status: SweepStatus
+    message: str | None = None
+    created_at: datetime | None = None
+    ended_at: datetime | None = None
+    job_id: str | None = Field(None, description="The Ray job's submission id.")
+    cancel_requested: bool = False
+    progress: Progress
+    best: dict[str, Any] | None = Field(
+        None, description="The best trial so far on the first objective: its id and metrics."
+    )
+    objectives: list[dict[str, Any]] = Field(default_factory=list)
+    links: SweepLinks
+
+
+class SweepPage(BaseModel):
+    items: list[SweepOut]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None = None
+
+
+class TrialOut(BaseModel):
+    """A trial's child run: config (its params), latest metrics, status."""
+
+    id: str = Field(description="The Tune trial id.")
+    run_id: str | None = Field(None, description="The trial's MLflow child run.")
+    status: str = Field(description="RUNNING, FINISHED, STOPPED (early), FAILED or KILLED.")
+    config: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, float | None] = Field(default_factory=dict)
+    pareto: bool = False
+    failure_reason: str | None = None
+
+
+class ParetoFront(BaseModel):
+    sweep_id: str
+    status: SweepStatus
+    objectives: list[dict[str, Any]]
+    front: list[TrialOut]
+    num_trials: int = Field(
+        description="Trials that compete: finished or running, all objectives finite."
+    )
+    hypervolume: float | None = Field(
+        None, description="Volume the front dominates (origin reference)."
+    )
+
+
+class BackendHealth(BaseModel):
+    ok: bool
+    url: str | None = None
+    detail: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    ray: BackendHealth
+    mlflow: BackendHealth

@@ -1,0 +1,95 @@
+"""Service settings: one pydantic-settings class, environment prefix ``L0SWEEP_``."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sweeps.config import get_settings as get_sweep_settings
+
+__all__ = ["Settings", "is_loopback"]
+
+
+class Settings(BaseSettings):
+    """Everything the service and `l0sweep serve` can be told.
+
+    ``ray_address`` and ``tracking_uri`` left unset mean "start an embedded one" to `l0sweep serve`;
+    the app itself needs both (``create_app`` refuses to start without them).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="L0SWEEP_", extra="ignore", validate_by_name=True, validate_by_alias=True
+    )
+
+    host: str = Field("127.0.0.1", description="Address the API binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the API binds to.")
+    token: SecretStr | None = Field(
+        None, description="Bearer token required on every endpoint but /healthz."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray dashboard / job-submission URL, e.g. http://head:8265."
+    )
+    tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices("L0SWEEP_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="MLflow tracking URI, e.g. http://host:5000 (MLFLOW_TRACKING_URI honoured).",
+    )
+    mlflow_ui_url: str | None = Field(
+        None, description="Base URL of the MLflow UI for links (default: tracking_uri if http)."
+    )
+    home: Path = Field(
+        Path.home() / ".l0sweep",
+        description="Embedded stack state: MLflow store and artifacts, logs.",
+    )
+    storage_path: str | None = Field(
+        None, description="Tune storage shared by all nodes (default: the sweeps setting)."
+    )
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of an embedded Ray head.")
+    max_concurrent_sweeps: int = Field(4, ge=1, description="Active sweeps before POST gets 429.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413).")
+    refresh_interval_s: float = Field(2.0, gt=0, description="How often the sweep cache refreshes.")
+    reconcile_interval_s: float = Field(10.0, gt=0, description="How often jobs are reconciled.")
+    stop_grace_s: int = Field(60, ge=1, description="SIGTERM grace before Ray kills a driver.")
+    max_resubmits: int = Field(3, ge=0, description="Driver resubmissions before a sweep FAILS.")
+    backend_timeout_s: float = Field(5.0, gt=0, description="Timeout of health probes.")
+    driver_python: str = Field(sys.executable, description="Python that runs the sweeps driver.")
+
+    def resolved_storage_path(self) -> str:
+        """The Tune storage path, absolute."""
+        if self.storage_path:
+            return self.storage_path
+        return str(Path(get_sweep_settings().storage_path).expanduser().resolve())
+
+    def mlflow_ui_base(self) -> str | None:
+        """Base URL for links into the MLflow UI, or None when the store has no UI."""
+        if self.mlflow_ui_url:
+            return self.mlflow_ui_url.rstrip("/")
+        if self.tracking_uri and self.tracking_uri.startswith(("http://", "https://")):
+            return self.tracking_uri.rstrip("/")
+        return None
+
+    def check_bind(self) -> None:
+        """Refuse to expose the API beyond loopback without a token.
+
+        Raises:
+            ValueError: ``host`` is not a loopback address and no token is configured.
+        """
+        if self.token is None and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to serve on non-loopback address {self.host!r} without a token: "
+                "set L0SWEEP_TOKEN (or bind to 127.0.0.1)"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
