@@ -24,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "HardConcrete",
     "eval_gate",
+    "expected_count",
     "log_alpha_from_droprate",
     "prob_nonzero",
     "sample_gates",
@@ -78,6 +79,29 @@ def log_alpha_from_droprate(droprate: float) -> float:
 def prob_nonzero(log_alpha: Tensor, hc: HardConcrete) -> Tensor:
     """``P(z != 0)`` for each gate, the differentiable L0 count (paper Eq. 12)."""
     return torch.sigmoid(log_alpha - hc.l0_shift)
+
+
+class _ExpectedCount(torch.autograd.Function):
+    """``sum(P(z != 0) * group_sizes)`` with one buffer forward and one backward."""
+
+    @staticmethod
+    def forward(ctx, log_alpha: Tensor, shift: float, group_sizes: Tensor | None) -> Tensor:
+        p = torch.sub(log_alpha, shift).sigmoid_()
+        ctx.save_for_backward(p, group_sizes)
+        return p.sum() if group_sizes is None else torch.dot(p, group_sizes)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        p, group_sizes = ctx.saved_tensors
+        g = torch.mul(p, p).neg_().add_(p).mul_(grad)  # p * (1 - p) * grad
+        return (g if group_sizes is None else g.mul_(group_sizes)), None, None
+
+
+def expected_count(
+    log_alpha: Tensor, hc: HardConcrete, group_sizes: Tensor | None = None
+) -> Tensor:
+    """``sum_g P(z_g != 0) * group_sizes[g]`` (all ones if ``None``): the expected L0 norm."""
+    return _ExpectedCount.apply(log_alpha, hc.l0_shift, group_sizes)
 
 
 def eval_gate(log_alpha: Tensor, hc: HardConcrete, rule: str = "mean") -> Tensor:

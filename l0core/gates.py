@@ -1,15 +1,16 @@
 """Where each gate lives and how it is applied: the plan of a wrapped module.
 
-Gates are grouped per parameter (a *site*). A site's gates are applied one of two ways:
+Gates are grouped per selected parameter (a *site*). A site's gates are applied one of two ways:
 
-* ``"weight"``: the parameter is multiplied by its gates (broadcast for structured gates) and the
-  product is swapped in for the forward. Works for any module and any parameter.
-* ``"output"`` / ``"input"``: the gates multiply the activations of a Linear or ConvNd layer
-  (its output units, or its input features), which is exactly equivalent to gating the weight's
-  rows or columns (and the bias with the rows) but costs ``O(batch * units)`` instead of
-  ``O(weights)``, and makes independent gates per example cheap. For a ConvNd followed by an
-  affine BatchNorm in an ``nn.Sequential``, output gates are applied after the BatchNorm, so a
-  closed channel is exactly zero downstream and can be removed on export.
+* ``"weight"``: one or more tensors are multiplied by the gates (broadcast for structured gates)
+  and the products are swapped in for one forward. Works for any module and any parameter. For
+  output gates of a layer this masks the weight's rows *and* the bias, so a closed unit is exactly
+  zero; when an affine BatchNorm follows the layer in an ``nn.Sequential``, its ``weight`` and
+  ``bias`` are masked instead: BatchNorm is scale-invariant in training, so gating before it
+  would be undone, while gating its affine output is exact and costs ``O(channels)``.
+* ``"activation"``: the gates multiply a Linear layer's output units or input features (a forward
+  hook), which equals gating the weight's rows or columns but costs ``O(batch * units)`` instead of
+  ``O(weights)``; and any layer's units when ``per_sample=True`` (one gate set per example).
 
 All sites of one kind share one flat tensor of logits, so sampling is one vectorised pass.
 """
@@ -17,35 +18,64 @@ All sites of one kind share one flat tensor of logits, so sampling is one vector
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .selection import TargetParam
 
-__all__ = ["GRANULARITIES", "GateSite", "init_logits", "plan_sites", "resolve_droprates"]
+__all__ = [
+    "GRANULARITIES",
+    "GateSite",
+    "Masked",
+    "init_logits",
+    "plan_sites",
+    "resolve_droprates",
+]
 
 GRANULARITIES = ("weight", "output", "input")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+@dataclass(frozen=True)
+class Masked:
+    """A tensor ``module.<attr>`` multiplied by a site's gates, viewed as ``view_shape``."""
+
+    name: str
+    module: nn.Module
+    attr: str
+    aliases: tuple[tuple[nn.Module, str], ...]
+    view_shape: tuple[int, ...]
+
+    @property
+    def param(self) -> torch.Tensor:
+        return self.module._parameters[self.attr]
+
+    @property
+    def reduce_dims(self) -> tuple[int, ...]:
+        """Dimensions along which one gate covers several elements."""
+        shape = self.param.shape
+        return tuple(d for d, n in enumerate(self.view_shape) if n == 1 and shape[d] != 1)
+
+
 @dataclass
 class GateSite:
-    """One gated parameter.
+    """One gated parameter and how its gates act.
 
     Attributes:
         name: the parameter's qualified name.
         target: the parameter and its owner(s).
         granularity: ``"weight"``, ``"output"`` or ``"input"``.
-        applied: ``"weight"`` (mask the tensor) or ``"activation"`` (scale the layer's units).
+        applied: ``"weight"`` (mask tensors) or ``"activation"`` (scale a layer's units).
         offset: first index of this site's gates in its flat logit tensor.
         n_gates: number of gates.
-        group_size: parameters controlled by one gate.
-        view_shape: shape that broadcasts the gates against the parameter.
+        group_size: elements of the parameter controlled by one gate.
+        masked: for ``"weight"``: the tensors multiplied by the gates.
         hook_module: for ``"activation"``: the module whose output (or input) is scaled.
         hook_name: its qualified name.
         unit_dim: the activation dimension that indexes units (1 for conv/BN, -1 for Linear).
@@ -58,7 +88,7 @@ class GateSite:
     offset: int
     n_gates: int
     group_size: int
-    view_shape: tuple[int, ...]
+    masked: list[Masked] = field(default_factory=list)
     hook_module: nn.Module | None = None
     hook_name: str = ""
     unit_dim: int = -1
@@ -72,73 +102,95 @@ class GateSite:
         return slice(self.offset, self.offset + self.n_gates)
 
 
-def _following_bn(model: nn.Module, layer: nn.Module, out_units: int) -> tuple[nn.Module, str]:
+def _following_bn(model: nn.Module, layer: nn.Module, units: int) -> tuple[nn.Module | None, str]:
     """The affine BatchNorm right after ``layer`` in an ``nn.Sequential``, if any."""
     for parent_name, parent in model.named_modules():
         if not isinstance(parent, nn.Sequential):
             continue
         children = list(parent.named_children())
-        for i, (_, child) in enumerate(children[:-1]):
-            nxt_name, nxt = children[i + 1]
-            is_bn = isinstance(nxt, _BN) and nxt.affine and nxt.num_features == out_units
+        for (_, child), (nxt_name, nxt) in itertools.pairwise(children):
+            is_bn = isinstance(nxt, _BN) and nxt.affine and nxt.num_features == units
             if child is layer and is_bn:
                 return nxt, f"{parent_name}.{nxt_name}" if parent_name else nxt_name
     return None, ""
 
 
-def _structured_shape(param: torch.Tensor, dim: int) -> tuple[int, ...]:
-    shape = [1] * param.dim()
-    shape[dim] = param.shape[dim]
+def _unit_view(tensor: torch.Tensor, dim: int) -> tuple[int, ...]:
+    shape = [1] * tensor.dim()
+    shape[dim] = tensor.shape[dim]
     return tuple(shape)
 
 
+def _masked(name: str, module: nn.Module, attr: str, dim: int | None) -> Masked:
+    t = module._parameters[attr]
+    view = tuple(t.shape) if dim is None else _unit_view(t, dim)
+    return Masked(name, module, attr, (), view)
+
+
+def _plan_structured(
+    t: TargetParam, granularity: str, per_sample: bool, model: nn.Module, names: dict[int, str]
+) -> GateSite:
+    """Choose how the structured gates of one parameter are applied (see the module doc)."""
+    p, mod = t.param, t.module
+    dim = 0 if granularity == "output" else 1
+    n = p.shape[dim]
+    site = GateSite(t.name, t, granularity, "weight", 0, n, p.numel() // n)
+    layer = isinstance(mod, (nn.Linear, *_CONV)) and t.attr == "weight" and not t.aliases
+    if not layer:  # any other parameter: mask its rows / columns
+        site.masked = [Masked(t.name, mod, t.attr, t.aliases, _unit_view(p, dim))]
+        return site
+    prefix = names[id(mod)]
+    bn, bn_name = _following_bn(model, mod, n) if granularity == "output" else (None, "")
+    unit_dim = 1 if isinstance(mod, _CONV) else -1
+    grouped_input = granularity == "input" and isinstance(mod, _CONV) and mod.groups != 1
+    if (per_sample and not grouped_input) or (isinstance(mod, nn.Linear) and bn is None):
+        site.applied, site.unit_dim = "activation", unit_dim
+        site.hook_module, site.hook_name = (bn, bn_name) if bn is not None else (mod, prefix)
+    elif bn is not None:
+        site.masked = [_masked(f"{bn_name}.{a}", bn, a, 0) for a in ("weight", "bias")]
+    else:
+        site.masked = [_masked(t.name, mod, "weight", dim)]
+        if granularity == "output" and mod.bias is not None:
+            site.masked.append(_masked(f"{prefix}.bias", mod, "bias", 0))
+    return site
+
+
 def plan_sites(
-    model: nn.Module, targets: list[TargetParam], granularity: str
+    model: nn.Module, targets: list[TargetParam], granularity: str, per_sample: bool = False
 ) -> tuple[list[GateSite], list[GateSite]]:
     """Decide, for each selected parameter, its gates and how they are applied.
 
     Returns:
         ``(weight_sites, activation_sites)``, each with offsets into its own flat logit tensor.
+
+    Raises:
+        ValueError: unknown granularity, or two sites that would mask the same tensor.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     names = {id(m): n for n, m in model.named_modules()}
-    weight_sites: list[GateSite] = []
-    act_sites: list[GateSite] = []
+    sites = []
     for t in targets:
-        p = t.param
-        if granularity == "weight" or p.dim() < 2:
-            weight_sites.append(
-                GateSite(t.name, t, "weight", "weight", 0, p.numel(), 1, tuple(p.shape))
-            )
-            continue
-        dim = 0 if granularity == "output" else 1
-        n = p.shape[dim]
-        is_layer_weight = isinstance(t.module, (nn.Linear, *_CONV)) and t.attr == "weight"
-        grouped = isinstance(t.module, _CONV) and t.module.groups != 1
-        if is_layer_weight and not t.aliases and not (granularity == "input" and grouped):
-            hook, hook_name = t.module, names[id(t.module)]
-            unit_dim = 1 if isinstance(t.module, _CONV) else -1
-            if granularity == "output" and isinstance(t.module, _CONV):
-                bn, bn_name = _following_bn(model, t.module, n)
-                if bn is not None:
-                    hook, hook_name = bn, bn_name
-            act_sites.append(
-                GateSite(
-                    t.name, t, granularity, "activation", 0, n, p.numel() // n,
-                    _structured_shape(p, dim), hook, hook_name, unit_dim,
-                )
-            )  # fmt: skip
+        if granularity == "weight" or t.param.dim() < 2:
+            site = GateSite(t.name, t, "weight", "weight", 0, t.param.numel(), 1)
+            site.masked = [Masked(t.name, t.module, t.attr, t.aliases, tuple(t.param.shape))]
+            sites.append(site)
         else:
-            weight_sites.append(
-                GateSite(
-                    t.name, t, granularity, "weight", 0, n, p.numel() // n,
-                    _structured_shape(p, dim),
+            sites.append(_plan_structured(t, granularity, per_sample, model, names))
+    claimed: dict[int, str] = {}
+    for site in sites:
+        for m in site.masked:
+            if id(m.param) in claimed:
+                raise ValueError(
+                    f"{m.name} would be gated twice (by {claimed[id(m.param)]} and {site.name}); "
+                    "exclude one of them"
                 )
-            )  # fmt: skip
-    for sites in (weight_sites, act_sites):
+            claimed[id(m.param)] = site.name
+    weight_sites = [s for s in sites if s.applied == "weight"]
+    act_sites = [s for s in sites if s.applied == "activation"]
+    for group in (weight_sites, act_sites):
         offset = 0
-        for s in sites:
+        for s in group:
             s.offset = offset
             offset += s.n_gates
     return weight_sites, act_sites

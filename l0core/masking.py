@@ -33,18 +33,32 @@ class _MaskedWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         z, *weights = ctx.saved_tensors
-        gz = torch.zeros_like(z) if any(g is None for g in grads) else torch.empty_like(z)
+        # Several tensors may share a gate range (a layer's weight rows and its bias): the first
+        # writes its range, the others add to it; ranges nobody wrote get zero gradient.
+        gz = torch.empty_like(z)
+        written: set[int] = set()
         grad_ws = []
-        for g, w, (off, n, shape, reduce_dims) in zip(grads, weights, ctx.layout, strict=True):
+        for i, (g, w, (off, n, shape, reduce_dims)) in enumerate(
+            zip(grads, weights, ctx.layout, strict=True)
+        ):
+            zi = z[off : off + n].view(shape)
             if g is None:
                 grad_ws.append(None)
                 continue
-            zi = z[off : off + n].view(shape)
+            dst = gz[off : off + n]
             if reduce_dims:
-                gz[off : off + n] = (g * w).sum(reduce_dims).flatten().to(gz.dtype)
+                gi = (g * w).sum(reduce_dims).flatten().to(gz.dtype)
+                dst.add_(gi) if off in written else dst.copy_(gi)
+            elif off in written:
+                dst.view(shape).addcmul_(g, w)
             else:
-                torch.mul(g, w, out=gz[off : off + n].view(shape))
-            grad_ws.append(g * zi.to(g.dtype) if ctx.needs_input_grad[3 + len(grad_ws)] else None)
+                torch.mul(g, w, out=dst.view(shape))
+            written.add(off)
+            grad_ws.append(g * zi.to(g.dtype) if ctx.needs_input_grad[3 + i] else None)
+        for off, n, _, _ in ctx.layout:
+            if off not in written:
+                gz[off : off + n].zero_()
+                written.add(off)
         return (_gate_grad_(gz, z, ctx.hc), None, None, *grad_ws)
 
 
@@ -62,6 +76,7 @@ def masked_weights(
         weights: the parameters, in the order of ``layout``.
         layout: per weight, ``(offset, n_gates, view_shape, reduce_dims)``: its gates are
             ``log_alpha[offset:offset + n_gates].view(view_shape)``, broadcast against the weight;
-            ``reduce_dims`` are the broadcast dimensions (empty for one gate per weight).
+            ``reduce_dims`` are the broadcast dimensions (empty for one gate per weight). Weights
+            may share a gate range (same offset and size); ranges are otherwise disjoint.
     """
     return _MaskedWeights.apply(log_alpha, hc, layout, *weights)

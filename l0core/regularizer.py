@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from .controller import SparsityController
 from .flops import layer_macs, record_shapes
-from .functional import LOG_ALPHA_BOUND, HardConcrete, eval_gate, prob_nonzero, sample_gates
+from .functional import (
+    LOG_ALPHA_BOUND,
+    HardConcrete,
+    eval_gate,
+    expected_count,
+    prob_nonzero,
+    sample_gates,
+)
 from .gates import GateSite, init_logits, plan_sites, resolve_droprates
 from .masking import masked_weights
 from .selection import Selector, select_params
@@ -100,7 +107,8 @@ class L0Regularizer(nn.Module):
         self.granularity, self.per_sample, self.test_gate = granularity, per_sample, test_gate
         self.module = model
         targets = select_params(model, include, exclude)
-        self._wsites, self._asites = plan_sites(model, targets, granularity)
+        self._wsites, self._asites = plan_sites(model, targets, granularity, per_sample)
+        self._masked = [(s, m) for s in self._wsites for m in s.masked]
         ref = targets[0].param
         dtype = ref.dtype if ref.dtype == torch.float64 else torch.float32
         for attr, sites in (("weight_log_alpha", self._wsites), ("unit_log_alpha", self._asites)):
@@ -115,10 +123,11 @@ class L0Regularizer(nn.Module):
             )
             setattr(self, attr, nn.Parameter(logits.to(ref.device, dtype)))
             groups = torch.cat([torch.full((s.n_gates,), float(s.group_size)) for s in sites])
-            self.register_buffer(f"_{attr}_groups", groups.to(ref.device, dtype), persistent=False)
+            groups = None if bool((groups == 1).all()) else groups.to(ref.device, dtype)
+            self.register_buffer(f"_{attr}_groups", groups, persistent=False)
         self.n_gated = sum(s.numel for s in self._wsites + self._asites)
         self._layout = tuple(
-            (s.offset, s.n_gates, s.view_shape, _broadcast_dims(s)) for s in self._wsites
+            (s.offset, s.n_gates, m.view_shape, m.reduce_dims) for s, m in self._masked
         )
         self.controller = (
             SparsityController(target_sparsity, dual_lr) if target_sparsity is not None else None
@@ -152,7 +161,7 @@ class L0Regularizer(nn.Module):
     def _sampled_weights(self) -> list[Tensor]:
         if not self._wsites:
             return []
-        weights = [s.target.param for s in self._wsites]
+        weights = [m.param for _, m in self._masked]
         la = self._compute(self.weight_log_alpha)
         return list(masked_weights(la, self.hc, weights, self._layout))
 
@@ -178,7 +187,7 @@ class L0Regularizer(nn.Module):
             (la._version, la.data_ptr(), la.dtype)
             for la in (self.weight_log_alpha, self.unit_log_alpha)
             if la is not None
-        ) + tuple((s.target.param._version, s.target.param.data_ptr()) for s in self._wsites)
+        ) + tuple((m.param._version, m.param.data_ptr()) for _, m in self._masked)
         if not grad and self._eval_cache is not None and self._eval_cache[0] == key:
             return self._eval_cache[1]
         if grad:  # differentiable deterministic gates (e.g. for gate saliency analysis)
@@ -188,10 +197,7 @@ class L0Regularizer(nn.Module):
             )
         else:
             zw, zu = self.eval_gates()
-        wz = [
-            s.target.param * zw[s.slice].view(s.view_shape).to(s.target.param.dtype)
-            for s in self._wsites
-        ]
+        wz = [m.param * zw[s.slice].view(m.view_shape).to(m.param.dtype) for s, m in self._masked]
         az = list(zu.split([s.n_gates for s in self._asites])) if zu is not None else []
         if not grad:
             self._eval_cache = (key, (wz, az))
@@ -202,8 +208,8 @@ class L0Regularizer(nn.Module):
         """Put the gated tensors in place of the parameters for one forward."""
         swapped = []
         try:
-            for site, t in zip(self._wsites, tensors, strict=True):
-                for mod, attr in ((site.target.module, site.target.attr), *site.target.aliases):
+            for (_, m), t in zip(self._masked, tensors, strict=True):
+                for mod, attr in ((m.module, m.attr), *m.aliases):
                     swapped.append((mod, attr, mod._parameters[attr]))
                     mod._parameters[attr] = t
             yield
@@ -242,27 +248,25 @@ class L0Regularizer(nn.Module):
     def count_l0(self) -> Tensor:
         """Expected number of retained gated parameters, ``sum_g P(z_g != 0) * |g|``."""
         total = None
-        for p, groups in zip(
-            self._prob_nonzero(),
-            (self._weight_log_alpha_groups, self._unit_log_alpha_groups),
-            strict=True,
+        for la, groups in (
+            (self.weight_log_alpha, self._weight_log_alpha_groups),
+            (self.unit_log_alpha, self._unit_log_alpha_groups),
         ):
-            if p is None:
+            if la is None:
                 continue
-            term = torch.dot(p, groups)
+            term = expected_count(self._compute(la), self.hc, groups)
             total = term if total is None else total + term
         return total
 
     def count_l2(self) -> Tensor:
-        """Expected L2 cost, ``sum_g P(z_g != 0) * ||theta_g||^2``."""
+        """Expected L2 cost, ``sum_g P(z_g != 0) * ||theta_g||^2`` over the gated parameters."""
         pw, pu = self._prob_nonzero()
         total = None
         for sites, p in ((self._wsites, pw), (self._asites, pu)):
             for s in sites:
                 w = s.target.param
-                sq = w.pow(2)
-                bd = _broadcast_dims(s)
-                sq = sq.sum(bd) if bd else sq
+                dims = _group_dims(s)
+                sq = w.pow(2).sum(dims) if dims else w.pow(2)
                 term = torch.dot(p[s.slice], sq.flatten().to(p.dtype))
                 total = term if total is None else total + term
         return total
@@ -396,44 +400,52 @@ class L0Regularizer(nn.Module):
 class _UnitGate:
     """A forward (pre-)hook that scales a layer's units by their gates for one forward."""
 
+    __slots__ = ("reg", "site", "z")
+
     def __init__(self, reg: L0Regularizer, site: GateSite, z: Tensor | None) -> None:
         self.reg, self.site, self.z = reg, site, z
 
-    def _gates(self, x: Tensor) -> Tensor:
-        site, dim = self.site, self.site.unit_dim % x.dim()
-        if self.z is None:  # per-sample: (B, n)
+    def _scale(self, x: Tensor) -> Tensor:
+        site, z = self.site, self.z
+        if z is None:  # per-sample gates, (B, n)
             la = self.reg._compute(self.reg.unit_log_alpha)[site.slice]
             z = sample_gates(la, self.reg.hc, batch_size=x.shape[0])
-            shape = [x.shape[0]] + [1] * (x.dim() - 1)
-            shape[dim] = site.n_gates
-        else:
-            z, shape = self.z, [1] * x.dim()
-            shape[dim] = site.n_gates
-        return z.view(shape).to(x.dtype)
+            if site.unit_dim == 1:  # (B, C, *spatial)
+                z = z.view(*z.shape, *([1] * (x.dim() - 2)))
+            elif x.dim() > 2:  # (B, ..., F)
+                z = z.view(z.shape[0], *([1] * (x.dim() - 2)), z.shape[1])
+        elif site.unit_dim == 1 and x.dim() > 2:
+            z = z.view(-1, *([1] * (x.dim() - 2)))
+        return x * (z if z.dtype == x.dtype else z.to(x.dtype))
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any = None) -> Any:
         if self.site.granularity == "output":
-            return output * self._gates(output)
+            return self._scale(output)
         x, *rest = inputs
-        return (x * self._gates(x), *rest)
+        return (self._scale(x), *rest)
 
 
-def _broadcast_dims(site: GateSite) -> tuple[int, ...]:
-    shape = site.target.param.shape
-    return tuple(d for d, n in enumerate(site.view_shape) if n == 1 and shape[d] != 1)
+def _group_dims(site: GateSite) -> tuple[int, ...]:
+    """The dimensions of a site's parameter that one gate spans."""
+    if site.granularity == "weight":
+        return ()
+    keep = 0 if site.granularity == "output" else 1
+    return tuple(d for d in range(site.target.param.dim()) if d != keep)
 
 
 def _apply_gate_to_copy(model: nn.Module, site: GateSite, z: Tensor) -> None:
     """Bake eval gates into the parameters of a plain copy of the wrapped module."""
-    name = site.target.name
-    mod_name, _, attr = name.rpartition(".")
-    w = getattr(model.get_submodule(mod_name), attr)
-    if site.applied == "weight" or site.granularity == "input":
-        w.mul_(z.view(site.view_shape).to(w.dtype))
+    if site.applied == "weight":
+        for m in site.masked:
+            mod_name, _, attr = m.name.rpartition(".")
+            t = getattr(model.get_submodule(mod_name), attr)
+            t.mul_(z.view(m.view_shape).to(t.dtype))
         return
     hook = model.get_submodule(site.hook_name)
-    # Output gates scale a layer's rows and bias, or the affine BatchNorm after it.
-    scaled = [hook.weight, hook.bias] if site.hook_name != mod_name else [w, hook.bias]
-    for t in scaled:
+    layer = model.get_submodule(site.target.name.rpartition(".")[0])
+    if site.granularity == "input":
+        layer.weight.mul_(z.view(1, -1, *([1] * (layer.weight.dim() - 2))).to(layer.weight.dtype))
+        return
+    for t in (hook.weight, hook.bias):  # the layer's rows and bias, or the BatchNorm after it
         if t is not None:
             t.mul_(z.view(-1, *([1] * (t.dim() - 1))).to(t.dtype))

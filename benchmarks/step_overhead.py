@@ -1,0 +1,162 @@
+"""Cost of a full L0 training step relative to a plain one, on CPU, as ratios from one run.
+
+For MLP 784-300-100 and LeNet-5-Caffe (20-50-800-500) at batch 128, times a full step
+(forward, cross-entropy + penalty, backward, Adam step) of: the plain model; ``L0Regularizer``
+with weight and with output gates; and the copy-delete-replug reference design (re-implemented
+below: a copied module whose parameters move to a dict, one mask logit per element, a Python loop
+that samples every mask and plugs masked tensors back in on every forward). Configurations are
+interleaved round by round so that machine noise hits them alike; the table shows medians.
+
+Each allocator mode runs in its own process: ``default`` (glibc as the process starts) and
+``tuned`` (``l0core.cpu.tune_allocator()``, which stops glibc from returning every freed
+activation buffer to the kernel, a 2x speed-up of small CPU training steps on this machine).
+
+    python benchmarks/step_overhead.py [--rounds 30] [--steps 5] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from l0core import L0Regularizer
+
+FOREACH = None
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+        nn.Linear(100, 10),
+    )  # fmt: skip
+
+
+def lenet5() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10),
+    )  # fmt: skip
+
+
+class ReferenceL0(nn.Module):
+    """The copy-delete-replug design: every parameter gated, per element, sampled in a loop."""
+
+    def __init__(self, module: nn.Module, droprate_init: float = 0.2) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(module)
+        self.weights = nn.ParameterDict()
+        self.masks = nn.ParameterDict()
+        self._where = {}
+        for name, p in list(self.module.named_parameters()):
+            key = name.replace(".", "#")
+            mod_name, _, attr = name.rpartition(".")
+            owner = self.module.get_submodule(mod_name)
+            self.weights[key] = nn.Parameter(p.data.clone())
+            la = math.log(1 - droprate_init) - math.log(droprate_init)
+            self.masks[key] = nn.Parameter(torch.empty_like(p).normal_(la, 1e-2))
+            delattr(owner, attr)
+            self._where[key] = (owner, attr)
+        self.beta, self.gamma, self.zeta = 2 / 3, -0.1, 1.1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for key, w in self.weights.items():
+            la = self.masks[key]
+            u = torch.rand_like(la).clamp(1e-6, 1 - 1e-6)
+            s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + la) / self.beta)
+            z = (s * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
+            owner, attr = self._where[key]
+            setattr(owner, attr, w * z)
+        return self.module(x)
+
+    def regularization(self) -> torch.Tensor:
+        shift = self.beta * math.log(-self.gamma / self.zeta)
+        return torch.cat([torch.sigmoid(m - shift).view(-1) for m in self.masks.values()]).sum()
+
+
+def _configs(model_fn, compile_: bool):
+    base = model_fn()
+    yield "plain", copy.deepcopy(base), None
+    yield "L0 weight", None, L0Regularizer(copy.deepcopy(base), 1e-6)
+    yield "L0 output", None, L0Regularizer(copy.deepcopy(base), 1e-6, granularity="output")
+    yield "reference design", None, ReferenceL0(copy.deepcopy(base))
+    if compile_:
+        reg = L0Regularizer(copy.deepcopy(base), 1e-6)
+        yield "L0 weight, torch.compile", None, torch.compile(reg)
+
+
+def _stepper(model, reg, x, y):
+    net = reg if reg is not None else model
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, foreach=FOREACH)
+
+    def step() -> None:
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        if reg is not None:
+            loss = loss + reg.regularization()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def measure(rounds: int, steps: int, compile_: bool) -> dict[str, dict[str, float]]:
+    torch.manual_seed(0)
+    results = {}
+    for model_name, fn, shape in (("MLP 784-300-100", mlp, (128, 1, 28, 28)),
+                                  ("LeNet-5-Caffe", lenet5, (128, 1, 28, 28))):  # fmt: skip
+        x, y = torch.randn(shape), torch.randint(0, 10, (shape[0],))
+        steppers = {name: _stepper(m, r, x, y) for name, m, r in _configs(fn, compile_)}
+        times = {name: [] for name in steppers}
+        for step in steppers.values():  # warm-up (and compilation)
+            for _ in range(5):
+                step()
+        for _ in range(rounds):
+            for name, step in steppers.items():
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                times[name].append((time.perf_counter() - t0) / steps)
+        results[model_name] = {name: statistics.median(ts) for name, ts in times.items()}
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the wrapper")
+    ap.add_argument("--mode", choices=["default", "tuned"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mode:
+        if args.mode == "tuned":
+            from l0core.cpu import tune_allocator
+
+            tune_allocator()
+        print(json.dumps(measure(args.rounds, args.steps, args.compile)))
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 128, "
+          f"median of {args.rounds} rounds x {args.steps} steps\n")  # fmt: skip
+    print("| model | configuration | allocator | step (ms) | ratio to plain |")
+    print("|---|---|---|---:|---:|")
+    for mode in ("default", "tuned"):
+        cmd = [sys.executable, __file__, "--mode", mode, "--rounds", str(args.rounds),
+               "--steps", str(args.steps)] + (["--compile"] if args.compile else [])  # fmt: skip
+        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        for model_name, row in res.items():
+            for name, t in row.items():
+                ratio = t / row["plain"]
+                print(f"| {model_name} | {name} | {mode} | {t * 1e3:.2f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
