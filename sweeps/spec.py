@@ -174,7 +174,8 @@ class RegularizerSpec(_Strict):
 
     kind: _searchable(Literal["l0", "l1", "none"]) = "l0"
     lam: _searchable(Annotated[float, Field(ge=0)], (Uniform, LogUniform)) = Field(
-        default=1e-4, description="Penalty weight (per gated parameter count, as in l0core)."
+        default=0.1,
+        description="Penalty weight; as in the L0 paper the penalty is lam * count / N_train.",
     )
     granularity: _searchable(Literal["weight", "output", "input"]) = "weight"
     droprate_init: _searchable(Fraction, (Uniform,)) = 0.2

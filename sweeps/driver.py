@@ -1,0 +1,201 @@
+"""Run one sweep: ``Tuner.fit``, or ``Tuner.restore`` when its experiment already exists.
+
+``python -m sweeps.driver --sweep-id RUN_ID`` is what the service submits as a Ray Job: it reads
+the spec from the sweep's MLflow parent run, connects to Ray (``RAY_ADDRESS`` or the running
+cluster), runs or resumes the Tune experiment at ``<storage_path>/<sweep id>``, keeps the
+``l0sweep.status`` tag current and writes the parent's artifacts at the end. SIGINT or SIGTERM
+stop it gracefully: Tune saves the experiment, the trials stop, their runs end KILLED and the
+sweep ends CANCELLED (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from . import tracking
+from .config import get_settings
+from .progress import SweepCallback, SweepProgress
+from .report import finalize_sweep
+from .space import param_space, scheduler, search_algorithm
+from .spec import SweepSpec
+from .trainable import SweepContext, train_trial
+
+__all__ = ["SweepResult", "main", "run_sweep"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepResult:
+    """The outcome of :func:`run_sweep`."""
+
+    sweep_id: str
+    status: str
+    experiment_path: str
+    restored: bool
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _trainable(spec: SweepSpec, sweep_id: str, tracking_uri: str | None) -> Any:
+    context = SweepContext(sweep_id, tracking_uri, spec.resources.cpus_per_trial)
+    resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(train_trial, context=context), resources)
+
+
+def _tuner(
+    spec: SweepSpec, sweep_id: str, tracking_uri: str | None, storage: Path, callback: SweepCallback
+) -> tuple[tune.Tuner, bool]:
+    trainable = _trainable(spec, sweep_id, tracking_uri)
+    path = storage / sweep_id
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
+        # Tune restores the pickled RunConfig; this process's callback carries the live sink.
+        tuner._local_tuner.get_run_config().callbacks = [callback]
+        return tuner, True
+    run_config = tune.RunConfig(
+        name=sweep_id,
+        storage_path=str(storage),
+        callbacks=[callback],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+        verbose=0,
+    )
+    tune_config = tune.TuneConfig(
+        search_alg=search_algorithm(spec),
+        scheduler=scheduler(spec),
+        num_samples=spec.search.num_samples,
+        max_concurrent_trials=spec.resources.max_concurrent_trials,
+        time_budget_s=spec.resources.time_budget_s,
+        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+    )
+    return tune.Tuner(
+        trainable, param_space=param_space(spec), tune_config=tune_config, run_config=run_config
+    ), False
+
+
+class _Stop:
+    """SIGTERM becomes Tune's graceful SIGINT path; remembers that a stop was asked."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _Stop:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.asked = True
+        signal.raise_signal(signal.SIGINT)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def run_sweep(
+    spec: SweepSpec,
+    tracking_uri: str | None = None,
+    storage_path: str | Path | None = None,
+    sweep_id: str | None = None,
+    progress: Callable[[SweepProgress], None] | None = None,
+) -> SweepResult:
+    """Run (or resume) a sweep in this process and record it in MLflow.
+
+    Args:
+        spec: the sweep.
+        tracking_uri: MLflow tracking URI; default: the settings (``MLFLOW_TRACKING_URI``).
+        storage_path: where Tune experiments live; default: ``L0SWEEP_STORAGE_PATH``.
+        sweep_id: an existing parent run to run or resume; default: create one.
+        progress: called with a :class:`SweepProgress` whenever a trial starts, reports or ends.
+
+    Returns:
+        The final status (FINISHED, FAILED or CANCELLED), the trials and the Pareto report.
+    """
+    settings = get_settings()
+    tracking_uri = tracking_uri or settings.tracking_uri
+    storage = Path(storage_path or settings.storage_path).resolve()
+    sweep_id = sweep_id or tracking.create_sweep_run(spec, tracking_uri)
+    if not ray.is_initialized():
+        ray.init()
+    callback = SweepCallback(sweep_id, tracking_uri, spec, progress)
+    tuner, restored = _tuner(spec, sweep_id, tracking_uri, storage, callback)
+    tracking.set_sweep_status(sweep_id, "RUNNING", "restored" if restored else None, tracking_uri)
+    started = time.monotonic()
+    with _Stop() as stop:
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            stop.asked = True
+        except Exception as err:
+            tracking.close_open_trials(sweep_id, "KILLED", tracking_uri)
+            tracking.set_sweep_status(
+                sweep_id, "FAILED", f"{type(err).__name__}: {err}", tracking_uri
+            )
+            raise
+    callback.flush()
+    budget = spec.resources.time_budget_s
+    out_of_time = budget is not None and time.monotonic() - started >= budget
+    interrupted = stop.asked or (callback.unfinished() > 0 and not out_of_time)
+    killed = tracking.close_open_trials(sweep_id, "KILLED", tracking_uri)
+    report = finalize_sweep(spec, sweep_id, tracking_uri)
+    trials = tracking.sweep_trials(sweep_id, tracking_uri)
+    if interrupted:
+        status, message = "CANCELLED", f"stopped; {killed} running trials killed; resumable"
+    elif trials and all(t["status"] == "FAILED" for t in trials):
+        status, message = "FAILED", "every trial failed"
+    else:
+        failed = sum(t["status"] == "FAILED" for t in trials)
+        status, message = (
+            "FINISHED",
+            f"{len(trials)} trials, {failed} failed"
+            + (", time budget reached" if out_of_time else ""),
+        )
+    tracking.set_sweep_status(sweep_id, status, message, tracking_uri)
+    return SweepResult(sweep_id, status, str(storage / sweep_id), restored, trials, report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sweeps.driver --sweep-id ID [--tracking-uri URI] [--storage-path PATH]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sweeps.driver", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--sweep-id", required=True, help="MLflow run id of the sweep's parent run")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    parser.add_argument(
+        "--storage-path", default=None, help="Tune storage path shared by all nodes"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        spec = tracking.load_sweep_spec(args.sweep_id, args.tracking_uri)
+    except Exception as err:
+        tracking.set_sweep_status(
+            args.sweep_id, "FAILED", f"cannot read the spec: {err}", args.tracking_uri
+        )
+        raise
+    result = run_sweep(
+        spec, args.tracking_uri, args.storage_path, args.sweep_id,
+        progress=lambda p: log.info("%s", p.line()),
+    )  # fmt: skip
+    log.info("sweep %s %s", result.sweep_id, result.status)
+    return {"FINISHED": 0, "CANCELLED": 130}.get(result.status, 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""The sparsity method a trial trains with: l0core's L0 or L1 wrapper, or the dense model.
+
+All three answer the same questions (``regularization``, ``count_l0``, ``expected_density``,
+``sparsity``, ``expected_flops``, ``prune``, ``summary``, ``gate_parameters``), so the trial's
+training loop has no branch per method.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from l0core import L0Regularizer, L1Regularizer
+from l0core.flops import COUNTED, layer_macs, record_shapes
+
+__all__ = ["Dense", "build_method", "is_structured"]
+
+
+class Dense(nn.Module):
+    """The unregularized model behind the regularizers' interface (the dense baseline)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = model
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._shapes:
+            return self.module(*args, **kwargs)
+        with record_shapes(self.module, self._shapes):
+            return self.module(*args, **kwargs)
+
+    def regularization(self) -> torch.Tensor:
+        return torch.zeros((), device=next(self.module.parameters()).device)
+
+    def gate_parameters(self) -> Iterator[nn.Parameter]:
+        return iter(())
+
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
+        return self.module.parameters()
+
+    def count_l0(self) -> torch.Tensor:
+        return torch.tensor(float(sum(p.numel() for p in self.module.parameters())))
+
+    def expected_density(self) -> torch.Tensor:
+        return torch.tensor(1.0)
+
+    def sparsity(self) -> float:
+        return 0.0
+
+    def expected_flops(self) -> float:
+        modules = dict(self.module.named_modules())
+        return sum(
+            layer_macs(modules[n], shape, modules[n].weight.numel())
+            for n, shape in self._shapes.items()
+            if isinstance(modules[n], COUNTED)
+        )
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [
+            {"name": n, "shape": list(p.shape), "gated": False, "granularity": None,
+             "expected_density": 1.0, "eval_density": 1.0}
+            for n, p in self.module.named_parameters()
+        ]  # fmt: skip
+
+    def prune(self, shrink: bool = False) -> nn.Module:
+        return copy.deepcopy(self.module).eval()
+
+
+def is_structured(reg: dict[str, Any]) -> bool:
+    """Whether the export can remove whole units (structured L0 gates)."""
+    return reg["kind"] == "l0" and reg["granularity"] in ("output", "input")
+
+
+def build_method(model: nn.Module, reg: dict[str, Any], num_train: int) -> nn.Module:
+    """Wrap ``model`` as the trial's regularizer section says.
+
+    Args:
+        model: the registry's model.
+        reg: a concrete ``RegularizerSpec`` dump (no search domains left).
+        num_train: training examples; as in the L0 paper, the penalty is
+            ``lam / num_train * count``, so one lam suits datasets of any size.
+    """
+    lam = reg["lam"] / num_train
+    if reg["kind"] == "l0":
+        return L0Regularizer(
+            model,
+            lam,
+            weight_decay=reg["l2"],
+            droprate_init=reg["droprate_init"],
+            temperature=reg["temperature"],
+            granularity=reg["granularity"],
+            include=reg["include"],
+            exclude=reg["exclude"],
+            per_sample=reg["per_sample"],
+            test_gate=reg["test_gate"],
+            target_sparsity=reg["target_sparsity"],
+        )
+    if reg["kind"] == "l1":
+        return L1Regularizer(
+            model, lam, include=reg["include"], exclude=reg["exclude"],
+            threshold=reg["l1_threshold"],
+        )  # fmt: skip
+    return Dense(model)

@@ -1,0 +1,133 @@
+"""Pareto fronts of trials: pure functions over plain dicts, no Ray or MLflow.
+
+A trial is a dict with ``metrics`` (name -> float) and ``status``. Only trials whose status is in
+``statuses`` (default FINISHED) and whose objective values are all finite compete: a failed trial
+has no final model, an early-stopped one was judged worse by the scheduler, and a NaN cannot be
+ranked. Equal objective vectors do not dominate each other, so ties are all kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = ["best_at_sparsity", "dominates", "eligible", "hypervolume", "pareto_front"]
+
+Objectives = Sequence[tuple[str, str]]  # (metric, "max" | "min")
+
+
+def _pairs(objectives: Iterable[Any]) -> list[tuple[str, str]]:
+    out = []
+    for o in objectives:
+        if isinstance(o, tuple):
+            out.append(o)
+        elif isinstance(o, dict):
+            out.append((o["metric"], o.get("mode", "max")))
+        else:
+            out.append((o.metric, o.mode))
+    return out
+
+
+def _vector(trial: dict[str, Any], objectives: Objectives) -> tuple[float, ...] | None:
+    """Objective values signed so that larger is better; None if any is missing or not finite."""
+    values = []
+    for metric, mode in objectives:
+        v = trial.get("metrics", {}).get(metric)
+        if v is None or not math.isfinite(float(v)):
+            return None
+        values.append(float(v) if mode == "max" else -float(v))
+    return tuple(values)
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` is at least as good as ``b`` everywhere and better somewhere (maximising)."""
+    return all(x >= y for x, y in zip(a, b, strict=True)) and any(
+        x > y for x, y in zip(a, b, strict=True)
+    )
+
+
+def eligible(
+    trials: Iterable[dict[str, Any]],
+    objectives: Iterable[Any],
+    statuses: Sequence[str] = ("FINISHED",),
+) -> list[tuple[dict[str, Any], tuple[float, ...]]]:
+    """Trials that compete, with their signed objective vectors."""
+    pairs = _pairs(objectives)
+    out = []
+    for t in trials:
+        if t.get("status") in statuses and (v := _vector(t, pairs)) is not None:
+            out.append((t, v))
+    return out
+
+
+def pareto_front(
+    trials: Iterable[dict[str, Any]],
+    objectives: Iterable[Any],
+    statuses: Sequence[str] = ("FINISHED",),
+) -> list[dict[str, Any]]:
+    """The non-dominated trials, best first objective first.
+
+    Args:
+        trials: dicts with ``metrics`` and ``status``.
+        objectives: ``(metric, mode)`` pairs, ``{"metric", "mode"}`` dicts or spec Objectives.
+        statuses: the trial statuses that compete.
+    """
+    candidates = eligible(trials, objectives, statuses)
+    front = [(t, v) for t, v in candidates if not any(dominates(w, v) for _, w in candidates)]
+    front.sort(key=lambda tv: tv[1], reverse=True)
+    return [t for t, _ in front]
+
+
+def hypervolume(
+    trials: Iterable[dict[str, Any]],
+    objectives: Iterable[Any],
+    reference: Sequence[float] | None = None,
+) -> float:
+    """Volume dominated by ``trials`` and bounded by ``reference`` (default: the origin).
+
+    ``reference`` is in the metrics' own units; for a "min" objective it is the worst value
+    accepted. Points not better than the reference in every objective add nothing.
+    """
+    pairs = _pairs(objectives)
+    ref = [0.0] * len(pairs) if reference is None else list(reference)
+    signed_ref = [r if mode == "max" else -r for r, (_, mode) in zip(ref, pairs, strict=True)]
+    points = [v for t in trials if (v := _vector(t, pairs)) is not None]
+    points = [p for p in points if all(x > r for x, r in zip(p, signed_ref, strict=True))]
+    return _hv(points, signed_ref)
+
+
+def _hv(points: list[tuple[float, ...]], ref: list[float]) -> float:
+    """Exact hypervolume by slicing along the last objective (fine for fronts of tens)."""
+    if not points:
+        return 0.0
+    if len(ref) == 1:
+        return max(p[0] for p in points) - ref[0]
+    levels = sorted({p[-1] for p in points}, reverse=True)
+    volume = 0.0
+    for i, level in enumerate(levels):
+        below = levels[i + 1] if i + 1 < len(levels) else ref[-1]
+        slab = [p[:-1] for p in points if p[-1] >= level]
+        volume += _hv(slab, ref[:-1]) * (level - below)
+    return volume
+
+
+def best_at_sparsity(
+    trials: Iterable[dict[str, Any]],
+    min_sparsity: float,
+    accuracy: str = "test_accuracy",
+    sparsity: str = "sparsity",
+    select_by: str = "val_accuracy",
+    statuses: Sequence[str] = ("FINISHED",),
+) -> dict[str, Any] | None:
+    """The trial with the best ``select_by`` among those at least ``min_sparsity`` sparse.
+
+    Chosen on validation (``select_by``), so the ``accuracy`` it reports is an honest estimate.
+    Returns None if no finished trial is sparse enough.
+    """
+    pool = [
+        t
+        for t, _ in eligible(trials, [(sparsity, "max"), (select_by, "max")], statuses)
+        if t["metrics"][sparsity] >= min_sparsity and accuracy in t["metrics"]
+    ]
+    return max(pool, key=lambda t: t["metrics"][select_by], default=None)

@@ -1,0 +1,126 @@
+"""Live progress of a sweep, and the driver-side bookkeeping of trials Tune ends by itself.
+
+:class:`SweepCallback` is a Tune callback in the driver. It counts trials by state, tracks the
+best result so far, hands a :class:`SweepProgress` to a sink (the CLI prints it), and ends the
+MLflow run of a trial the scheduler stopped early (STOPPED) or that died without recording its
+own failure (FAILED), since such a trial's process cannot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.tune import Callback
+
+from . import tracking
+from .spec import SweepSpec
+
+__all__ = ["SweepCallback", "SweepProgress"]
+
+
+@dataclass
+class SweepProgress:
+    """Counts of trials by state, and the best objective values reported so far."""
+
+    total: int
+    pending: int = 0
+    running: int = 0
+    finished: int = 0
+    stopped: int = 0
+    failed: int = 0
+    best: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """One line for a terminal: ``3/8 done, 2 running, 1 failed | best val_accuracy 0.91``."""
+        done = self.finished + self.stopped + self.failed
+        best = ", ".join(f"{k} {v:.4g}" for k, v in self.best.items())
+        return (f"{done}/{self.total} done ({self.stopped} stopped early, {self.failed} failed), "
+                f"{self.running} running, {self.pending} pending" + (f" | best {best}" if best else ""))  # fmt: skip
+
+
+class SweepCallback(Callback):
+    """Progress and MLflow bookkeeping for one sweep (picklable: the sink is not saved)."""
+
+    def __init__(
+        self,
+        sweep_id: str,
+        tracking_uri: str | None,
+        spec: SweepSpec,
+        sink: Callable[[SweepProgress], None] | None = None,
+    ) -> None:
+        self.sweep_id = sweep_id
+        self.tracking_uri = tracking_uri
+        self.objectives = [(o.metric, o.mode) for o in spec.objectives]
+        self.epochs = spec.train.epochs
+        self.total = spec.num_trials()
+        self.sink = sink
+        self._trials: list[Any] = []
+        self._stopped: set[str] = set()
+        self._best: dict[str, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "sink": None, "_trials": []}
+
+    def unfinished(self) -> int:
+        """Trials neither TERMINATED nor ERROR (after ``fit``: > 0 means it was interrupted)."""
+        return sum(t.status not in ("TERMINATED", "ERROR") for t in self._trials)
+
+    def flush(self) -> None:
+        """Emit the final counts (after ``fit`` returns)."""
+        self._emit(self._trials)
+
+    def _emit(self, trials: list[Any]) -> None:
+        self._trials = list(trials)
+        if self.sink is None:
+            return
+        p = SweepProgress(total=max(self.total, len(trials)), best=dict(self._best))
+        for t in trials:
+            if t.status == "TERMINATED":
+                if t.trial_id in self._stopped:
+                    p.stopped += 1
+                else:
+                    p.finished += 1
+            elif t.status == "ERROR":
+                p.failed += 1
+            elif t.status == "RUNNING":
+                p.running += 1
+        p.pending = p.total - p.finished - p.stopped - p.failed - p.running
+        self.sink(p)
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._emit(trials)
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any
+    ) -> None:
+        for metric, mode in self.objectives:
+            if metric in result:
+                value = float(result[metric])
+                old = self._best.get(metric)
+                if old is None or (value > old if mode == "max" else value < old):
+                    self._best[metric] = value
+        self._emit(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        if last.get("epoch", self.epochs) < self.epochs:
+            self._stopped.add(trial.trial_id)
+            self._end_if_open(
+                trial, "STOPPED", f"stopped early by the scheduler at epoch {last.get('epoch')}"
+            )
+        self._emit(trials)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._end_if_open(trial, "FAILED", f"trial process failed; see {trial.path}")
+        self._emit(trials)
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self._trials = list(trials)
+
+    def _end_if_open(self, trial: Any, status: str, reason: str) -> None:
+        c = tracking.client(self.tracking_uri)
+        run_id = tracking.find_trial_run(c, self.sweep_id, trial.trial_id)
+        if run_id is not None and c.get_run(run_id).info.status == "RUNNING":
+            tracking.end_trial_run(run_id, status, reason, self.tracking_uri)

@@ -1,0 +1,102 @@
+"""The spec as Ray Tune sees it: search space, search algorithm and scheduler.
+
+A trial's config is the spec's trial sections (``model``, ``dataset``, ``regularizer``,
+``train``) with every search domain replaced by a Tune domain, plus ``seed``. Seeds are a grid
+dimension, so every sampled configuration runs once per seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
+
+from .spec import SweepSpec, _domain_tag, _is_domain
+
+__all__ = ["TRIAL_SECTIONS", "concrete_config", "param_space", "scheduler", "search_algorithm"]
+
+TRIAL_SECTIONS = ("model", "dataset", "regularizer", "train")
+
+
+def _tune_domain(domain: Any) -> Any:
+    kind = _domain_tag(domain)
+    value = getattr(domain, kind)
+    if kind == "grid":
+        return tune.grid_search(list(value))
+    if kind == "choice":
+        return tune.choice(list(value))
+    if kind == "uniform":
+        return tune.uniform(*value)
+    if kind == "loguniform":
+        return tune.loguniform(*value)
+    return tune.randint(value[0], value[1] + 1)  # randint: both ends included
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune's ``param_space`` for ``spec``."""
+    dumped = spec.model_dump(mode="json")
+    space: dict[str, Any] = {s: dumped[s] for s in TRIAL_SECTIONS}
+    for section in ("regularizer", "train"):
+        for key, value in getattr(spec, section):
+            if _is_domain(value):
+                space[section][key] = _tune_domain(value)
+    seeds = spec.search.seeds
+    space["seed"] = tune.grid_search(seeds) if len(seeds) > 1 else seeds[0]
+    return space
+
+
+def concrete_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validate a trial's config with the spec's own models; returns the JSON dump.
+
+    Raises:
+        pydantic.ValidationError: a section is malformed.
+        ValueError: a search domain survived into the trial (a bug in :func:`param_space`).
+    """
+    from .spec import RegularizerSpec, TrainSpec
+
+    reg = RegularizerSpec.model_validate(config["regularizer"])
+    train = TrainSpec.model_validate(config["train"])
+    leftover = [k for m in (reg, train) for k, v in m if _is_domain(v)]
+    if leftover:
+        raise ValueError(f"trial config still holds search domains: {leftover}")
+    probe = SweepSpec.model_validate(
+        {"name": "trial", "model": config["model"], "dataset": config["dataset"]}
+    )
+    return {
+        "model": probe.model.model_dump(mode="json"),
+        "dataset": probe.dataset.model_dump(mode="json"),
+        "regularizer": reg.model_dump(mode="json"),
+        "train": train.model_dump(mode="json"),
+        "seed": int(config["seed"]),
+    }
+
+
+def search_algorithm(spec: SweepSpec) -> Searcher | SearchAlgorithm:
+    """Random/grid sampling, or Optuna's multi-objective sampler over the objectives."""
+    if spec.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(
+            metric=[o.metric for o in spec.objectives],
+            mode=[o.mode for o in spec.objectives],
+            seed=spec.search.random_state,
+        )
+    return BasicVariantGenerator(random_state=spec.search.random_state)
+
+
+def scheduler(spec: SweepSpec) -> TrialScheduler:
+    """FIFO, or ASHA on one metric (the scheduler's, or the first objective's)."""
+    if spec.scheduler.kind == "fifo":
+        return FIFOScheduler()
+    metric = spec.scheduler.metric or spec.objectives[0].metric
+    mode = next((o.mode for o in spec.objectives if o.metric == metric), "max")
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=metric,
+        mode=mode,
+        max_t=spec.train.epochs,
+        grace_period=spec.scheduler.grace_period,
+        reduction_factor=spec.scheduler.reduction_factor,
+    )

@@ -1,0 +1,245 @@
+"""MLflow records of sweeps and trials: the parent run is the record of a sweep.
+
+A sweep is a parent run (tags ``l0sweep.kind=sweep``, ``l0sweep.name``, ``l0sweep.status``; the
+spec as the artifact ``spec.json`` and, when it fits, the tag ``l0sweep.spec``). Each trial is a
+child run created from inside the trial (tags ``l0sweep.kind=trial``, ``l0sweep.sweep_id``,
+``l0sweep.trial_id``, ``mlflow.parentRunId``), found again by those tags when the trial is retried
+or restored, so a trial never gets two runs. The ``l0sweep.status`` tag is the truth about a
+sweep: PENDING | RUNNING | FINISHED | FAILED | CANCELLED.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+
+from .config import get_settings
+from .spec import SweepSpec
+
+__all__ = [
+    "SWEEP_STATUSES",
+    "TRIAL_STATUSES",
+    "client",
+    "close_open_trials",
+    "create_sweep_run",
+    "end_trial_run",
+    "find_trial_run",
+    "flatten",
+    "load_sweep_spec",
+    "log_epoch",
+    "set_sweep_status",
+    "start_trial_run",
+    "sweep_status",
+    "sweep_trials",
+]
+
+SWEEP_STATUSES = ("PENDING", "RUNNING", "FINISHED", "FAILED", "CANCELLED")
+# l0sweep.trial_status of a child run; the MLflow run status follows it.
+TRIAL_STATUSES = {"RUNNING": "RUNNING", "FINISHED": "FINISHED", "STOPPED": "FINISHED",
+                  "FAILED": "FAILED", "KILLED": "KILLED"}  # fmt: skip
+_MLFLOW_SWEEP_STATUS = {"FINISHED": "FINISHED", "FAILED": "FAILED", "CANCELLED": "KILLED"}
+_MAX_PARAM = 6000
+
+
+def client(tracking_uri: str | None = None) -> MlflowClient:
+    """An MLflow client for ``tracking_uri``, else the settings' (``MLFLOW_TRACKING_URI``)."""
+    return MlflowClient(tracking_uri or get_settings().tracking_uri)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists and None as JSON; values cut to MLflow's limit."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            out[name] = text[:_MAX_PARAM]
+    return out
+
+
+def _log_params(c: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def create_sweep_run(
+    spec: SweepSpec, tracking_uri: str | None = None, extra_tags: dict[str, str] | None = None
+) -> str:
+    """Create the parent run of a sweep (and its experiment if missing); returns its run id.
+
+    The run is left in MLflow status RUNNING with ``l0sweep.status=PENDING``.
+    """
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(spec.experiment)
+    exp_id = exp.experiment_id if exp else c.create_experiment(spec.experiment)
+    dumped = spec.model_dump(mode="json")
+    spec_json = json.dumps(dumped, sort_keys=True)
+    tags = {
+        "l0sweep.kind": "sweep",
+        "l0sweep.name": spec.name,
+        "l0sweep.status": "PENDING",
+        "l0sweep.num_trials": str(spec.num_trials()),
+        "mlflow.runName": spec.name,
+        **{f"user.{k}": v for k, v in spec.tags.items()},
+        **(extra_tags or {}),
+    }
+    if len(spec_json) <= MAX_TAG_VAL_LENGTH:
+        tags["l0sweep.spec"] = spec_json
+    run = c.create_run(exp_id, tags=tags, run_name=spec.name)
+    run_id = run.info.run_id
+    c.log_dict(run_id, dumped, "spec.json")
+    _log_params(c, run_id, flatten(dumped))
+    return run_id
+
+
+def set_sweep_status(
+    run_id: str, status: str, message: str | None = None, tracking_uri: str | None = None
+) -> None:
+    """Set ``l0sweep.status`` (and end the MLflow run on FINISHED, FAILED, CANCELLED).
+
+    Raises:
+        ValueError: ``status`` is not one of :data:`SWEEP_STATUSES`.
+    """
+    if status not in SWEEP_STATUSES:
+        raise ValueError(f"unknown sweep status {status!r}; one of {SWEEP_STATUSES}")
+    c = client(tracking_uri)
+    tags = [RunTag("l0sweep.status", status)]
+    if message is not None:
+        tags.append(RunTag("l0sweep.status_message", message[:MAX_TAG_VAL_LENGTH]))
+    c.log_batch(run_id, tags=tags)
+    if status in _MLFLOW_SWEEP_STATUS:
+        c.set_terminated(run_id, status=_MLFLOW_SWEEP_STATUS[status])
+    elif c.get_run(run_id).info.status != "RUNNING":
+        c.update_run(run_id, status="RUNNING")
+
+
+def sweep_status(run_id: str, tracking_uri: str | None = None) -> str:
+    """The ``l0sweep.status`` tag of a sweep's parent run."""
+    return client(tracking_uri).get_run(run_id).data.tags.get("l0sweep.status", "PENDING")
+
+
+def load_sweep_spec(run_id: str, tracking_uri: str | None = None) -> SweepSpec:
+    """The spec of a sweep, from its tag, else from its ``spec.json`` artifact."""
+    c = client(tracking_uri)
+    tags = c.get_run(run_id).data.tags
+    if tags.get("l0sweep.kind") != "sweep":
+        raise ValueError(f"run {run_id} is not an l0sweep sweep (no l0sweep.kind=sweep tag)")
+    if "l0sweep.spec" in tags:
+        return SweepSpec.model_validate_json(tags["l0sweep.spec"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = c.download_artifacts(run_id, "spec.json", tmp)
+        return SweepSpec.model_validate_json(Path(path).read_text())
+
+
+def _search_children(c: MlflowClient, sweep_id: str, extra: str = "") -> list[Any]:
+    exp_id = c.get_run(sweep_id).info.experiment_id
+    query = f"tags.`l0sweep.sweep_id` = '{sweep_id}'{extra}"
+    runs, token = [], None
+    while True:
+        page = c.search_runs([exp_id], query, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_trial_run(c: MlflowClient, sweep_id: str, trial_id: str) -> str | None:
+    """The child run of ``trial_id`` in ``sweep_id``, if one exists."""
+    runs = _search_children(c, sweep_id, f" and tags.`l0sweep.trial_id` = '{trial_id}'")
+    return min(runs, key=lambda r: r.info.start_time).info.run_id if runs else None
+
+
+def start_trial_run(
+    sweep_id: str,
+    trial_id: str,
+    config: dict[str, Any],
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+) -> str:
+    """Create the child run of a trial, or continue the one it already has.
+
+    Args:
+        run_id: the child run id stored in the trial's checkpoint, if it has one; otherwise the
+            run is looked up by its tags, and created only if there is none.
+    """
+    c = client(tracking_uri)
+    run_id = run_id or find_trial_run(c, sweep_id, trial_id)
+    if run_id is not None:
+        c.update_run(run_id, status="RUNNING")
+        c.set_tag(run_id, "l0sweep.trial_status", "RUNNING")
+        return run_id
+    parent = c.get_run(sweep_id)
+    tags = {
+        "l0sweep.kind": "trial",
+        "l0sweep.sweep_id": sweep_id,
+        "l0sweep.trial_id": trial_id,
+        "l0sweep.trial_status": "RUNNING",
+        "mlflow.parentRunId": sweep_id,
+    }
+    run = c.create_run(parent.info.experiment_id, tags=tags, run_name=trial_id)
+    _log_params(c, run.info.run_id, flatten(config))
+    return run.info.run_id
+
+
+def log_epoch(
+    run_id: str, metrics: dict[str, float], step: int, tracking_uri: str | None = None
+) -> None:
+    """Log one epoch's metrics in one request (step = epoch)."""
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    client(tracking_uri).log_batch(run_id, metrics=items)
+
+
+def end_trial_run(
+    run_id: str, status: str, reason: str | None = None, tracking_uri: str | None = None
+) -> None:
+    """End a child run: ``status`` is a key of :data:`TRIAL_STATUSES` (STOPPED = early-stopped)."""
+    c = client(tracking_uri)
+    tags = [RunTag("l0sweep.trial_status", status)]
+    if reason:
+        tags.append(RunTag("l0sweep.failure_reason", reason[:MAX_TAG_VAL_LENGTH]))
+    c.log_batch(run_id, tags=tags)
+    c.set_terminated(run_id, status=TRIAL_STATUSES[status])
+
+
+def close_open_trials(
+    sweep_id: str, status: str = "KILLED", tracking_uri: str | None = None
+) -> int:
+    """End every child run of a sweep still RUNNING (after a cancel or a crash); returns how many."""
+    c = client(tracking_uri)
+    runs = _search_children(c, sweep_id, " and attributes.status = 'RUNNING'")
+    for run in runs:
+        end_trial_run(run.info.run_id, status, tracking_uri=tracking_uri)
+    return len(runs)
+
+
+def sweep_trials(run_id: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Every trial of a sweep read from MLflow: ids, config (params), latest metrics, status."""
+    c = client(tracking_uri)
+    trials = []
+    for run in _search_children(c, run_id):
+        tags = run.data.tags
+        trials.append(
+            {
+                "trial_id": tags.get("l0sweep.trial_id"),
+                "run_id": run.info.run_id,
+                "status": tags.get("l0sweep.trial_status", run.info.status),
+                "run_status": run.info.status,
+                "config": dict(run.data.params),
+                "metrics": dict(run.data.metrics),
+                "pareto": tags.get("pareto") == "true",
+                "failure_reason": tags.get("l0sweep.failure_reason"),
+                "architecture": tags.get("l0sweep.architecture"),
+            }
+        )
+    return sorted(trials, key=lambda t: t["trial_id"] or "")

@@ -1,0 +1,121 @@
+"""The Ray Tune trainable: one trial, reported to Tune every epoch and recorded in MLflow.
+
+The trial creates its own MLflow child run (so it works on any node and can log artifacts),
+keeps the run id in every checkpoint, and on a retry or a restore continues that run. A diverged
+trial (NaN/inf loss) ends FAILED with the reason in MLflow and is not retried.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from . import tracking
+from .space import concrete_config
+from .training import TrainResult, TrialDiverged, train
+
+__all__ = ["SweepContext", "train_trial"]
+
+_STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep shares: where to record, and its CPU share."""
+
+    sweep_id: str
+    tracking_uri: str | None
+    cpus_per_trial: float
+
+
+def _device() -> torch.device:
+    """CUDA when Tune gave this trial a GPU (Ray sets CUDA_VISIBLE_DEVICES), CPU otherwise."""
+    return (
+        torch.device("cuda")
+        if ray.get_gpu_ids() and torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+def _load_checkpoint() -> dict[str, Any] | None:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / _STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _init_weights(run_id: str | None, tracking_uri: str | None) -> dict[str, torch.Tensor] | None:
+    if run_id is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracking.client(tracking_uri).download_artifacts(run_id, "model/state_dict.pt", tmp)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _log_artifacts(run_id: str, result: TrainResult, tracking_uri: str | None) -> None:
+    c = tracking.client(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        model_dir.mkdir()
+        torch.save(result.pruned.state_dict(), model_dir / "state_dict.pt")
+        if result.shrunk is not None:
+            torch.save(result.shrunk, model_dir / "shrunk_model.pt")
+        c.log_artifacts(run_id, str(model_dir), "model")
+    c.log_table(
+        run_id, {k: [str(r.get(k)) for r in result.layers] for k in result.layers[0]}, "layers.json"
+    )
+    c.set_tag(run_id, "l0sweep.architecture", result.architecture)
+
+
+def train_trial(config: dict[str, Any], context: SweepContext) -> None:
+    """Tune function trainable (bind ``context`` with ``tune.with_parameters``)."""
+    torch.set_num_threads(max(1, math.floor(context.cpus_per_trial)))
+    cfg = concrete_config(config)
+    trial_id = tune.get_context().get_trial_id()
+    state = _load_checkpoint()
+    run_id = tracking.start_trial_run(
+        context.sweep_id, trial_id, cfg, context.tracking_uri, state["run_id"] if state else None
+    )
+    prior = tracking.client(context.tracking_uri).get_run(run_id).data.tags
+    if prior.get("l0sweep.diverged") == "true":
+        reason = prior.get("l0sweep.failure_reason", "diverged")
+        tracking.end_trial_run(run_id, "FAILED", reason, context.tracking_uri)
+        raise TrialDiverged(f"not retried: {reason}")
+
+    def on_epoch(metrics: dict[str, float], get_state: Any) -> None:
+        tracking.log_epoch(run_id, metrics, int(metrics["epoch"]), context.tracking_uri)
+        _report(metrics, {**get_state(), "run_id": run_id})
+
+    try:
+        init = _init_weights(cfg["train"]["init_from"], context.tracking_uri)
+        result = train(cfg, _device(), on_epoch, state, init)
+        tracking.log_epoch(
+            run_id, result.metrics, int(result.metrics["epoch"]), context.tracking_uri
+        )
+        _log_artifacts(run_id, result, context.tracking_uri)
+    except TrialDiverged as err:
+        tracking.client(context.tracking_uri).set_tag(run_id, "l0sweep.diverged", "true")
+        tracking.end_trial_run(run_id, "FAILED", str(err), context.tracking_uri)
+        raise
+    except Exception as err:
+        tracking.end_trial_run(
+            run_id, "FAILED", f"{type(err).__name__}: {err}", context.tracking_uri
+        )
+        raise
+    # Record first: a scheduler may stop the trial at its last report (ASHA does at max_t).
+    tracking.end_trial_run(run_id, "FINISHED", tracking_uri=context.tracking_uri)
+    _report(result.metrics, {**result.state, "run_id": run_id})
+
+
+def _report(metrics: dict[str, float], state: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, Path(tmp) / _STATE_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

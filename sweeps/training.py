@@ -1,0 +1,219 @@
+"""One trial's training, free of Ray and MLflow: build, train, evaluate, export.
+
+The Tune trainable (:mod:`sweeps.trainable`) and the overhead benchmark's plain loop call the
+same :func:`train`; everything a trial reports comes from here. Seeded and reproducible on CPU:
+the batch order of epoch ``e`` comes from a generator seeded with ``(seed, e)`` and the global
+RNG state travels in the checkpoint, so a resumed trial continues the same sequence.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataSplits, load_dataset
+from .methods import build_method, is_structured
+from .registry import MODELS
+
+__all__ = [
+    "TrainResult",
+    "TrialDiverged",
+    "architecture",
+    "build_model",
+    "seed_everything",
+    "train",
+]
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN or infinite; retrying from a checkpoint would diverge again."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished trial leaves: last metrics, exported model, layer table, final state."""
+
+    metrics: dict[str, float]
+    pruned: nn.Module
+    shrunk: nn.Module | None
+    architecture: str
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: dict[str, Any], data: DataSplits) -> nn.Module:
+    """The registry's model for a concrete trial config."""
+    entry = MODELS.get(cfg["model"]["name"])
+    params = entry.params.model_validate(cfg["model"]["params"])
+    return entry.factory(params, data.input_shape, data.num_classes)
+
+
+def architecture(model: nn.Module) -> str:
+    """Layer widths of a chain, e.g. ``784-300-100-10`` or ``1-conv20-conv50-800-500-10``."""
+    widths: list[str] = []
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            widths += [] if widths else [str(m.in_features)]
+            widths.append(str(m.out_features))
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            widths += [] if widths else [str(m.in_channels)]
+            widths.append(f"conv{m.out_channels}")
+    return "-".join(widths)
+
+
+def _optimizer(method: nn.Module, train: dict[str, Any]) -> torch.optim.Optimizer:
+    groups = [{"params": list(method.weight_parameters()), "weight_decay": train["weight_decay"]}]
+    gates = list(method.gate_parameters())
+    if gates:  # gate logits get their own lr and no weight decay
+        groups.append({"params": gates, "lr": train["gate_lr"] or train["lr"], "weight_decay": 0})
+    if train["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=train["lr"], momentum=train["momentum"])
+    return torch.optim.Adam(groups, lr=train["lr"])
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device
+) -> tuple[float, float]:
+    """(mean loss, accuracy) in eval mode, batched so large splits fit in memory."""
+    model.eval()
+    loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    for i in range(0, len(x), 2048):
+        xb, yb = x[i : i + 2048].to(device), y[i : i + 2048].to(device)
+        out = model(xb)
+        loss += F.cross_entropy(out, yb, reduction="sum")
+        correct += (out.argmax(1) == yb).sum()
+    return float(loss) / len(x), float(correct) / len(x)
+
+
+def _nonzero(model: nn.Module) -> int:
+    return int(sum(int(torch.count_nonzero(p)) for p in model.parameters()))
+
+
+def train(
+    cfg: dict[str, Any],
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[dict[str, float], Callable[[], dict[str, Any]]], None] | None = None,
+    state: dict[str, Any] | None = None,
+    init_weights: dict[str, torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train one trial.
+
+    Args:
+        cfg: a concrete trial config (:func:`sweeps.space.concrete_config`).
+        device: where to train.
+        on_epoch: called after every epoch but the last with the epoch's metrics and a function
+            that returns the checkpoint state; the last epoch's metrics (with the test metrics)
+            and state come back in the result, so the caller can record the model before it
+            reports (a scheduler may stop the trial at its last report).
+        state: a checkpoint state from an earlier run of this trial, to resume from.
+        init_weights: a dense state dict to start from (gates then start from droprate_init).
+
+    Raises:
+        TrialDiverged: the loss became NaN or infinite.
+    """
+    device = torch.device(device)
+    seed_everything(cfg["seed"])
+    ds = cfg["dataset"]
+    data = load_dataset(
+        ds["name"], ds["params"], ds["val_fraction"], ds["test_fraction"], ds["split_seed"]
+    )
+    model = build_model(cfg, data)
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
+    x_train, y_train = data.train
+    method = build_method(model, cfg["regularizer"], len(x_train)).to(device)
+    opt = _optimizer(method, cfg["train"])
+    start = 0
+    if state is not None:
+        method.load_state_dict(state["method"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = state["epoch"]
+    total_params = sum(p.numel() for p in model.parameters())
+    batch = cfg["train"]["batch_size"]
+    metrics: dict[str, float] = {}
+    for epoch in range(start + 1, cfg["train"]["epochs"] + 1):
+        t0 = time.perf_counter()
+        method.train()
+        order = torch.randperm(
+            len(x_train), generator=torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)
+        )
+        loss_sum = torch.zeros((), device=device)
+        for i in range(0, len(order), batch):
+            idx = order[i : i + batch]
+            xb, yb = (
+                x_train[idx].to(device, non_blocking=True),
+                y_train[idx].to(device, non_blocking=True),
+            )
+            task = F.cross_entropy(method(xb), yb)
+            loss = task + method.regularization()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += task.detach() * len(idx)
+        train_loss = float(loss_sum) / len(order)  # one host sync per epoch
+        if not math.isfinite(train_loss):
+            raise TrialDiverged(f"training loss became {train_loss} in epoch {epoch}")
+        seconds = time.perf_counter() - t0
+        val_loss, val_acc = _evaluate(method, *data.val, device)
+        with torch.no_grad():
+            metrics = _epoch_metrics(method, epoch, total_params)
+        metrics.update(
+            train_loss=train_loss, val_loss=val_loss, val_accuracy=val_acc, epoch_seconds=seconds
+        )
+        if epoch == cfg["train"]["epochs"]:
+            break  # the caller reports the last epoch with the test metrics
+        if on_epoch is not None:
+            on_epoch(metrics, lambda e=epoch: _state(method, opt, e))
+    pruned = method.prune()
+    shrunk = method.prune(shrink=True) if is_structured(cfg["regularizer"]) else None
+    final_model = shrunk if shrunk is not None else pruned
+    metrics["test_accuracy"] = _evaluate(final_model, *data.test, device)[1]
+    metrics["shrunk_params"] = sum(p.numel() for p in final_model.parameters())
+    return TrainResult(
+        metrics,
+        pruned.cpu(),
+        shrunk.cpu() if shrunk is not None else None,
+        architecture(final_model),
+        method.summary(),
+        _state(method, opt, cfg["train"]["epochs"]),
+    )
+
+
+def _state(method: nn.Module, opt: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
+    return {
+        "method": method.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": torch.get_rng_state(),
+        "epoch": epoch,
+    }
+
+
+def _epoch_metrics(method: nn.Module, epoch: int, total_params: int) -> dict[str, float]:
+    """The method's sparsity figures, in the order of ``EPOCH_METRICS``."""
+    return {
+        "epoch": epoch,
+        "penalty": float(method.regularization()),
+        "expected_l0": float(method.count_l0()),
+        "expected_density": float(method.expected_density()),
+        "sparsity": float(method.sparsity()),
+        "expected_flops": float(method.expected_flops()),
+        "nonzero_params": _nonzero(method.prune()),
+        "total_params": total_params,
+    }
