@@ -1,0 +1,124 @@
+"""The hard-concrete math: closed forms against Monte Carlo, hand-written gradients against autograd."""
+
+import math
+
+import pytest
+import torch
+
+from l0core.functional import (
+    HardConcrete,
+    eval_gate,
+    expected_count,
+    log_alpha_from_droprate,
+    prob_nonzero,
+    sample_gates,
+)
+from l0core.masking import masked_weights
+
+HC = HardConcrete()
+
+
+def _reference_gates(u, log_alpha, hc=HC):
+    """The authors' formula written out with autograd ops."""
+    s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha) / hc.temperature)
+    return torch.clamp(s * (hc.limit_b - hc.limit_a) + hc.limit_a, 0, 1)
+
+
+def test_sampled_prob_nonzero_matches_closed_form():
+    torch.manual_seed(0)
+    la = torch.linspace(-4, 4, 9)
+    z = sample_gates(la, HC, batch_size=40_000)
+    empirical = (z != 0).float().mean(0)
+    assert torch.allclose(empirical, prob_nonzero(la, HC), atol=0.01)
+    # and the probability of an exact 1 is the mirror image: P(z = 1) = sigmoid(beta*log((1-gamma)/(zeta-1)) - ...)
+    assert ((z == 1).float().mean(0)[-1] > 0.5) and ((z == 0).float().mean(0)[0] > 0.5)
+
+
+def test_droprate_is_not_probability_of_zero():
+    la = torch.tensor(log_alpha_from_droprate(0.5))
+    assert la.item() == 0.0
+    assert prob_nonzero(la, HC).item() == pytest.approx(0.83, abs=0.01)
+
+
+def test_eval_gate_mean_is_paper_eq13():
+    la = torch.linspace(-6, 6, 25)
+    expected = torch.clamp(torch.sigmoid(la) * 1.2 - 0.1, 0, 1)
+    assert torch.allclose(eval_gate(la, HC, "mean"), expected)
+    # exactly zero below sigmoid(la) = 1/12, exactly one above 11/12
+    assert (eval_gate(torch.tensor([-2.5]), HC) == 0).all()
+    assert (eval_gate(torch.tensor([2.5]), HC) == 1).all()
+
+
+def test_eval_gate_median_is_the_sample_median():
+    torch.manual_seed(1)
+    la = torch.tensor([-1.5, -0.3, 0.4, 1.2])
+    z = sample_gates(la, HC, batch_size=50_001)
+    assert torch.allclose(z.median(0).values, eval_gate(la, HC, "median"), atol=0.01)
+    s = torch.sigmoid(la / HC.temperature)
+    assert torch.allclose(eval_gate(la, HC, "median"), (s * 1.2 - 0.1).clamp(0, 1))
+
+
+def test_bad_constants_and_rules_are_rejected():
+    with pytest.raises(ValueError, match="limit_a"):
+        HardConcrete(limit_a=0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        HardConcrete(temperature=0)
+    with pytest.raises(ValueError, match="test_gate"):
+        eval_gate(torch.zeros(2), HC, "mode")
+    with pytest.raises(ValueError, match=r"droprate_init must be in \(0, 1\), got 1.5"):
+        log_alpha_from_droprate(1.5)
+
+
+@pytest.mark.parametrize("batch_size", [None, 7])
+def test_sample_gradient_matches_autograd_reference(batch_size):
+    la = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    z = sample_gates(la, HC, batch_size=batch_size)
+    w = torch.randn_like(z)
+    (z * w).sum().backward()
+    ours = la.grad.clone()
+    la.grad = None
+    torch.manual_seed(3)
+    shape = la.shape if batch_size is None else (batch_size, *la.shape)
+    u = torch.empty(shape, dtype=la.dtype).uniform_(HC.epsilon, 1 - HC.epsilon)
+    ref = _reference_gates(u, la)
+    assert torch.allclose(ref, z.detach())
+    (ref * w).sum().backward()
+    assert torch.allclose(ours, la.grad, atol=1e-10)
+    assert (ours != 0).any()
+
+
+def test_masked_weights_gradients_match_autograd_reference():
+    torch.manual_seed(0)
+    w1 = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)  # one gate per element
+    w2 = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)  # row gates ...
+    b2 = torch.randn(5, dtype=torch.float64, requires_grad=True)  # ... shared with the bias
+    la = torch.randn(24 + 5, dtype=torch.float64, requires_grad=True)
+    layout = ((0, 24, (6, 4), ()), (24, 5, (5, 1), (1,)), (24, 5, (5,), ()))
+    torch.manual_seed(9)
+    outs = masked_weights(la, HC, [w1, w2, b2], layout)
+    coefs = [torch.randn_like(o) for o in outs]
+    sum((o * c).sum() for o, c in zip(outs, coefs, strict=True)).backward()
+    ours = [t.grad.clone() for t in (la, w1, w2, b2)]
+    for t in (la, w1, w2, b2):
+        t.grad = None
+    torch.manual_seed(9)
+    u = torch.empty(29, dtype=la.dtype).uniform_(HC.epsilon, 1 - HC.epsilon)
+    z = _reference_gates(u, la)
+    ref = [w1 * z[:24].view(6, 4), w2 * z[24:].view(5, 1), b2 * z[24:]]
+    sum((o * c).sum() for o, c in zip(ref, coefs, strict=True)).backward()
+    for a, t in zip(ours, (la, w1, w2, b2), strict=True):
+        assert torch.allclose(a, t.grad, atol=1e-10)
+
+
+def test_expected_count_value_and_gradient():
+    la = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    sizes = torch.arange(1, 31, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda x: expected_count(x, HC, sizes), (la,))
+    torch.autograd.gradcheck(lambda x: expected_count(x, HC), (la,))
+    value = expected_count(la, HC, sizes).detach()
+    assert value.item() == pytest.approx(float((prob_nonzero(la, HC) * sizes).sum().detach()))
+
+
+def test_l0_shift_constant():
+    assert HC.l0_shift == pytest.approx((2 / 3) * math.log(0.1 / 1.1))
