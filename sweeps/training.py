@@ -8,6 +8,7 @@ RNG state travels in the checkpoint, so a resumed trial continues the same seque
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -197,12 +198,11 @@ def train(
 
 
 def _state(method: nn.Module, opt: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
-    return {
-        "method": method.state_dict(),
-        "optimizer": opt.state_dict(),
-        "rng": torch.get_rng_state(),
-        "epoch": epoch,
-    }
+    """A snapshot (copied: state dicts alias the live tensors) to resume from."""
+    return copy.deepcopy(
+        {"method": method.state_dict(), "optimizer": opt.state_dict(),
+         "rng": torch.get_rng_state(), "epoch": epoch}
+    )  # fmt: skip
 
 
 def _epoch_metrics(method: nn.Module, epoch: int, total_params: int) -> dict[str, float]:

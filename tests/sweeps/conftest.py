@@ -1,0 +1,54 @@
+"""Shared fixtures: a session-scoped local Ray (2 CPUs), a temporary MLflow store, tiny specs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with 2 CPUs, shared by the whole session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real MLflow SQLite store (artifacts next to it) for the session."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+@pytest.fixture
+def storage_path(tmp_path: Path) -> Path:
+    return tmp_path / "ray_results"
+
+
+def tiny_spec(**overrides: Any) -> dict[str, Any]:
+    """A digits sweep that trains in about a second per trial."""
+    spec: dict[str, Any] = {
+        "name": "tiny",
+        "experiment": "tests",
+        "model": {"name": "mlp", "params": {"hidden": [32]}},
+        "dataset": {"name": "digits"},
+        "regularizer": {"kind": "l0", "lam": 0.1},
+        "train": {"epochs": 2, "lr": 3e-3, "batch_size": 64},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
+
+
+@pytest.fixture
+def tiny() -> Any:
+    return tiny_spec

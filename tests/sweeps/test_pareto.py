@@ -1,0 +1,68 @@
+import math
+
+import pytest
+
+from sweeps.pareto import best_at_sparsity, dominates, hypervolume, pareto_front
+
+OBJ = [("acc", "max"), ("sparsity", "max")]
+
+
+def t(name, acc, sp, status="FINISHED", **extra):
+    return {"trial_id": name, "status": status, "metrics": {"acc": acc, "sparsity": sp, **extra}}
+
+
+def test_front_drops_dominated_and_keeps_ties():
+    trials = [t("a", 0.9, 0.5), t("b", 0.8, 0.9), t("c", 0.85, 0.4), t("d", 0.9, 0.5)]
+    assert [x["trial_id"] for x in pareto_front(trials, OBJ)] == ["a", "d", "b"]
+
+
+def test_nan_failed_and_stopped_trials_do_not_compete():
+    trials = [t("a", 0.7, 0.5), t("nan", math.nan, 0.99), t("f", 0.99, 0.99, "FAILED"),
+              t("s", 0.99, 0.99, "STOPPED")]  # fmt: skip
+    assert [x["trial_id"] for x in pareto_front(trials, OBJ)] == ["a"]
+    assert [x["trial_id"] for x in pareto_front(trials, OBJ, statuses=("FINISHED", "STOPPED"))] == [
+        "s"
+    ]
+
+
+def test_min_objective():
+    trials = [t("a", 0.9, 0.5, flops=10.0), t("b", 0.9, 0.5, flops=5.0)]
+    assert [x["trial_id"] for x in pareto_front(trials, [("acc", "max"), ("flops", "min")])] == [
+        "b"
+    ]
+
+
+def test_hypervolume_2d_exact():
+    trials = [t("a", 0.9, 0.5), t("b", 0.5, 0.9)]
+    # union of [0,.9]x[0,.5] and [0,.5]x[0,.9] = .45 + .45 - .25
+    assert hypervolume(trials, OBJ) == pytest.approx(0.65)
+    assert hypervolume([], OBJ) == 0.0
+    assert hypervolume(
+        trials, [("acc", "max"), ("sparsity", "max")], reference=[0.4, 0.4]
+    ) == pytest.approx(0.09)
+
+
+def test_dominates():
+    assert dominates((1, 1), (1, 0)) and not dominates((1, 1), (1, 1))
+
+
+def test_best_at_sparsity_chooses_on_validation():
+    trials = [
+        {
+            "trial_id": "a",
+            "status": "FINISHED",
+            "metrics": {"sparsity": 0.95, "val_accuracy": 0.8, "test_accuracy": 0.9},
+        },
+        {
+            "trial_id": "b",
+            "status": "FINISHED",
+            "metrics": {"sparsity": 0.96, "val_accuracy": 0.85, "test_accuracy": 0.7},
+        },
+        {
+            "trial_id": "c",
+            "status": "FINISHED",
+            "metrics": {"sparsity": 0.5, "val_accuracy": 0.99, "test_accuracy": 0.99},
+        },
+    ]
+    assert best_at_sparsity(trials, 0.9)["trial_id"] == "b"
+    assert best_at_sparsity(trials, 0.99) is None

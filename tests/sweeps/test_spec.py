@@ -1,0 +1,100 @@
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from sweeps.spec import SweepSpec, json_schema
+from tests.sweeps.conftest import tiny_spec
+
+
+def _errors(data: dict) -> dict[str, str]:
+    with pytest.raises(ValidationError) as info:
+        SweepSpec.model_validate(data)
+    return {".".join(map(str, e["loc"])): e["msg"] for e in info.value.errors()}
+
+
+def test_defaults_and_count():
+    spec = SweepSpec.model_validate(tiny_spec())
+    assert spec.num_trials() == 1
+    assert [o.metric for o in spec.objectives] == ["val_accuracy", "sparsity"]
+    assert spec.model.params.hidden == [32]
+
+
+def test_count_is_grid_times_samples_times_seeds():
+    spec = SweepSpec.model_validate(
+        tiny_spec(
+            regularizer={
+                "lam": {"loguniform": [1e-3, 1.0]},
+                "granularity": {"grid": ["weight", "output"]},
+            },
+            train={"lr": {"choice": [1e-3, 3e-3]}},
+            search={"num_samples": 3, "seeds": [0, 1]},
+        )
+    )
+    assert spec.num_trials() == 2 * 3 * 2
+    assert set(spec.searched_fields()) == {"regularizer.lam", "regularizer.granularity", "train.lr"}
+
+
+def test_round_trip_through_json_and_yaml(tmp_path):
+    spec = SweepSpec.model_validate(tiny_spec(regularizer={"lam": {"uniform": [0.1, 0.5]}}))
+    dumped = spec.model_dump(mode="json")
+    assert SweepSpec.model_validate(dumped) == spec
+    (tmp_path / "s.json").write_text(json.dumps(dumped))
+    assert SweepSpec.from_file(tmp_path / "s.json") == spec
+    (tmp_path / "s.yaml").write_text("name: y\nmodel: {name: mlp}\ndataset: {name: digits}\n")
+    assert SweepSpec.from_file(tmp_path / "s.yaml").model.params.hidden == [300, 100]
+
+
+def test_all_errors_at_once_with_field_paths():
+    errors = _errors(
+        tiny_spec(
+            modle={"name": "mlp"},
+            model={"name": "mlpp"},
+            dataset={"name": "digits", "params": {"oops": 1}},
+            regularizer={"lam": {"logunifrom": [1e-5, 1e-2]}, "granularity": {"grid": ["weigh"]},
+                         "droprate_init": {"uniform": [0.5, 0.2]}},
+            train={"lr": {"loguniform": [0, 1]}},
+            objectives=[{"metric": "val_acc"}],
+        )
+    )  # fmt: skip
+    assert "modle" in errors
+    assert "cnn" in errors["model"] and "mlp" in errors["model"]  # known names listed
+    assert "dataset.digits.params.oops" in errors
+    assert "grid, choice" in errors["regularizer.lam"]
+    assert any(k.startswith("regularizer.granularity.grid") for k in errors)
+    assert any(k.startswith("regularizer.droprate_init.uniform") for k in errors)
+    assert any(k.startswith("train.lr.loguniform") for k in errors)
+    assert "val_accuracy" in errors["objectives.0"]
+
+
+def test_test_metrics_cannot_be_objectives():
+    errors = _errors(tiny_spec(objectives=[{"metric": "test_accuracy"}]))
+    assert "validation" in errors["objectives.0"]
+
+
+def test_limits_come_from_settings(monkeypatch):
+    monkeypatch.setenv("L0SWEEP_MAX_TRIALS", "3")
+    monkeypatch.setenv("L0SWEEP_MAX_EPOCHS", "5")
+    errors = _errors(tiny_spec(train={"epochs": 6}, search={"seeds": [0, 1, 2, 3]}))
+    assert "L0SWEEP_MAX_EPOCHS" in errors[""] and "L0SWEEP_MAX_TRIALS" in errors[""]
+
+
+def test_optuna_rejects_grid_and_many_seeds():
+    errors = _errors(
+        tiny_spec(
+            regularizer={"lam": {"grid": [0.1, 1.0]}},
+            search={"algorithm": "optuna", "seeds": [0, 1]},
+        )
+    )
+    assert "choice" in errors[""] and "one seed" in errors[""]
+
+
+def test_asha_grace_period_within_epochs():
+    errors = _errors(tiny_spec(scheduler={"kind": "asha", "grace_period": 5}))
+    assert "grace_period" in errors[""]
+
+
+def test_schema_lists_models_and_domains():
+    text = json.dumps(json_schema())
+    for word in ("lenet5", "sparse-teacher", "loguniform", "granularity"):
+        assert word in text
