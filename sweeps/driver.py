@@ -76,7 +76,9 @@ def _tuner(
         search_alg=search_algorithm(spec),
         scheduler=scheduler(spec),
         num_samples=spec.search.num_samples,
-        max_concurrent_trials=spec.resources.max_concurrent_trials,
+        max_concurrent_trials=(
+            spec.resources.max_concurrent_trials if spec.search.algorithm == "optuna" else None
+        ),
         time_budget_s=spec.resources.time_budget_s,
         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
     )

@@ -83,7 +83,11 @@ def search_algorithm(spec: SweepSpec) -> Searcher | SearchAlgorithm:
             mode=[o.mode for o in spec.objectives],
             seed=spec.search.random_state,
         )
-    return BasicVariantGenerator(random_state=spec.search.random_state)
+    # The generator limits concurrency itself (Tune ignores max_concurrent_trials for it).
+    return BasicVariantGenerator(
+        random_state=spec.search.random_state,
+        max_concurrent=spec.resources.max_concurrent_trials or 0,
+    )
 
 
 def scheduler(spec: SweepSpec) -> TrialScheduler:
