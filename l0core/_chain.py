@@ -97,6 +97,13 @@ class Step:
     keeps_constant: bool = True
     resize: Callable[[int], None] | None = None
 
+    def describe(self) -> str:
+        """The step for messages: its name and what it calls."""
+        if self.module is not None:
+            return f"{self.name} ({type(self.module).__name__})"
+        target = self.node.target
+        return f"{self.name} ({target if isinstance(target, str) else target.__name__})"
+
     def propagate(self, value: Tensor, const: Tensor) -> tuple[Tensor, Tensor]:
         """Carry per-unit constants through this step (eval mode).
 

@@ -128,7 +128,7 @@ def _check_segment(a: _Layer, ops: list[Step], b: nn.Module) -> int:
 
 
 def _unsupported(step: Step, why: str) -> ShrinkError:
-    return ShrinkError(f"cannot shrink at {step.name!r}: {why}; {UNSUPPORTED_HINT}")
+    return ShrinkError(f"cannot shrink at {step.describe()}: {why}; {UNSUPPORTED_HINT}")
 
 
 def _layers(steps: list[Step]) -> list[_Layer]:
