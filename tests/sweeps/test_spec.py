@@ -98,3 +98,12 @@ def test_schema_lists_models_and_domains():
     text = json.dumps(json_schema())
     for word in ("lenet5", "sparse-teacher", "loguniform", "granularity"):
         assert word in text
+
+
+def test_examples_validate():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).parents[2].joinpath("examples").glob("*.*"))
+    assert len(files) >= 3
+    for path in files:
+        assert SweepSpec.from_file(path).num_trials() >= 1, path

@@ -1,0 +1,88 @@
+"""Overhead of the Ray Tune + MLflow path against a plain loop, at equal parallelism.
+
+Runs the same N short trials (Fashion-MNIST MLP, about 10-20 s each) twice: through
+``sweeps.driver.run_sweep`` (Ray Tune, per-epoch checkpoints, MLflow child runs, artifacts, Pareto
+report) and through a process pool of the same width calling the same ``sweeps.training.train``.
+Prints both wall times and their ratio (target <= 1.10). Ray's own start-up is not counted.
+
+    .venv/bin/python benchmarks/sweep_overhead.py [--trials 4] [--parallel 2] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import ray
+import torch
+
+from sweeps.driver import run_sweep
+from sweeps.space import concrete_config
+from sweeps.spec import SweepSpec
+from sweeps.training import train
+
+
+def _spec(trials: int, parallel: int, epochs: int, limit: int) -> SweepSpec:
+    return SweepSpec.model_validate(
+        {
+            "name": "overhead",
+            "experiment": "benchmark",
+            "model": {"name": "mlp", "params": {"hidden": [300, 100]}},
+            "dataset": {"name": "fashion-mnist", "params": {"limit": limit}},
+            "regularizer": {"kind": "l0", "lam": {"grid": [0.05 * 2**i for i in range(trials)]}},
+            "train": {"epochs": epochs, "batch_size": 128, "lr": 1e-3},
+            "resources": {"cpus_per_trial": 1, "max_concurrent_trials": parallel},
+        }
+    )
+
+
+def _configs(spec: SweepSpec) -> list[dict]:
+    d = spec.model_dump(mode="json")
+    out = []
+    for lam in spec.regularizer.lam.grid:
+        cfg = {k: d[k] for k in ("model", "dataset", "regularizer", "train")} | {"seed": 0}
+        cfg["regularizer"] = {**cfg["regularizer"], "lam": lam}
+        out.append(concrete_config(cfg))
+    return out
+
+
+def _plain(cfg: dict) -> float:
+    torch.set_num_threads(1)
+    return train(cfg).metrics["val_accuracy"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=20000, help="training images used")
+    args = parser.parse_args()
+    spec = _spec(args.trials, args.parallel, args.epochs, args.limit)
+
+    t0 = time.perf_counter()
+    with get_context("spawn").Pool(args.parallel) as pool:
+        accs = pool.map(_plain, _configs(spec), chunksize=1)
+    plain = time.perf_counter() - t0
+
+    ray.init(num_cpus=args.parallel, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = run_sweep(spec, f"sqlite:///{Path(tmp) / 'mlflow.db'}", Path(tmp) / "ray")
+        tuned = time.perf_counter() - t0
+    ray.shutdown()
+    per_trial = plain * args.parallel / args.trials
+    print(f"trials={args.trials} parallel={args.parallel} epochs={args.epochs} "
+          f"(~{per_trial:.1f} s per trial)")  # fmt: skip
+    print(
+        f"plain loop (process pool): {plain:7.2f} s   val_accuracy {min(accs):.3f}..{max(accs):.3f}"
+    )
+    print(f"ray tune + mlflow        : {tuned:7.2f} s   status {result.status}")
+    print(f"ratio                    : {tuned / plain:7.3f}   (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
