@@ -42,7 +42,8 @@ _IDENTITY_MODULES = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )  # fmt: skip
-_MAX_POOL_MODULES = (
+# pools whose output on a constant channel is that constant
+_CONST_POOL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
 )  # fmt: skip
@@ -54,8 +55,8 @@ _ACT_FUNCTIONS = {
 }  # fmt: skip
 _ACT_METHODS = {"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "contiguous"}
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
-# functions that keep a constant channel constant: (max pools may return indices; index of it)
-_MAX_POOL_FUNCTIONS = {
+# the same as functions -> position of their return_indices argument (None: they have none)
+_CONST_POOL_FUNCTIONS = {
     F.max_pool1d: 6,
     F.max_pool2d: 6,
     F.max_pool3d: 6,
@@ -241,7 +242,7 @@ def _classify_module(node: fx.Node, module: nn.Module) -> Step:
         return Step(node, ELEMENTWISE, name, module, fn=module)
     elif type(module) in _IDENTITY_MODULES:
         return Step(node, ELEMENTWISE, name, module, fn=lambda v: v)
-    elif type(module) in _MAX_POOL_MODULES:
+    elif type(module) in _CONST_POOL_MODULES:
         if getattr(module, "return_indices", False):
             raise _unsupported(node, what, "pooling that returns indices")
         kind = POOL
@@ -267,8 +268,8 @@ def _classify_call(node: fx.Node, src: fx.Node) -> Step:
         fn = lambda v: v  # noqa: E731
     if fn is not None:
         return Step(node, ELEMENTWISE, name, fn=fn)
-    if node.op == "call_function" and target in _MAX_POOL_FUNCTIONS:
-        index = _MAX_POOL_FUNCTIONS[target]
+    if node.op == "call_function" and target in _CONST_POOL_FUNCTIONS:
+        index = _CONST_POOL_FUNCTIONS[target]
         if index is not None and _arg(node, index, "return_indices", False):
             raise _unsupported(node, name, "pooling that returns indices")
         return Step(node, POOL, name)

@@ -103,11 +103,11 @@ def _units(module: nn.Module) -> tuple[int, int]:
     return module.in_channels, module.out_channels
 
 
-def _check_segment(a: _Layer, ops: list[Step], b: nn.Module) -> int:
+def _check_segment(a: _Layer, b: nn.Module) -> int:
     """Validate the steps between weight layers ``a`` and ``b``; return ``b``'s ``hw``."""
     n = _units(a.module)[1]
     flat = isinstance(a.module, nn.Linear)
-    for op in ops:
+    for op in a.ops:
         if op.kind == OTHER:
             raise _unsupported(op, "not a per-unit step")
         if op.kind == POOL and flat:
@@ -149,17 +149,18 @@ def _layers(steps: list[Step]) -> list[_Layer]:
         ops = steps[i + 1 : at[k + 1]] if k + 1 < len(at) else []
         layers.append(_Layer(steps[i], m.weight.reshape(n_out, n_in, -1), bias, ops))
     for a, b in itertools.pairwise(layers):
-        b.hw = _check_segment(a, a.ops, b.module)
-        b.blocks = b.module.weight.reshape(b.blocks.shape[0], -1, _positions(b))
+        b.hw = _check_segment(a, b.module)
+        n_in, n_out = _units(b.module)
+        b.blocks = b.module.weight.reshape(n_out, n_in // b.hw, -1)
     return layers
 
 
-def _positions(layer: _Layer) -> int:
-    w = layer.module.weight
-    return layer.hw if isinstance(layer.module, nn.Linear) else w[0, 0].numel()
+_Consts = tuple[Tensor, Tensor, Tensor]
 
 
-def _evaluate(layers: list[_Layer], fold: list[Tensor], drop: list[Tensor]):
+def _evaluate(
+    layers: list[_Layer], fold: list[Tensor], drop: list[Tensor]
+) -> tuple[list[Tensor], list[_Consts]]:
     """Effective biases (removed constants folded in) and each layer's constant units.
 
     Returns:
@@ -193,9 +194,14 @@ def _foldable(value: Tensor, const: Tensor, consumer: _Layer) -> Tensor:
     return ok & (value == 0) if consumer.pads_constants else ok
 
 
-def _plan(layers: list[_Layer]):
-    """Mark units folded or dropped until nothing changes; one layer per evaluation, so
-    every decision sees exact constants."""
+def _plan(layers: list[_Layer]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[_Consts]]:
+    """Mark units folded or dropped until nothing changes.
+
+    Each evaluation marks units of one layer only, so every decision sees exact constants.
+
+    Returns:
+        Per layer, the folded and the dropped (unused) units; the final ``_evaluate``.
+    """
     fold = [torch.zeros_like(layer.bias, dtype=torch.bool) for layer in layers]
     drop = [f.clone() for f in fold]
     while True:
