@@ -310,3 +310,7 @@ class _ProgressBar:
     def close(self) -> None:
         if self.tty:
             print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,14 +15,27 @@ import shlex
 from dataclasses import dataclass
 
 import requests
+from ray._private.authentication.authentication_token_setup import (
+    maybe_enable_token_auth_if_token_available,
+)
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from service.errors import BackendUnavailable
 
-__all__ = ["JobRunner", "JobState"]
+__all__ = ["JobRunner", "JobState", "enable_ray_token_auth"]
 
 logger = logging.getLogger(__name__)
+
+
+def enable_ray_token_auth() -> None:
+    """Send Ray's auth token the way the ``ray`` CLI does.
+
+    Ray turns token authentication on for a cluster when ``RAY_AUTH_MODE=token`` or a token file
+    (``~/.ray/auth_token``) exists; a client process must opt in the same way before its job
+    requests carry the token.
+    """
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 @dataclass(frozen=True)
@@ -155,6 +168,7 @@ class JobRunner:
     def _call(self, what: str, fn):
         try:
             if self._client is None:
+                enable_ray_token_auth()
                 self._client = JobSubmissionClient(self.address)
             return fn(self._client)
         except (

@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from ray._private.authentication.http_token_authentication import (
+    get_auth_headers_if_auth_enabled,
+)
 
+from service.jobs import enable_ray_token_auth
 from service.settings import Settings
 
 __all__ = ["EmbeddedStack", "ManagedProcess", "free_port", "start_mlflow", "start_ray_head"]
@@ -82,8 +86,10 @@ def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_http(url: str, process: ManagedProcess, timeout_s: float) -> None:
-    """Poll ``url`` until it answers 200.
+def wait_for_http(
+    url: str, process: ManagedProcess, timeout_s: float, accept: frozenset[int] = frozenset({200})
+) -> None:
+    """Poll ``url`` until it answers with a status in ``accept``.
 
     Raises:
         RuntimeError: the process exited or the URL did not answer within ``timeout_s``.
@@ -93,7 +99,7 @@ def wait_for_http(url: str, process: ManagedProcess, timeout_s: float) -> None:
         if not process.running:
             raise RuntimeError(f"{process.name} exited while starting; see {process.log_path}")
         try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
+            if httpx.get(url, timeout=2.0).status_code in accept:
                 return
         except httpx.HTTPError:
             pass
@@ -138,11 +144,20 @@ def start_ray_head(
     ]
     if num_cpus is not None:
         argv.append(f"--num-cpus={num_cpus}")
-    process = ManagedProcess("Ray head", argv, log_dir / "ray.log").start()
+    # Token authentication on unless the user chose otherwise: the head writes ~/.ray/auth_token.
+    env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    process = ManagedProcess("Ray head", argv, log_dir / "ray.log", env).start()
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_for_http(f"{url}/api/version", process, timeout_s)
-    except RuntimeError:
+        wait_for_http(f"{url}/api/version", process, timeout_s, accept=frozenset({200, 401}))
+        enable_ray_token_auth()
+        headers = get_auth_headers_if_auth_enabled({})
+        # The port was free when chosen; make sure the dashboard answering is this head's.
+        version = httpx.get(f"{url}/api/version", headers=headers, timeout=5).json()
+        session = version.get("session_name", "")
+        if not session or not (Path(temp_dir) / session).is_dir():
+            raise RuntimeError(f"another Ray cluster answers at {url}; see {process.log_path}")
+    except (RuntimeError, httpx.HTTPError, ValueError):
         process.stop()
         raise
     return process, url

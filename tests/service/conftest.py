@@ -1,0 +1,152 @@
+"""Fixtures: a real Ray head and a real MLflow server for the session, apps built on them.
+
+Both are started by the stack module itself (`ray start --head --block`, `mlflow server`), on
+free loopback ports, in temporary directories; no mocks of either.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from mlflow.tracking import MlflowClient
+
+from service.app import create_app
+from service.settings import Settings
+from service.stack import free_port, start_mlflow, start_ray_head
+
+TINY_SPEC = {
+    "name": "tiny-digits",
+    "experiment": "l0sweep-tests",
+    "model": {"name": "mlp", "params": {"hidden": [16]}},
+    "dataset": {"name": "digits"},
+    "regularizer": {"kind": "l0", "lam": {"grid": [0.01, 0.1]}},
+    "train": {"epochs": 1, "batch_size": 64},
+    "resources": {"cpus_per_trial": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    process, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"), port=free_port())
+    yield uri
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    process, url = start_ray_head(
+        tmp_path_factory.mktemp("ray-logs"), num_cpus=2, dashboard_port=free_port()
+    )
+    yield url
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def storage_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("ray_results"))
+
+
+@pytest.fixture(scope="session")
+def dead_url() -> str:
+    """A loopback URL nothing listens on."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def make_settings(mlflow_uri: str, ray_address: str, storage_path: str):
+    def make(**overrides) -> Settings:
+        values = {
+            "ray_address": ray_address,
+            "tracking_uri": mlflow_uri,
+            "storage_path": storage_path,
+            "refresh_interval_s": 0.5,
+            "reconcile_interval_s": 2.0,
+            "stop_grace_s": 30,
+            **overrides,
+        }
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def make_api(make_settings):
+    """``with make_api(**settings) as api:`` a TestClient on a fresh app (lifespan included)."""
+
+    def make(**overrides) -> TestClient:
+        return TestClient(create_app(make_settings(**overrides)), raise_server_exceptions=False)
+
+    return make
+
+
+@pytest.fixture
+def api(make_api) -> Iterator[TestClient]:
+    with make_api() as client:
+        yield client
+
+
+@pytest.fixture
+def mlflow_client(mlflow_uri: str) -> MlflowClient:
+    return MlflowClient(mlflow_uri)
+
+
+def count_sweep_runs(client: MlflowClient) -> int:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, "tags.`l0sweep.kind` = 'sweep'", max_results=1000)
+    return len(runs)
+
+
+class ApiProcess:
+    """`l0sweep serve` joined to the session's Ray and MLflow, as a separate process."""
+
+    def __init__(self, ray_address: str, mlflow_uri: str, storage_path: str, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "L0SWEEP_STORAGE_PATH": storage_path,
+            "L0SWEEP_REFRESH_INTERVAL_S": "0.5",
+            "L0SWEEP_RECONCILE_INTERVAL_S": "2",
+        }
+        self.argv = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--ray-address",
+            ray_address,
+            "--mlflow-uri",
+            mlflow_uri,
+        ]
+        self.log = log
+        self.popen: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 60) -> ApiProcess:
+        with open(self.log, "ab") as out:
+            self.popen = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=out)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            assert self.popen.poll() is None, self.log.read_text()
+            time.sleep(0.3)
+        raise AssertionError(f"API did not start: {self.log.read_text()}")
+
+    def kill(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+            self.popen.wait(10)

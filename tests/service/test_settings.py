@@ -1,0 +1,53 @@
+"""Settings and bind safety, without any back end."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.app import create_app
+from service.settings import Settings, is_loopback
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("localhost", True), ("::1", True), ("127.0.0.5", True),
+     ("0.0.0.0", False), ("192.168.1.4", False), ("example.org", False)],
+)  # fmt: skip
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+def test_non_loopback_bind_without_token_is_refused() -> None:
+    with pytest.raises(ValueError, match="without a token"):
+        Settings(host="0.0.0.0").check_bind()
+    Settings(host="0.0.0.0", token="s3cret").check_bind()
+    Settings(host="127.0.0.1").check_bind()
+
+
+def test_app_needs_ray_and_mlflow() -> None:
+    with pytest.raises(ValueError, match="L0SWEEP_RAY_ADDRESS"):
+        create_app(Settings(ray_address=None, tracking_uri=None))
+
+
+def test_env_prefix_and_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("L0SWEEP_TOKEN", "s3cret")
+    monkeypatch.setenv("L0SWEEP_MAX_CONCURRENT_SWEEPS", "7")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    settings = Settings()
+    assert settings.max_concurrent_sweeps == 7
+    assert settings.tracking_uri == "http://127.0.0.1:5999"
+    assert "s3cret" not in repr(settings)
+    assert settings.token.get_secret_value() == "s3cret"
+
+
+def test_cli_serve_refuses_public_bind(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from service.cli import main
+
+    monkeypatch.delenv("L0SWEEP_TOKEN", raising=False)
+    assert (
+        main(
+            ["serve", "--host", "0.0.0.0", "--ray-address", "http://x", "--mlflow-uri", "http://y"]
+        )
+        == 2
+    )
+    assert "without a token" in capsys.readouterr().err
