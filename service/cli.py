@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.client import ApiError, Client
-from service.schemas import ParetoFront, SweepOut
+from service.schemas import ParetoFront, SweepOut, TrialOut
 
 __all__ = ["main"]
 
@@ -222,13 +222,42 @@ def _pareto(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from sweeps.driver import run_sweep
-
+    from sweeps.pareto import pareto_front
     from sweeps.spec import SweepSpec
 
     spec = SweepSpec.model_validate(_load_spec(args.spec))
-    result = run_sweep(spec, tracking_uri=args.tracking_uri, storage_path=args.storage_path)
-    print(f"sweep {result} ended")
-    return 0
+    tty = sys.stdout.isatty()
+
+    def show(progress) -> None:
+        print(("\r" if tty else "") + progress.line(), end="" if tty else "\n", flush=True)
+
+    result = run_sweep(
+        spec, tracking_uri=args.tracking_uri, storage_path=args.storage_path, progress=show
+    )
+    if tty:
+        print()
+    print(f"sweep {result.sweep_id} {result.status} (experiment at {result.experiment_path})")
+    objectives = [o.model_dump() for o in spec.objectives]
+    front = [_trial_out(t) for t in pareto_front(result.trials, objectives)]
+    _print_pareto(
+        ParetoFront(
+            sweep_id=result.sweep_id,
+            status=result.status,
+            objectives=objectives,
+            front=front,
+            num_trials=len(result.trials),
+        )
+    )
+    return 0 if result.status == "FINISHED" else 1
+
+
+def _trial_out(trial: dict[str, Any]) -> TrialOut:
+    return TrialOut(
+        id=str(trial.get("trial_id") or trial.get("run_id") or ""),
+        run_id=trial.get("run_id"),
+        status=str(trial.get("status") or ""),
+        metrics=trial.get("metrics") or {},
+    )
 
 
 def _schema(args: argparse.Namespace) -> int:
