@@ -80,6 +80,7 @@ def _tuner(
             spec.resources.max_concurrent_trials if spec.search.algorithm == "optuna" else None
         ),
         time_budget_s=spec.resources.time_budget_s,
+        reuse_actors=True,  # a warm worker keeps its imports and its cached dataset
         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
     )
     return tune.Tuner(

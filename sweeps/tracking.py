@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,13 @@ _MAX_PARAM = 6000
 
 def client(tracking_uri: str | None = None) -> MlflowClient:
     """An MLflow client for ``tracking_uri``, else the settings' (``MLFLOW_TRACKING_URI``)."""
-    return MlflowClient(tracking_uri or get_settings().tracking_uri)
+    return _client(tracking_uri or get_settings().tracking_uri)
+
+
+@lru_cache(maxsize=8)
+def _client(tracking_uri: str | None) -> MlflowClient:
+    # One per URI and process: a SQL store builds an engine and checks its schema on creation.
+    return MlflowClient(tracking_uri)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
