@@ -18,6 +18,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
+from ray._private.authentication.http_token_authentication import (
+    get_auth_headers_if_auth_enabled,
+)
 
 from service.app import create_app
 from service.settings import Settings
@@ -103,6 +106,19 @@ def count_sweep_runs(client: MlflowClient) -> int:
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, "tags.`l0sweep.kind` = 'sweep'", max_results=1000)
     return len(runs)
+
+
+def alive_actors(ray_address: str) -> list[str]:
+    """Class names of the cluster's live actors, Ray's job supervisors excepted."""
+    response = httpx.get(
+        f"{ray_address}/api/v0/actors",
+        params={"filter_keys": "state", "filter_predicates": "=", "filter_values": "ALIVE"},
+        headers=get_auth_headers_if_auth_enabled({}),
+        timeout=10,
+    )
+    response.raise_for_status()
+    actors = response.json()["data"]["result"]["result"]
+    return [a["class_name"] for a in actors if "JobSupervisor" not in a["class_name"]]
 
 
 class ApiProcess:

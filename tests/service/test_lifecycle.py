@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from service.client import ApiError, Client
-from tests.service.conftest import TINY_SPEC, ApiProcess
+from tests.service.conftest import TINY_SPEC, ApiProcess, alive_actors
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -82,7 +82,7 @@ def test_submit_follow_pareto_delete(make_api, mlflow_client) -> None:
         assert mlflow_client.get_run(sweep["id"]).info.lifecycle_stage == "deleted"
 
 
-def test_cancel_running_sweep_and_concurrency_limit(make_api, mlflow_client) -> None:
+def test_cancel_running_sweep_and_concurrency_limit(make_api, mlflow_client, ray_address) -> None:
     spec = copy.deepcopy(TINY_SPEC) | {"name": "to-cancel"}
     spec["train"] = {"epochs": 200, "batch_size": 8}
     with make_api(max_concurrent_sweeps=1) as api:
@@ -111,9 +111,10 @@ def test_cancel_running_sweep_and_concurrency_limit(make_api, mlflow_client) -> 
         children = _children(mlflow_client, sweep)
         assert children and {c.info.status for c in children} == {"KILLED"}
         assert api.post(f"/sweeps/{sweep['id']}/cancel").status_code == 409
-        # The trials' CPUs are free again: Ray reports no task or actor holding them.
-        job = api.app.state.control.jobs.state(done["job_id"])
-        assert job is not None and job.status == "STOPPED"
+        jobs = api.app.state.control.jobs
+        _wait(lambda: jobs.state(done["job_id"]).status, lambda s: s == "STOPPED", timeout_s=60)
+        # The trials' CPUs are free again: no trial actor is left alive on the cluster.
+        _wait(lambda: alive_actors(ray_address), lambda actors: not actors, timeout_s=60)
 
 
 def test_api_restart_mid_sweep(ray_address, mlflow_uri, storage_path, tmp_path) -> None:
