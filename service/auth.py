@@ -17,7 +17,7 @@ __all__ = ["require_token"]
 _bearer = HTTPBearer(auto_error=False, description="The service's L0SWEEP_TOKEN.")
 
 
-def require_token(
+async def require_token(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

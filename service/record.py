@@ -102,9 +102,9 @@ class SweepRecord:
         return self.status in TERMINAL
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SweepView:
-    """A sweep record with its trials, as the API shows it."""
+    """A sweep record with its trials, as the API shows it (immutable, hashed by identity)."""
 
     record: SweepRecord
     trials: list[dict[str, Any]] = field(default_factory=list)
@@ -289,6 +289,8 @@ class SweepCache:
         self._views: dict[str, SweepView] = {}
         self._order: list[str] = []
         self._lock = threading.Lock()
+        # Bumped on every change, so that renderings of the listing can be reused until then.
+        self.generation = 0
         self.last_error: BackendUnavailable | None = None
         self.refreshed_at: float | None = None
 
@@ -314,6 +316,7 @@ class SweepCache:
             raise
         with self._lock:
             self._views = fresh
+            self.generation += 1
             self._order = [r.id for r in records]
         self.last_error = None
         self.refreshed_at = time.monotonic()
@@ -343,12 +346,14 @@ class SweepCache:
             if record.id not in self._views:
                 self._order.insert(0, record.id)
             self._views[record.id] = view
+            self.generation += 1
             return view
 
     def drop(self, sweep_id: str) -> None:
         with self._lock:
             self._views.pop(sweep_id, None)
             self._order = [i for i in self._order if i != sweep_id]
+            self.generation += 1
 
     def active_count(self) -> int:
         with self._lock:

@@ -1,4 +1,8 @@
-"""Annotated dependencies shared by the routers."""
+"""Annotated dependencies shared by the routers.
+
+They are ``async``: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per
+request that would cost more than the cached reads themselves.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,11 @@ from service.settings import Settings
 __all__ = ["ControlDep", "SettingsDep"]
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _control(request: Request) -> SweepControl:
+async def _control(request: Request) -> SweepControl:
     return request.app.state.control
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import weakref
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from service.auth import require_token
 from service.control import SweepControl
@@ -66,17 +67,72 @@ def create_sweep(
     return _out(view, control, settings)
 
 
+class RenderedCache:
+    """JSON bodies of the read endpoints, rendered once per change of the sweep cache.
+
+    Rendering a `SweepOut` costs more than the rest of a request; under load the same bodies are
+    asked for again and again between two refreshes.
+    """
+
+    def __init__(self) -> None:
+        self._sweeps: weakref.WeakKeyDictionary[SweepView, bytes] = weakref.WeakKeyDictionary()
+        self._pages: dict[tuple, bytes] = {}
+        self._generation = -1
+
+    def sweep(self, view: SweepView, render) -> bytes:
+        body = self._sweeps.get(view)
+        if body is None:
+            body = self._sweeps[view] = render().model_dump_json().encode()
+        return body
+
+    def page(self, generation: int, key: tuple, render) -> bytes:
+        if generation != self._generation:
+            self._pages.clear()
+            self._generation = generation
+        body = self._pages.get(key)
+        if body is None:
+            body = render().model_dump_json().encode()
+            if len(self._pages) < 1000:
+                self._pages[key] = body
+        return body
+
+
+async def _rendered(request: Request) -> RenderedCache:
+    return request.app.state.rendered
+
+
+RenderedDep = Annotated[RenderedCache, Depends(_rendered)]
+
+
 @router.get("", response_model=SweepPage, responses={503: _ERRORS[503]})
 async def list_sweeps(
     control: ControlDep,
     settings: SettingsDep,
+    rendered: RenderedDep,
     status_: Annotated[SweepStatus | None, Query(alias="status")] = None,
     name: Annotated[str | None, Query(max_length=200, description="Substring of the name.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
-) -> SweepPage:
+) -> Response:
     """Sweeps, newest first, filtered by status and name."""
     await _fresh(control)
+    generation = control.cache.generation
+    body = rendered.page(
+        generation,
+        (status_, name, limit, offset),
+        lambda: _page(control, settings, status_, name, limit, offset),
+    )
+    return Response(content=body, media_type="application/json")
+
+
+def _page(
+    control: SweepControl,
+    settings: Settings,
+    status_: str | None,
+    name: str | None,
+    limit: int,
+    offset: int,
+) -> SweepPage:
     views = control.cache.all()
     if status_ is not None:
         views = [v for v in views if v.record.status == status_]
@@ -96,9 +152,13 @@ async def list_sweeps(
 @router.get(
     "/{sweep_id}", response_model=SweepOut, responses={404: _ERRORS[404], 503: _ERRORS[503]}
 )
-async def get_sweep(sweep_id: str, control: ControlDep, settings: SettingsDep) -> SweepOut:
+async def get_sweep(
+    sweep_id: str, control: ControlDep, settings: SettingsDep, rendered: RenderedDep
+) -> Response:
     """Status, trial progress, best trial so far and links to MLflow and the Ray dashboard."""
-    return _out(await _view(control, sweep_id), control, settings)
+    view = await _view(control, sweep_id)
+    body = rendered.sweep(view, lambda: _out(view, control, settings))
+    return Response(content=body, media_type="application/json")
 
 
 @router.get(
