@@ -22,6 +22,7 @@ __all__ = [
     "NotFound",
     "ServiceError",
     "TooManySweeps",
+    "Unprocessable",
     "install_error_handlers",
     "validation_details",
 ]
@@ -40,6 +41,23 @@ class ServiceError(Exception):
 
     def headers(self) -> dict[str, str] | None:
         return None
+
+    def detail(self) -> Any:
+        return self.message
+
+
+class Unprocessable(ServiceError):
+    """A spec that validates but that MLflow refuses (a tag name it cannot store, say)."""
+
+    status_code = 422
+
+    def __init__(self, message: str, field: str = "body") -> None:
+        super().__init__(message)
+        self.field = field
+
+    def detail(self) -> list[dict[str, Any]]:
+        loc = ["body", *self.field.split(".")] if self.field != "body" else ["body"]
+        return [{"loc": loc, "field": self.field, "msg": self.message, "type": "mlflow_refused"}]
 
 
 class NotFound(ServiceError):
@@ -115,7 +133,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500:
             logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
         return JSONResponse(
-            status_code=exc.status_code, content={"detail": exc.message}, headers=exc.headers()
+            status_code=exc.status_code, content={"detail": exc.detail()}, headers=exc.headers()
         )
 
     @app.exception_handler(RequestValidationError)

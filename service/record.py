@@ -16,6 +16,7 @@ import math
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +28,7 @@ from mlflow.entities import Run, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from service.errors import BackendUnavailable, NotFound
+from service.errors import BackendUnavailable, Conflict, NotFound, ServiceError, Unprocessable
 from service.schemas import ACTIVE, TERMINAL, Progress
 from sweeps import tracking
 from sweeps.spec import SweepSpec
@@ -47,6 +48,14 @@ TAG_CANCEL = "l0sweep.cancel_requested"
 TAG_IDEMPOTENCY = "l0sweep.idempotency_key"
 TAG_SPEC_SHA = "l0sweep.spec_sha256"
 TAG_NUM_TRIALS = "l0sweep.num_trials"
+TAG_REQUEST = "l0sweep.request_id"
+# MLflow's answers to a request it refuses (as opposed to failing to serve it).
+_MLFLOW_REFUSALS = {
+    "INVALID_PARAMETER_VALUE",
+    "INVALID_STATE",
+    "RESOURCE_ALREADY_EXISTS",
+    "BAD_REQUEST",
+}
 
 _MLFLOW_ERRORS = (MlflowException, requests.RequestException, httpx.HTTPError, OSError)
 
@@ -147,14 +156,53 @@ class SweepStore:
             self.client.search_experiments(max_results=1)
 
     def create(self, spec: SweepSpec, extra_tags: dict[str, str]) -> str:
-        """Record a new PENDING sweep; returns its id (the parent run id)."""
+        """Record a new PENDING sweep; returns its id (the parent run id).
+
+        Raises:
+            Unprocessable: MLflow refuses a name in the spec (a tag key, say); nothing is left.
+            Conflict: the spec's experiment exists in MLflow but is deleted.
+        """
+        request_id = uuid.uuid4().hex
         tags = {
             TAG_SPEC_SHA: spec_digest(spec),
             TAG_JOB_ATTEMPT: "0",
+            TAG_REQUEST: request_id,
             **extra_tags,
         }
-        with self._mlflow("create the sweep's parent run"):
-            return tracking.create_sweep_run(spec, tracking_uri=self.tracking_uri, extra_tags=tags)
+        try:
+            with self._mlflow("create the sweep's parent run"):
+                return tracking.create_sweep_run(
+                    spec, tracking_uri=self.tracking_uri, extra_tags=tags
+                )
+        except Conflict as exc:
+            # The run may exist already (its params are logged after it is created): remove it.
+            self._remove_request(request_id)
+            if "'active' state" in exc.message:
+                raise Conflict(
+                    f"experiment {spec.experiment!r} is deleted in MLflow: restore it or name "
+                    "another one"
+                ) from exc
+            raise Unprocessable(
+                exc.message.replace("MLflow refused to", "MLflow could not")
+            ) from exc
+        except BackendUnavailable:
+            self._remove_request(request_id)
+            raise
+
+    def _remove_request(self, request_id: str) -> None:
+        """Delete the runs a failed `create` may have left (best effort: MLflow may be down)."""
+        try:
+            with self._mlflow("clean up a failed creation"):
+                ids = [e.experiment_id for e in self._experiments()]
+                runs = self.client.search_runs(
+                    ids, f"tags.`{TAG_REQUEST}` = '{request_id}'", ViewType.ACTIVE_ONLY
+                ) if ids else []  # fmt: skip
+                for run in runs:
+                    self.client.delete_run(run.info.run_id)
+        except BackendUnavailable:
+            logger.error(
+                "a sweep run tagged %s=%s may be left half-created", TAG_REQUEST, request_id
+            )
 
     def get(self, sweep_id: str) -> SweepRecord:
         """The sweep's record, read now. Raises `NotFound` for an unknown or deleted id."""
@@ -267,11 +315,13 @@ class _MlflowErrors:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None or isinstance(exc, NotFound | BackendUnavailable):
+        if exc is None or isinstance(exc, ServiceError):
             return False
         if isinstance(exc, _MLFLOW_ERRORS):
             if isinstance(exc, MlflowException) and _is_not_found(exc):
                 return False
+            if isinstance(exc, MlflowException) and exc.error_code in _MLFLOW_REFUSALS:
+                raise Conflict(f"MLflow refused to {self.what}: {_mlflow_message(exc)}") from exc
             logger.warning("MLflow failed to %s: %s", self.what, _first_line(exc))
             raise BackendUnavailable("MLflow", f"could not {self.what}") from exc
         return False
@@ -447,6 +497,13 @@ def _to_int(text: str | None, default: int) -> int:
 
 def _is_not_found(exc: MlflowException) -> bool:
     return exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
+
+
+def _mlflow_message(exc: MlflowException) -> str:
+    """MLflow's message without its error-code prefix, on one line."""
+    text = _first_line(exc)
+    prefix = f"{exc.error_code}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 def _first_line(exc: BaseException) -> str:

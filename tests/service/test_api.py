@@ -52,6 +52,9 @@ BAD_SPECS = [
     ("unicode name", _spec(name="экспер\u0000имент"), "name"),
     ("missing model", {k: v for k, v in TINY_SPEC.items() if k != "model"}, "model"),
     ("not an object", [1, 2, 3], "body"),
+    # Valid for the spec, refused by MLflow after the run exists: nothing may be left behind.
+    ("tag key MLflow refuses", _spec(tags={"bad key/..": "x"}), "body"),
+    ("tag key too long", _spec(tags={"k" * 300: "x"}), "body"),
 ]
 
 
@@ -96,6 +99,16 @@ def test_bad_requests_get_4xx_with_a_message(api, method, path, kwargs, status) 
     response = api.request(method.upper(), path, **kwargs)
     assert response.status_code == status, response.text
     assert response.json()["detail"]
+
+
+def test_deleted_experiment_is_a_conflict(api, mlflow_client) -> None:
+    experiment_id = mlflow_client.create_experiment("deleted-for-test")
+    mlflow_client.delete_experiment(experiment_id)
+    before = count_sweep_runs(mlflow_client)
+    response = api.post("/sweeps", json=_spec(experiment="deleted-for-test"))
+    assert response.status_code == 409, response.text
+    assert "deleted" in response.json()["detail"]
+    assert count_sweep_runs(mlflow_client) == before
 
 
 def test_auth_on(make_api) -> None:
