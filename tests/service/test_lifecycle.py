@@ -5,12 +5,15 @@ read the Pareto front, delete; cancel a running sweep; restart the API in the mi
 from __future__ import annotations
 
 import copy
+import re
 import time
 
 import httpx
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
+from service.cli import main as cli
 from service.client import ApiError, Client
 from tests.service.conftest import TINY_SPEC, ApiProcess, alive_actors
 
@@ -117,25 +120,36 @@ def test_cancel_running_sweep_and_concurrency_limit(make_api, mlflow_client, ray
         _wait(lambda: alive_actors(ray_address), lambda actors: not actors, timeout_s=60)
 
 
-def test_api_restart_mid_sweep(ray_address, mlflow_uri, storage_path, tmp_path) -> None:
+def test_api_restart_mid_sweep(ray_address, mlflow_uri, storage_path, tmp_path, capsys) -> None:
     spec = copy.deepcopy(TINY_SPEC) | {"name": "survives-restart"}
     spec["train"] = {"epochs": 3, "batch_size": 16}
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
     server = ApiProcess(ray_address, mlflow_uri, storage_path, tmp_path / "api.log").start()
     try:
-        with Client(server.url) as api:
-            sweep = api.submit(spec)
+        assert cli(["--url", server.url, "submit", str(spec_file)]) == 0
+        sweep_id = re.search(r"submitted sweep (\w+)", capsys.readouterr().out).group(1)
         server.kill()
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{server.url}/healthz", timeout=2)
         server.start()
         with Client(server.url) as api:
-            assert sweep.id in {s.id for s in api.list().items}
-            done = api.wait(sweep.id, poll_s=1, timeout_s=240)
+            assert sweep_id in {s.id for s in api.list().items}
+            done = api.wait(sweep_id, poll_s=1, timeout_s=240)
             assert done.status == "FINISHED", done
             assert done.progress.finished == 2
-            assert sweep.id in {s.id for s in api.list(status="FINISHED").items}
+            assert sweep_id in {s.id for s in api.list(status="FINISHED").items}
             with pytest.raises(ApiError) as err:
-                api.cancel(sweep.id)
+                api.cancel(sweep_id)
             assert err.value.status_code == 409
+        capsys.readouterr()
+        assert cli(["--url", server.url, "status", sweep_id]) == 0
+        assert "FINISHED" in capsys.readouterr().out
+        assert cli(["--url", server.url, "list", "--status", "FINISHED"]) == 0
+        assert sweep_id in capsys.readouterr().out
+        assert cli(["--url", server.url, "pareto", sweep_id]) == 0
+        assert "val_accuracy (max)" in capsys.readouterr().out
+        assert cli(["--url", server.url, "cancel", sweep_id]) == 1
+        assert "409" in capsys.readouterr().err
     finally:
         server.kill()
