@@ -107,12 +107,16 @@ class SweepControl:
 
         Raises:
             NotFound: no such sweep.
-            Conflict: the sweep has already ended.
+            Conflict: the sweep has already ended, or runs outside the service.
         """
         record = self.store.get(sweep_id)
         if record.terminal:
             raise Conflict(
                 f"sweep {sweep_id} is {record.status}; only active sweeps can be cancelled"
+            )
+        if not record.managed:
+            raise Conflict(
+                f"sweep {sweep_id} runs outside the service (`l0sweep run`); stop it where it runs"
             )
         self.store.set_tags(sweep_id, {TAG_CANCEL: "true"})
         stopped = record.job_id is not None and self.jobs.stop(record.job_id)
@@ -144,7 +148,8 @@ class SweepControl:
     def reconcile(self) -> None:
         """Follow, resubmit or close every sweep recorded as active (see the module docstring)."""
         for view in self.cache.all():
-            if view.record.status in ACTIVE:
+            # Sweeps run by `l0sweep run` share the store but are not the service's to drive.
+            if view.record.status in ACTIVE and view.record.managed:
                 try:
                     self._reconcile_one(view.record)
                 except BackendUnavailable as exc:

@@ -49,6 +49,7 @@ TAG_IDEMPOTENCY = "l0sweep.idempotency_key"
 TAG_SPEC_SHA = "l0sweep.spec_sha256"
 TAG_NUM_TRIALS = "l0sweep.num_trials"
 TAG_REQUEST = "l0sweep.request_id"
+TAG_MANAGED = "l0sweep.managed"  # "service": submitted by the service (not `l0sweep run`)
 # MLflow's answers to a request it refuses (as opposed to failing to serve it).
 _MLFLOW_REFUSALS = {
     "INVALID_PARAMETER_VALUE",
@@ -79,6 +80,7 @@ class SweepRecord:
     ended_at: datetime | None
     job_id: str | None
     job_attempt: int
+    managed: bool
     cancel_requested: bool
     idempotency_key: str | None
     spec_sha256: str | None
@@ -99,6 +101,7 @@ class SweepRecord:
             ended_at=_ms_to_datetime(run.info.end_time),
             job_id=tags.get(TAG_JOB_ID) or None,
             job_attempt=_to_int(tags.get(TAG_JOB_ATTEMPT), 0),
+            managed=tags.get(TAG_MANAGED) == "service",
             cancel_requested=tags.get(TAG_CANCEL) == "true",
             idempotency_key=tags.get(TAG_IDEMPOTENCY) or None,
             spec_sha256=tags.get(TAG_SPEC_SHA) or None,
@@ -167,6 +170,7 @@ class SweepStore:
             TAG_SPEC_SHA: spec_digest(spec),
             TAG_JOB_ATTEMPT: "0",
             TAG_REQUEST: request_id,
+            TAG_MANAGED: "service",
             **extra_tags,
         }
         try:
@@ -343,9 +347,12 @@ class SweepCache:
         self.generation = 0
         self.last_error: BackendUnavailable | None = None
         self.refreshed_at: float | None = None
+        # Changes written through while a refresh reads MLflow must survive its swap.
+        self._touched: dict[str, float] = {}
 
     def refresh(self) -> None:
         """Re-read the listing and the trials of active sweeps; keeps the old view on failure."""
+        started = time.monotonic()
         try:
             records = self.store.list()
             fresh: dict[str, SweepView] = {}
@@ -365,9 +372,21 @@ class SweepCache:
             self.last_error = exc
             raise
         with self._lock:
+            order = [r.id for r in records]
+            for sweep_id, when in self._touched.items():
+                if when < started:
+                    continue
+                if sweep_id in self._views:  # put during the refresh
+                    if sweep_id not in fresh:
+                        order.insert(0, sweep_id)
+                    fresh[sweep_id] = self._views[sweep_id]
+                else:  # dropped during the refresh
+                    fresh.pop(sweep_id, None)
+                    order = [i for i in order if i != sweep_id]
+            self._touched = {k: t for k, t in self._touched.items() if t >= started}
             self._views = fresh
+            self._order = order
             self.generation += 1
-            self._order = [r.id for r in records]
         self.last_error = None
         self.refreshed_at = time.monotonic()
 
@@ -396,6 +415,7 @@ class SweepCache:
             if record.id not in self._views:
                 self._order.insert(0, record.id)
             self._views[record.id] = view
+            self._touched[record.id] = time.monotonic()
             self.generation += 1
             return view
 
@@ -403,6 +423,7 @@ class SweepCache:
         with self._lock:
             self._views.pop(sweep_id, None)
             self._order = [i for i in self._order if i != sweep_id]
+            self._touched[sweep_id] = time.monotonic()
             self.generation += 1
 
     def active_count(self) -> int:

@@ -51,7 +51,7 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env},
+                env={**_child_environ(), **self.env},
                 start_new_session=True,
             )
         logger.info("started %s (pid %d), log %s", self.name, self.popen.pid, self.log_path)
@@ -73,6 +73,12 @@ class ManagedProcess:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(10)
         logger.info("stopped %s", self.name)
+
+
+def _child_environ() -> dict[str, str]:
+    """This process's environment without the API token: Ray and MLflow (and through Ray every
+    driver and trial) inherit it, and none of them needs the token."""
+    return {k: v for k, v in os.environ.items() if k != "L0SWEEP_TOKEN"}
 
 
 def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:

@@ -157,3 +157,23 @@ def test_mlflow_down_gives_503(make_api, dead_url) -> None:
             assert "MLflow is unavailable" in response.json()["detail"]
         health = api.get("/healthz").json()
         assert health["ray"]["ok"] and not health["mlflow"]["ok"]
+
+
+def test_sweeps_run_outside_the_service_are_left_alone(api, mlflow_uri) -> None:
+    """A sweep `l0sweep run` records in the same MLflow is listed, never driven by the service."""
+    from service.jobs import JobRunner
+    from sweeps import tracking
+    from sweeps.spec import SweepSpec
+
+    sweep_id = tracking.create_sweep_run(
+        SweepSpec.model_validate(_spec(name="local-run")), mlflow_uri
+    )
+    tracking.set_sweep_status(sweep_id, "RUNNING", tracking_uri=mlflow_uri)
+    control = api.app.state.control
+    control.cache.refresh()
+    control.reconcile()
+    assert control.jobs.state(JobRunner.submission_id(sweep_id, 0)) is None
+    assert api.get(f"/sweeps/{sweep_id}").json()["status"] == "RUNNING"
+    response = api.post(f"/sweeps/{sweep_id}/cancel")
+    assert response.status_code == 409 and "outside the service" in response.json()["detail"]
+    tracking.set_sweep_status(sweep_id, "FINISHED", tracking_uri=mlflow_uri)

@@ -51,6 +51,10 @@ def test_reconcile_submits_and_resubmits(make_api, mlflow_uri) -> None:
         assert record.job_id == JobRunner.submission_id(lost, 1)
         assert _wait_status(store, orphan, lambda r: r.terminal).status == "CANCELLED"
         assert _wait_status(store, lost, lambda r: r.terminal).status == "FINISHED"
-        listed = api.get("/sweeps", params={"name": "job-lost"}).json()["items"]
-        assert [s["status"] for s in listed] == ["FINISHED"]
-        assert listed[0]["progress"]["finished"] == 2
+        deadline = time.monotonic() + 10  # the listing follows MLflow within a refresh
+        while (listed := api.get("/sweeps", params={"name": "job-lost"}).json()["items"])[0][
+            "status"
+        ] != "FINISHED":
+            assert time.monotonic() < deadline, listed
+            time.sleep(0.2)
+        assert len(listed) == 1 and listed[0]["progress"]["finished"] == 2
