@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.cache import SweepCache
 from service.control import SweepControl
 from service.errors import BackendUnavailable, install_error_handlers
 from service.jobs import JobRunner
-from service.record import SweepCache, SweepStore
+from service.record import SweepStore
 from service.routes import catalog, health, sweeps
 from service.settings import Settings
 

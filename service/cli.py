@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import ValidationError
 
 from service.client import ApiError, Client
@@ -39,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ApiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach the service at {args.url}: {exc}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as exc:  # unreadable spec, refused bind, unreachable service
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from service.cache import SweepCache, SweepView
 from service.errors import BackendUnavailable, Conflict, TooManySweeps
 from service.jobs import JobRunner
 from service.record import (
@@ -19,10 +20,8 @@ from service.record import (
     TAG_IDEMPOTENCY,
     TAG_JOB_ATTEMPT,
     TAG_JOB_ID,
-    SweepCache,
     SweepRecord,
     SweepStore,
-    SweepView,
     spec_digest,
 )
 from service.schemas import ACTIVE

@@ -14,9 +14,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 
 from service.auth import require_token
+from service.cache import SweepView
 from service.control import SweepControl
 from service.errors import NotFound
-from service.record import SweepView
 from service.routes.deps import ControlDep, SettingsDep
 from service.schemas import ParetoFront, SweepLinks, SweepOut, SweepPage, SweepStatus, TrialOut
 from service.settings import Settings
