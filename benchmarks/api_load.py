@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,9 +123,12 @@ def report(samples: list[tuple[str, float, bool]], elapsed: float, clients: int)
 @contextlib.contextmanager
 def embedded_service(home: Path, ray_cpus: int) -> Iterator[str]:
     """Ray + MLflow (embedded) and ``l0sweep serve`` in its own process; yields the API URL."""
-    with EmbeddedStack(
-        Settings(home=home, ray_num_cpus=int(os.environ.get("BENCH_CPUS", "2")))
-    ) as ready:
+    ray_temp = tempfile.mkdtemp(prefix="l0load-ray-")  # short: Ray's Unix sockets live there
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, ray_temp, ignore_errors=True)
+        ready = cleanup.enter_context(
+            EmbeddedStack(Settings(home=home, ray_num_cpus=ray_cpus), ray_temp_dir=ray_temp)
+        )
         port = free_port()
         argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port),
                 "--ray-address", ready.ray_address, "--mlflow-uri", ready.tracking_uri]  # fmt: skip

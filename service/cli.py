@@ -124,6 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     with EmbeddedStack(settings) as ready:
         app = create_app(ready)
         api = f"http://{ready.host}:{ready.port}"

@@ -122,7 +122,11 @@ def _tool(name: str) -> str:
 
 
 def start_ray_head(
-    log_dir: Path, num_cpus: int | None = None, dashboard_port: int = 8265, timeout_s: float = 120
+    log_dir: Path,
+    num_cpus: int | None = None,
+    dashboard_port: int = 8265,
+    timeout_s: float = 120,
+    temp_dir: str | None = None,
 ) -> tuple[ManagedProcess, str]:
     """Start a local Ray head with its dashboard; returns it and the dashboard (jobs) URL.
 
@@ -130,7 +134,7 @@ def start_ray_head(
     clusters on the machine. Ray's session files go under a short /tmp directory (Unix socket
     paths are limited to about 100 characters).
     """
-    temp_dir = tempfile.mkdtemp(prefix="l0sweep-ray-")
+    temp_dir = temp_dir or tempfile.mkdtemp(prefix="l0sweep-ray-")
     dashboard = free_port(dashboard_port)
     argv = [
         _tool("ray"),
@@ -208,8 +212,9 @@ class EmbeddedStack:
     with ``ray_address`` and ``tracking_uri`` filled in, and stops the started processes on exit.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ray_temp_dir: str | None = None) -> None:
         self.settings = settings
+        self.ray_temp_dir = ray_temp_dir
         self.processes: list[ManagedProcess] = []
 
     def __enter__(self) -> Settings:
@@ -231,7 +236,9 @@ class EmbeddedStack:
             self.processes.append(process)
             update["tracking_uri"] = uri
         if not settings.ray_address:
-            process, url = start_ray_head(home / "logs", num_cpus=settings.ray_num_cpus)
+            process, url = start_ray_head(
+                home / "logs", num_cpus=settings.ray_num_cpus, temp_dir=self.ray_temp_dir
+            )
             self.processes.append(process)
             update["ray_address"] = url
         return settings.model_copy(update=update)

@@ -7,9 +7,11 @@ free loopback ports, in temporary directories; no mocks of either.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,11 +48,17 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # Ray's session files need a short path (Unix sockets); pytest's tmp paths are too long.
+    temp_dir = tempfile.mkdtemp(prefix="l0t-ray-")
     process, url = start_ray_head(
-        tmp_path_factory.mktemp("ray-logs"), num_cpus=2, dashboard_port=free_port()
+        tmp_path_factory.mktemp("ray-logs"),
+        num_cpus=2,
+        dashboard_port=free_port(),
+        temp_dir=temp_dir,
     )
     yield url
     process.stop()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,6 +26,7 @@ def test_serve_starts_and_stops_the_whole_stack(tmp_path) -> None:
     argv = [sys.executable, "-m", "service.cli", "serve", "--home", str(tmp_path),
             "--port", str(port), "--num-cpus", "1"]  # fmt: skip
     log = tmp_path / "serve.log"
+    ray_dirs = set(Path(tempfile.gettempdir()).glob("l0sweep-ray-*"))
     with open(log, "wb") as out:
         serve = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -55,3 +59,5 @@ def test_serve_starts_and_stops_the_whole_stack(tmp_path) -> None:
     finally:
         if serve.poll() is None:
             serve.kill()
+        for new in set(Path(tempfile.gettempdir()).glob("l0sweep-ray-*")) - ray_dirs:
+            shutil.rmtree(new, ignore_errors=True)
