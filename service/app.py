@@ -104,6 +104,9 @@ async def _background(control: SweepControl, settings: Settings) -> None:
                 last_reconcile = time.monotonic()
         except BackendUnavailable as exc:
             logger.warning("background refresh: %s", exc.message)
+        except Exception:
+            # A bug here must not stop the refreshes for the life of the process: log, go on.
+            logger.exception("background refresh failed")
         await asyncio.sleep(settings.refresh_interval_s)
 
 

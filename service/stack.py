@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 from ray._private.authentication.http_token_authentication import (
@@ -26,7 +27,7 @@ from ray._private.authentication.http_token_authentication import (
 )
 
 from service.jobs import enable_ray_token_auth
-from service.settings import Settings
+from service.settings import Settings, is_loopback
 
 __all__ = ["EmbeddedStack", "ManagedProcess", "free_port", "start_mlflow", "start_ray_head"]
 
@@ -232,6 +233,14 @@ class EmbeddedStack:
         home = settings.home.expanduser()
         update: dict[str, str] = {}
         if not settings.tracking_uri:
+            if settings.ray_address and not is_loopback(
+                urlsplit(settings.ray_address).hostname or ""
+            ):
+                logger.warning(
+                    "joining the Ray cluster at %s with an embedded MLflow on 127.0.0.1: trials on "
+                    "other nodes cannot reach it; pass --mlflow-uri with a server every node reaches",
+                    settings.ray_address,
+                )
             process, uri = start_mlflow(home / "mlflow")
             self.processes.append(process)
             update["tracking_uri"] = uri
