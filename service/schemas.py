@@ -12,6 +12,7 @@ __all__ = [
     "Health",
     "ParetoFront",
     "Progress",
+    "RegistryEntry",
     "SweepLinks",
     "SweepOut",
     "SweepPage",
@@ -93,6 +94,14 @@ class ParetoFront(BaseModel):
     hypervolume: float | None = Field(
         None, description="Volume the front dominates (origin reference)."
     )
+
+
+class RegistryEntry(BaseModel):
+    """A model or dataset a spec may name, with the JSON Schema of its ``params``."""
+
+    name: str
+    description: str = ""
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 class BackendHealth(BaseModel):

@@ -7,19 +7,20 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from service.auth import require_token
+from service.schemas import RegistryEntry
 from sweeps.registry import list_datasets, list_models
 from sweeps.spec import json_schema
 
 router = APIRouter(tags=["catalog"], dependencies=[Depends(require_token)])
 
 
-@router.get("/models")
+@router.get("/models", response_model=list[RegistryEntry])
 async def models() -> list[dict[str, Any]]:
     """The registered models, each with the JSON Schema of its parameters."""
     return list_models()
 
 
-@router.get("/datasets")
+@router.get("/datasets", response_model=list[RegistryEntry])
 async def datasets() -> list[dict[str, Any]]:
     """The registered datasets, each with the JSON Schema of its parameters."""
     return list_datasets()
