@@ -2,7 +2,7 @@
 
     l0sweep serve                      Ray + MLflow + API on this machine (Ctrl-C stops all)
     l0sweep submit SPEC [--wait]       POST a YAML/JSON spec; --wait shows live progress
-    l0sweep list | status ID | cancel ID | pareto ID
+    l0sweep list | status ID | cancel ID | pareto ID | logs ID
     l0sweep run SPEC                   a sweep in this process's Ray, no service
     l0sweep schema                     the JSON Schema of a spec
 
@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("sweep_id")
         cmd.set_defaults(func=func)
+
+    logs = sub.add_parser("logs", help="the last lines of a sweep driver's log")
+    logs.add_argument("sweep_id")
+    logs.add_argument("--tail", type=int, default=100)
+    logs.set_defaults(func=_logs)
 
     run = sub.add_parser("run", help="run a sweep locally, without the service")
     run.add_argument("spec", type=Path)
@@ -222,6 +227,12 @@ def _cancel(args: argparse.Namespace) -> int:
 def _pareto(args: argparse.Namespace) -> int:
     with _client(args) as api:
         _print_pareto(api.pareto(args.sweep_id))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    with _client(args) as api:
+        print(api.logs(args.sweep_id, tail=args.tail), end="")
     return 0
 
 

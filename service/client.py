@@ -82,6 +82,10 @@ class Client:
         response = self._send("GET", f"/sweeps/{sweep_id}/pareto", params={"format": "png"})
         return response.content
 
+    def logs(self, sweep_id: str, tail: int = 1000) -> str:
+        """The last ``tail`` lines of the sweep driver's log."""
+        return self._send("GET", f"/sweeps/{sweep_id}/logs", params={"tail": tail}).text
+
     def cancel(self, sweep_id: str) -> SweepOut:
         return SweepOut.model_validate(self._request("POST", f"/sweeps/{sweep_id}/cancel"))
 

@@ -160,6 +160,19 @@ class JobRunner:
 
         self._call(f"delete job {submission_id}", delete)
 
+    def logs(self, submission_id: str) -> str | None:
+        """The driver's log (stdout and stderr), or None when the cluster does not know the job."""
+
+        def logs(client: JobSubmissionClient) -> str | None:
+            try:
+                return client.get_job_logs(submission_id)
+            except RuntimeError as exc:
+                if "does not exist" in str(exc):
+                    return None
+                raise
+
+        return self._call(f"read the logs of job {submission_id}", logs)
+
     def dashboard_url(self, submission_id: str | None) -> str | None:
         if not submission_id or not self.address.startswith(("http://", "https://")):
             return None

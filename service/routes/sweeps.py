@@ -12,6 +12,7 @@ import weakref
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.responses import PlainTextResponse
 
 from service.auth import require_token
 from service.cache import SweepView
@@ -203,6 +204,29 @@ async def get_pareto(
         num_trials=len(eligible(view.trials, objectives, _COMPETING)),
         hypervolume=hypervolume(front, objectives) if front else None,
     )
+
+
+@router.get(
+    "/{sweep_id}/logs",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "The driver's log."},
+        404: {"description": "No such sweep, or its Ray job is gone."},
+        503: _ERRORS[503],
+    },
+)
+async def get_logs(
+    sweep_id: str,
+    control: ControlDep,
+    tail: Annotated[int, Query(ge=1, le=100_000, description="Last lines to return.")] = 1000,
+) -> PlainTextResponse:
+    """The last lines of the sweep driver's log, from its Ray job (for a sweep that FAILED)."""
+    view = await _view(control, sweep_id)
+    job_id = view.record.job_id
+    text = await asyncio.to_thread(control.jobs.logs, job_id) if job_id else None
+    if text is None:
+        raise NotFound(f"sweep {sweep_id} has no driver log on the cluster (job {job_id})")
+    return PlainTextResponse("\n".join(text.splitlines()[-tail:]) + "\n")
 
 
 @router.post(

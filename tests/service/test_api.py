@@ -85,6 +85,8 @@ def test_bad_specs_get_422_with_field_paths(api, mlflow_client, case, body, fiel
         ("get", f"/sweeps/{VALID_ID}/trials", {}, 404),
         ("get", f"/sweeps/{VALID_ID}/pareto", {}, 404),
         ("get", f"/sweeps/{VALID_ID}/pareto?format=svg", {}, 422),
+        ("get", f"/sweeps/{VALID_ID}/logs", {}, 404),
+        ("get", f"/sweeps/{VALID_ID}/logs?tail=0", {}, 422),
         ("post", f"/sweeps/{VALID_ID}/cancel", {}, 404),
         ("post", "/sweeps/../../etc/passwd/cancel", {}, 404),
         ("delete", f"/sweeps/{VALID_ID}", {}, 404),

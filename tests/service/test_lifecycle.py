@@ -68,6 +68,9 @@ def test_submit_follow_pareto_delete(make_api, mlflow_client) -> None:
         assert 1 <= len(front["front"]) <= 2 and front["num_trials"] == 2
         png = api.get(f"/sweeps/{sweep['id']}/pareto", params={"format": "png"})
         assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+        logs = api.get(f"/sweeps/{sweep['id']}/logs", params={"tail": 50})
+        assert logs.status_code == 200 and logs.headers["content-type"].startswith("text/plain")
+        assert "FINISHED" in logs.text
         listed = api.get("/sweeps", params={"status": "FINISHED", "name": "tiny"}).json()
         assert sweep["id"] in {s["id"] for s in listed["items"]}
         assert api.post(f"/sweeps/{sweep['id']}/cancel").status_code == 409
@@ -149,6 +152,8 @@ def test_api_restart_mid_sweep(ray_address, mlflow_uri, storage_path, tmp_path, 
         assert sweep_id in capsys.readouterr().out
         assert cli(["--url", server.url, "pareto", sweep_id]) == 0
         assert "val_accuracy (max)" in capsys.readouterr().out
+        assert cli(["--url", server.url, "logs", sweep_id, "--tail", "5"]) == 0
+        assert capsys.readouterr().out.strip()
         assert cli(["--url", server.url, "cancel", sweep_id]) == 1
         assert "409" in capsys.readouterr().err
     finally:
