@@ -40,7 +40,8 @@ class SparsityController(nn.Module):
     def forward(self, expected_sparsity: Tensor) -> Tensor:
         """The Lagrangian term; in training mode also one dual-ascent step on the multipliers."""
         gap = expected_sparsity - self.target
-        term = self.lambda1 * gap + self.lambda2 * gap * gap
+        # the multipliers are updated in place below: the term uses copies of their values
+        term = self.lambda1.clone() * gap + self.lambda2.clone() * gap * gap
         if self.training:
             with torch.no_grad():
                 g = gap.detach().to(self.lambda1.dtype)

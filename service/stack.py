@@ -122,6 +122,23 @@ def _tool(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+def ensure_ray_token() -> None:
+    """Create Ray's auth token (``ray get-auth-token --generate``) unless one is already there.
+
+    Ray reads ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; the CLI
+    generates the last only when none of them holds a token, so an existing token is kept.
+    """
+    done = subprocess.run(
+        [_tool("ray"), "get-auth-token", "--generate"],
+        capture_output=True,
+        text=True,
+        env={**_child_environ(), "RAY_AUTH_MODE": "token"},
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"could not create a Ray auth token: {done.stderr.strip()[-500:]}")
+
+
 def start_ray_head(
     log_dir: Path,
     num_cpus: int | None = None,
@@ -155,8 +172,11 @@ def start_ray_head(
     ]
     if num_cpus is not None:
         argv.append(f"--num-cpus={num_cpus}")
-    # Token authentication on unless the user chose otherwise: the head writes ~/.ray/auth_token.
+    # Token authentication on unless the user chose otherwise. `ray start` refuses to start a head
+    # in token mode without a token, so a fresh machine gets one first (~/.ray/auth_token).
     env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    if env["RAY_AUTH_MODE"] == "token":
+        ensure_ray_token()
     process = ManagedProcess("Ray head", argv, log_dir / "ray.log", env).start()
     url = f"http://127.0.0.1:{dashboard}"
     try:
