@@ -67,7 +67,7 @@ def test_l1_regularizer_interface_and_threshold_pruning():
     rows = {r["name"]: r for r in reg.summary()}
     assert rows["0.weight"]["gated"] and not rows["0.bias"]["gated"]
     assert reg.expected_flops() == pytest.approx(104 - small)
-    with pytest.raises(ValueError, match="threshold must be a finite number >= 0.0, got -1"):
+    with pytest.raises(ValueError, match=r"threshold must be a finite number >= 0\.0, got -1"):
         L1Regularizer(model, 0.5, threshold=-1)
 
 

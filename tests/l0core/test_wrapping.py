@@ -40,7 +40,7 @@ def test_lstm(granularity):
     assert {s.name for s in reg._wsites} == {
         f"{k}_l{i}" for k in ("weight_ih", "weight_hh") for i in (0, 1)
     }
-    out, (h, c) = _train_step(reg, torch.randn(3, 5, 6))
+    out, (h, _c) = _train_step(reg, torch.randn(3, 5, 6))
     assert out.shape == (3, 5, 8) and h.shape == (2, 3, 8)
     assert _grads_flow(reg)
     reg.eval()
