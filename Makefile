@@ -1,13 +1,16 @@
-# The README's two commands: `make demo` (the main job) and `make test`. Both set up .venv first.
+# The README's two commands: `make serve` (the main job) and `make test`. Both set up .venv first.
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint bench
+.PHONY: setup serve demo test lint bench
 
 setup:
 	@./scripts/setup.sh
 
+serve: setup
+	.venv/bin/l0sweep serve
+
 demo: setup
-	$(PY) -m l0core.demo
+	$(PY) -m sweeps.demo
 
 lint: setup
 	$(PY) -m ruff check .
