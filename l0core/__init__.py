@@ -7,13 +7,17 @@ Depends on torch only.
 from .baselines import L1Regularizer
 from .controller import SparsityController
 from .functional import HardConcrete, eval_gate, log_alpha_from_droprate, prob_nonzero, sample_gates
+from .magnitude import FixedMask, MagnitudePruner, cubic_sparsity
 from .regularizer import L0Regularizer
 
 __all__ = [
+    "FixedMask",
     "HardConcrete",
     "L0Regularizer",
     "L1Regularizer",
+    "MagnitudePruner",
     "SparsityController",
+    "cubic_sparsity",
     "eval_gate",
     "log_alpha_from_droprate",
     "prob_nonzero",
