@@ -1,6 +1,7 @@
-"""The sparsity method a trial trains with: l0core's L0 or L1 wrapper, or the dense model.
+"""The sparsity method a trial trains with: l0core's L0, L1 or magnitude-pruning wrapper, or the
+dense model.
 
-All three answer the same questions (``regularization``, ``count_l0``, ``expected_density``,
+All answer the same questions (``regularization``, ``count_l0``, ``expected_density``,
 ``sparsity``, ``expected_flops``, ``prune``, ``summary``, ``gate_parameters``), so the trial's
 training loop has no branch per method.
 """
@@ -14,10 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from l0core import L0Regularizer, L1Regularizer
+from l0core import L0Regularizer, L1Regularizer, MagnitudePruner
 from l0core.flops import COUNTED, layer_macs, record_shapes
 
 __all__ = ["Dense", "build_method", "is_structured"]
+
+_MASK_UPDATES = 50  # a gradual magnitude schedule updates its masks about this often
 
 
 class Dense(nn.Module):
@@ -76,7 +79,9 @@ def is_structured(reg: dict[str, Any]) -> bool:
     return reg["kind"] == "l0" and reg["granularity"] in ("output", "input")
 
 
-def build_method(model: nn.Module, reg: dict[str, Any], num_train: int) -> nn.Module:
+def build_method(
+    model: nn.Module, reg: dict[str, Any], num_train: int, total_steps: int | None = None
+) -> nn.Module:
     """Wrap ``model`` as the trial's regularizer section says.
 
     Args:
@@ -84,6 +89,11 @@ def build_method(model: nn.Module, reg: dict[str, Any], num_train: int) -> nn.Mo
         reg: a concrete ``RegularizerSpec`` dump (no search domains left).
         num_train: training examples; as in the L0 paper, the penalty is
             ``lam / num_train * count``, so one lam suits datasets of any size.
+        total_steps: optimizer steps before the fine-tuning epochs; magnitude pruning places
+            its schedule (``prune_begin``, ``prune_end``) in them.
+
+    Raises:
+        ValueError: magnitude pruning without ``total_steps``.
     """
     lam = reg["lam"] / num_train
     if reg["kind"] == "l0":
@@ -99,7 +109,18 @@ def build_method(model: nn.Module, reg: dict[str, Any], num_train: int) -> nn.Mo
             per_sample=reg["per_sample"],
             test_gate=reg["test_gate"],
             target_sparsity=reg["target_sparsity"],
+            init=reg["gate_init"],
         )
+    if reg["kind"] == "magnitude":
+        if total_steps is None:
+            raise ValueError("magnitude pruning needs total_steps to place its schedule")
+        begin = round(reg["prune_begin"] * total_steps)
+        end = max(begin, round(reg["prune_end"] * total_steps))
+        return MagnitudePruner(
+            model, reg["target_sparsity"], end, begin_step=begin,
+            frequency=max(1, (end - begin) // _MASK_UPDATES), scope=reg["prune_scope"],
+            include=reg["include"], exclude=reg["exclude"],
+        )  # fmt: skip
     if reg["kind"] == "l1":
         return L1Regularizer(
             model, lam, include=reg["include"], exclude=reg["exclude"],

@@ -38,6 +38,7 @@ __all__ = [
     "Choice",
     "DatasetSpec",
     "Grid",
+    "InitFromSweep",
     "LogUniform",
     "ModelSpec",
     "Objective",
@@ -169,10 +170,19 @@ def _domain_values(value: Any) -> list[Any] | None:
     return getattr(value, tag) if tag in ("grid", "choice") else None
 
 
-class RegularizerSpec(_Strict):
-    """Which sparsity method wraps the model, with the l0core options."""
+def _possible(value: Any) -> list[Any] | None:
+    """The values a field can take: itself, a grid's or choice's values; None for ranges."""
+    return _domain_values(value) if _is_domain(value) else [value]
 
-    kind: _searchable(Literal["l0", "l1", "none"]) = "l0"
+
+class RegularizerSpec(_Strict):
+    """Which sparsity method wraps the model, with the l0core options.
+
+    ``kind``: ``l0`` (hard-concrete gates), ``l1`` (penalty, then a threshold), ``magnitude``
+    (gradual magnitude pruning to ``target_sparsity``, Zhu & Gupta 2017) or ``none`` (dense).
+    """
+
+    kind: _searchable(Literal["l0", "l1", "magnitude", "none"]) = "l0"
     lam: _searchable(Annotated[float, Field(ge=0)], (Uniform, LogUniform)) = Field(
         default=0.1,
         description="Penalty weight; as in the L0 paper the penalty is lam * count / N_train.",
@@ -183,7 +193,28 @@ class RegularizerSpec(_Strict):
     per_sample: _searchable(bool) = False
     test_gate: _searchable(Literal["mean", "median"]) = "mean"
     target_sparsity: _searchable(Fraction | None, (Uniform,)) = Field(
-        default=None, description="Lagrangian controller target; None: fixed lambda."
+        default=None,
+        description="l0: the Lagrangian controller's target (None: fixed lambda); "
+        "magnitude: the sparsity to prune to (required).",
+    )
+    gate_init: _searchable(Literal["random", "magnitude"]) = Field(
+        default="random",
+        description="l0: initial gate logits; magnitude: the gates of the largest (pretrained) "
+        "weights start most open, for fine-tuning with train.init_from.",
+    )
+    prune_scope: _searchable(Literal["global", "layer"]) = Field(
+        default="global",
+        description="magnitude: rank all selected weights together, or prune each tensor alike.",
+    )
+    prune_begin: _searchable(Annotated[float, Field(ge=0, le=1)], (Uniform,)) = Field(
+        default=0.0,
+        description="magnitude: where pruning starts, as a fraction of the training steps "
+        "before the fine-tuning epochs.",
+    )
+    prune_end: _searchable(Annotated[float, Field(ge=0, le=1)], (Uniform,)) = Field(
+        default=0.5,
+        description="magnitude: where the target is reached (cubic schedule in between; equal "
+        "to prune_begin: one-shot).",
     )
     l2: _searchable(Annotated[float, Field(ge=0)], (Uniform, LogUniform)) = Field(
         default=0.0, description="Expected-L2 weight decay of the L0 paper (weight_decay)."
@@ -191,6 +222,37 @@ class RegularizerSpec(_Strict):
     l1_threshold: _searchable(Annotated[float, Field(gt=0)], (LogUniform,)) = 1e-3
     include: list[str] | None = Field(default=None, description="Glob patterns to gate.")
     exclude: list[str] | None = Field(default=None, description="Glob patterns not to gate.")
+
+    @model_validator(mode="after")
+    def _method_options(self) -> RegularizerSpec:
+        kinds, targets = _possible(self.kind), _possible(self.target_sparsity)
+        if "magnitude" in kinds and (targets is not None and None in targets):
+            raise ValueError(
+                "kind 'magnitude' needs target_sparsity, the sparsity to prune to (a number in "
+                f"(0, 1) or a search domain over such numbers), got {self.target_sparsity!r}"
+            )
+        begin, end = _possible(self.prune_begin), _possible(self.prune_end)
+        if begin is not None and end is not None and max(begin) > min(end):
+            raise ValueError(
+                f"prune_begin ({self.prune_begin}) must not be after prune_end ({self.prune_end})"
+            )
+        return self
+
+
+RunId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+
+
+class InitFromSweep(_Strict):
+    """Start from a trial of an earlier sweep: its finished trial with this trial's seed and the
+    best val_accuracy (the best of all if none has the seed)."""
+
+    sweep: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][\w.\- ]*$",
+        description="A sweep id, or a sweep name: the latest FINISHED sweep of that name in the "
+        "same experiment.",
+    )
 
 
 class TrainSpec(_Strict):
@@ -205,11 +267,28 @@ class TrainSpec(_Strict):
     )
     weight_decay: _searchable(Annotated[float, Field(ge=0)], (Uniform, LogUniform)) = 0.0
     momentum: _searchable(Annotated[float, Field(ge=0, lt=1)], (Uniform,)) = 0.9
-    init_from: str | None = Field(
+    init_from: RunId | InitFromSweep | None = Field(
         default=None,
-        pattern=r"^[0-9a-f]{32}$",
-        description="MLflow run id of a dense trial whose weights start this one (gates open).",
+        description="Weights to start from (then fine-tune with gates that start open): an "
+        "MLflow run id of a trial, or {sweep: <sweep id or name>}.",
     )
+    finetune_epochs: int = Field(
+        default=0,
+        ge=0,
+        description="The last epochs of train.epochs train the pruned model with its zeros "
+        "fixed (gates frozen at their eval values; no penalty).",
+    )
+    finetune_lr: _searchable(Annotated[float, Field(gt=0)] | None, (Uniform, LogUniform)) = Field(
+        default=None, description="Learning rate of the fine-tuning epochs; None: lr."
+    )
+
+    @model_validator(mode="after")
+    def _finetune_within_epochs(self) -> TrainSpec:
+        if self.finetune_epochs >= self.epochs:
+            raise ValueError(
+                f"finetune_epochs ({self.finetune_epochs}) must be below epochs ({self.epochs})"
+            )
+        return self
 
 
 def _registry_union(registry: Any, kind: str) -> Any:

@@ -247,6 +247,8 @@ def sweep_trials(run_id: str, tracking_uri: str | None = None) -> list[dict[str,
                 "pareto": tags.get("pareto") == "true",
                 "failure_reason": tags.get("l0sweep.failure_reason"),
                 "architecture": tags.get("l0sweep.architecture"),
+                "start_time": run.info.start_time,
+                "end_time": run.info.end_time,
             }
         )
     return sorted(trials, key=lambda t: t["trial_id"] or "")

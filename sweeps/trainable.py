@@ -20,6 +20,7 @@ from ray import tune
 from . import tracking
 from .space import concrete_config
 from .training import TrainResult, TrialDiverged, train
+from .warmstart import load_init_weights, resolve_init_run
 
 __all__ = ["SweepContext", "train_trial"]
 
@@ -52,12 +53,17 @@ def _load_checkpoint() -> dict[str, Any] | None:
         return torch.load(Path(d) / _STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def _init_weights(run_id: str | None, tracking_uri: str | None) -> dict[str, torch.Tensor] | None:
-    if run_id is None:
+def _init_weights(
+    cfg: dict[str, Any], run_id: str, context: SweepContext
+) -> dict[str, torch.Tensor] | None:
+    """The starting weights ``train.init_from`` names; the source run is tagged on the trial."""
+    source = resolve_init_run(
+        cfg["train"]["init_from"], cfg["seed"], context.sweep_id, context.tracking_uri
+    )
+    if source is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = tracking.client(tracking_uri).download_artifacts(run_id, "model/state_dict.pt", tmp)
-        return torch.load(path, map_location="cpu", weights_only=True)
+    tracking.client(context.tracking_uri).set_tag(run_id, "l0sweep.init_from_run", source)
+    return load_init_weights(source, context.tracking_uri)
 
 
 def _log_artifacts(run_id: str, result: TrainResult, tracking_uri: str | None) -> None:
@@ -95,7 +101,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         _report(metrics, {**get_state(), "run_id": run_id})
 
     try:
-        init = _init_weights(cfg["train"]["init_from"], context.tracking_uri)
+        init = _init_weights(cfg, run_id, context)
         result = train(cfg, _device(), on_epoch, state, init)
         tracking.log_epoch(
             run_id, result.metrics, int(result.metrics["epoch"]), context.tracking_uri

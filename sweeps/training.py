@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from l0core import FixedMask
+
 from .data import DataSplits, load_dataset
 from .methods import build_method, is_structured
 from .registry import MODELS
@@ -77,14 +79,22 @@ def architecture(model: nn.Module) -> str:
     return "-".join(widths)
 
 
-def _optimizer(method: nn.Module, train: dict[str, Any]) -> torch.optim.Optimizer:
+def _optimizer(
+    method: nn.Module, train: dict[str, Any], finetuning: bool = False
+) -> torch.optim.Optimizer:
+    lr = (train["finetune_lr"] or train["lr"]) if finetuning else train["lr"]
     groups = [{"params": list(method.weight_parameters()), "weight_decay": train["weight_decay"]}]
     gates = list(method.gate_parameters())
     if gates:  # gate logits get their own lr and no weight decay
-        groups.append({"params": gates, "lr": train["gate_lr"] or train["lr"], "weight_decay": 0})
+        groups.append({"params": gates, "lr": train["gate_lr"] or lr, "weight_decay": 0})
     if train["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=train["lr"], momentum=train["momentum"])
-    return torch.optim.Adam(groups, lr=train["lr"])
+        return torch.optim.SGD(groups, lr=lr, momentum=train["momentum"])
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def _fixed_zeros(method: nn.Module, reg: dict[str, Any]) -> FixedMask:
+    """The fine-tuning phase's model: the method's pruned copy, its zeros kept at zero."""
+    return FixedMask(method.prune(), include=reg["include"], exclude=reg["exclude"])
 
 
 @torch.no_grad()
@@ -125,6 +135,10 @@ def train(
         state: a checkpoint state from an earlier run of this trial, to resume from.
         init_weights: a dense state dict to start from (gates then start from droprate_init).
 
+    The last ``train.finetune_epochs`` epochs train the method's pruned model with its zeros
+    fixed (:class:`l0core.FixedMask`, a fresh optimizer at ``finetune_lr``): gates frozen at
+    their eval values, thresholds and masks applied, no penalty.
+
     Raises:
         TrialDiverged: the loss became NaN or infinite.
     """
@@ -136,10 +150,19 @@ def train(
     )
     model = build_model(cfg, data)
     if init_weights is not None:
-        model.load_state_dict(init_weights)
+        try:
+            model.load_state_dict(init_weights)
+        except RuntimeError as err:
+            raise ValueError(f"train.init_from: the weights do not fit this model: {err}") from err
     x_train, y_train = data.train
-    method = build_method(model, cfg["regularizer"], len(x_train)).to(device)
-    opt = _optimizer(method, cfg["train"])
+    batch, epochs = cfg["train"]["batch_size"], cfg["train"]["epochs"]
+    sparse_epochs = epochs - cfg["train"]["finetune_epochs"]  # then the fine-tuning phase
+    steps = math.ceil(len(x_train) / batch) * sparse_epochs
+    method = build_method(model, cfg["regularizer"], len(x_train), steps).to(device)
+    finetuning = state is not None and state["epoch"] >= sparse_epochs
+    if finetuning:
+        method = _fixed_zeros(method, cfg["regularizer"]).to(device)
+    opt = _optimizer(method, cfg["train"], finetuning)
     start = 0
     if state is not None:
         method.load_state_dict(state["method"])
@@ -147,9 +170,11 @@ def train(
         torch.set_rng_state(state["rng"])
         start = state["epoch"]
     total_params = sum(p.numel() for p in model.parameters())
-    batch = cfg["train"]["batch_size"]
     metrics: dict[str, float] = {}
-    for epoch in range(start + 1, cfg["train"]["epochs"] + 1):
+    for epoch in range(start + 1, epochs + 1):
+        if epoch > sparse_epochs and not finetuning:
+            method = _fixed_zeros(method, cfg["regularizer"]).to(device)
+            opt, finetuning = _optimizer(method, cfg["train"], finetuning=True), True
         t0 = time.perf_counter()
         method.train()
         order = torch.randperm(
@@ -178,10 +203,10 @@ def train(
         metrics.update(
             train_loss=train_loss, val_loss=val_loss, val_accuracy=val_acc, epoch_seconds=seconds
         )
-        if epoch == cfg["train"]["epochs"]:
+        if epoch == epochs:
             break  # the caller reports the last epoch with the test metrics
         if on_epoch is not None:
-            on_epoch(metrics, lambda e=epoch: _state(method, opt, e))
+            on_epoch(metrics, lambda m=method, o=opt, e=epoch: _state(m, o, e))
     pruned = method.prune()
     shrunk = method.prune(shrink=True) if is_structured(cfg["regularizer"]) else None
     final_model = shrunk if shrunk is not None else pruned
@@ -193,7 +218,7 @@ def train(
         shrunk.cpu() if shrunk is not None else None,
         architecture(final_model),
         method.summary(),
-        _state(method, opt, cfg["train"]["epochs"]),
+        _state(method, opt, epochs),
     )
 
 

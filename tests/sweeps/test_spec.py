@@ -107,3 +107,52 @@ def test_examples_validate():
     assert len(files) >= 3
     for path in files:
         assert SweepSpec.from_file(path).num_trials() >= 1, path
+
+
+def test_magnitude_needs_a_target_sparsity_it_can_search():
+    spec = SweepSpec.model_validate(
+        tiny_spec(regularizer={"kind": "magnitude", "target_sparsity": {"grid": [0.5, 0.9]}})
+    )
+    assert spec.num_trials() == 2
+    assert spec.regularizer.prune_scope == "global" and spec.regularizer.prune_end == 0.5
+    errors = _errors(tiny_spec(regularizer={"kind": "magnitude"}))
+    assert "kind 'magnitude' needs target_sparsity" in errors["regularizer"]
+    errors = _errors(
+        tiny_spec(
+            regularizer={
+                "kind": {"grid": ["l0", "magnitude"]},
+                "target_sparsity": {"choice": [None, 0.9]},
+            }
+        )
+    )
+    assert "needs target_sparsity" in errors["regularizer"]
+    errors = _errors(
+        tiny_spec(
+            regularizer={"kind": "magnitude", "target_sparsity": 0.9, "prune_scope": "row",
+                         "prune_begin": 0.6, "prune_end": 0.4}
+        )
+    )  # fmt: skip
+    assert "'global' or 'layer'" in errors["regularizer.prune_scope.value"]
+
+
+def test_prune_window_is_ordered():
+    errors = _errors(
+        tiny_spec(
+            regularizer={"kind": "magnitude", "target_sparsity": 0.9,
+                         "prune_begin": 0.6, "prune_end": {"grid": [0.4, 0.8]}}
+        )
+    )  # fmt: skip
+    assert "prune_begin (0.6) must not be after prune_end" in errors["regularizer"]
+
+
+def test_init_from_takes_a_run_id_or_a_sweep_and_finetune_fits_in_the_epochs():
+    run = "0123456789abcdef0123456789abcdef"
+    assert SweepSpec.model_validate(tiny_spec(train={"init_from": run})).train.init_from == run
+    by_name = SweepSpec.model_validate(tiny_spec(train={"init_from": {"sweep": "fashion-dense"}}))
+    assert by_name.train.init_from.sweep == "fashion-dense"
+    errors = _errors(tiny_spec(train={"init_from": "not-a-run-id"}))
+    assert any(k.startswith("train.init_from") for k in errors)
+    errors = _errors(tiny_spec(train={"init_from": {"sweep": "x' or '1'='1"}}))
+    assert any(k.startswith("train.init_from") for k in errors)
+    errors = _errors(tiny_spec(train={"epochs": 3, "finetune_epochs": 3}))
+    assert "finetune_epochs (3) must be below epochs (3)" in errors["train"]
