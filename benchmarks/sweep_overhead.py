@@ -3,14 +3,16 @@
 Runs the same N short trials (Fashion-MNIST MLP, about 10-20 s each) twice: through
 ``sweeps.driver.run_sweep`` (Ray Tune, per-epoch checkpoints, MLflow child runs, artifacts, Pareto
 report) and through a process pool of the same width calling the same ``sweeps.training.train``.
-Prints both wall times and their ratio (target <= 1.10). Ray's own start-up is not counted.
+Rounds alternate the two paths so that machine noise hits both alike; prints each round's wall
+times and ratio and the median ratio (target <= 1.10). Ray's own start-up is not counted.
 
-    .venv/bin/python benchmarks/sweep_overhead.py [--trials 4] [--parallel 2] [--epochs 3]
+    .venv/bin/python benchmarks/sweep_overhead.py [--trials 4] [--parallel 2] [--epochs 10] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from multiprocessing import get_context
@@ -58,30 +60,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--limit", type=int, default=20000, help="training images used")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="plain/Ray pairs, interleaved against machine noise"
+    )
     args = parser.parse_args()
     spec = _spec(args.trials, args.parallel, args.epochs, args.limit)
 
-    t0 = time.perf_counter()
-    with get_context("spawn").Pool(args.parallel) as pool:
-        accs = pool.map(_plain, _configs(spec), chunksize=1)
-    plain = time.perf_counter() - t0
-
     ray.init(num_cpus=args.parallel, include_dashboard=False, log_to_driver=False)
-    with tempfile.TemporaryDirectory() as tmp:
+    rows = []
+    for _ in range(args.rounds):
         t0 = time.perf_counter()
-        result = run_sweep(spec, f"sqlite:///{Path(tmp) / 'mlflow.db'}", Path(tmp) / "ray")
-        tuned = time.perf_counter() - t0
+        with get_context("spawn").Pool(args.parallel) as pool:
+            accs = pool.map(_plain, _configs(spec), chunksize=1)
+        plain = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            result = run_sweep(spec, f"sqlite:///{Path(tmp) / 'mlflow.db'}", Path(tmp) / "ray")
+            tuned = time.perf_counter() - t0
+        rows.append((plain, tuned, min(accs), max(accs), result.status))
     ray.shutdown()
-    per_trial = plain * args.parallel / args.trials
+    per_trial = statistics.median(r[0] for r in rows) * args.parallel / args.trials
     print(f"trials={args.trials} parallel={args.parallel} epochs={args.epochs} "
-          f"(~{per_trial:.1f} s per trial)")  # fmt: skip
-    print(
-        f"plain loop (process pool): {plain:7.2f} s   val_accuracy {min(accs):.3f}..{max(accs):.3f}"
-    )
-    print(f"ray tune + mlflow        : {tuned:7.2f} s   status {result.status}")
-    print(f"ratio                    : {tuned / plain:7.3f}   (target <= 1.10)")
+          f"(~{per_trial:.1f} s per trial)\n")  # fmt: skip
+    print("| round | plain loop (s) | Ray Tune + MLflow (s) | ratio | val_accuracy | status |")
+    print("|---:|---:|---:|---:|---|---|")
+    for i, (plain, tuned, lo, hi, status) in enumerate(rows, 1):
+        print(
+            f"| {i} | {plain:.2f} | {tuned:.2f} | {tuned / plain:.3f} | {lo:.3f}..{hi:.3f} | {status} |"
+        )
+    ratio = statistics.median(t / p for p, t, *_ in rows)
+    print(f"\nmedian ratio {ratio:.3f} (target <= 1.10)")
 
 
 if __name__ == "__main__":
