@@ -4,6 +4,7 @@
     l0sweep submit SPEC [--wait]       POST a YAML/JSON spec; --wait shows live progress
     l0sweep list | status ID | cancel ID | pareto ID | logs ID
     l0sweep run SPEC                   a sweep in this process's Ray, no service
+    l0sweep report ID [ID ...]         Markdown tables and plots of sweeps, from MLflow
     l0sweep schema                     the JSON Schema of a spec
 
 The service URL comes from ``--url`` or ``L0SWEEP_URL``, the token from ``L0SWEEP_TOKEN`` (never
@@ -16,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,6 +102,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--storage-path", help="Tune storage path")
     run.set_defaults(func=_run)
 
+    report = sub.add_parser(
+        "report", help="write Markdown tables and PNG plots comparing sweeps, from MLflow"
+    )
+    report.add_argument("sweep_ids", nargs="+", metavar="SWEEP_ID", help="one or more sweeps")
+    report.add_argument(
+        "--out", type=Path, help="output directory (default: ./report-<first sweep id>)"
+    )
+    report.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the service's MLflow)",
+    )
+    report.set_defaults(func=_report)
+
     schema = sub.add_parser("schema", help="print the JSON Schema of a sweep spec")
     schema.set_defaults(func=_schema)
     return parser
@@ -107,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _client(args: argparse.Namespace) -> Client:
     return Client(args.url, token=os.environ.get("L0SWEEP_TOKEN") or None)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -130,6 +149,9 @@ def _serve(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal: without a handler of
+    # ours the default one would end the process before the stack stops Ray and MLflow.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with EmbeddedStack(settings) as ready:
         app = create_app(ready)
         api = f"http://{ready.host}:{ready.port}"
@@ -265,6 +287,22 @@ def _run(args: argparse.Namespace) -> int:
         )
     )
     return 0 if result.status == "FINISHED" else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from sweeps.config import get_settings
+    from sweeps.results_report import write_report
+
+    uri = args.tracking_uri or get_settings().tracking_uri
+    if uri is None:  # the MLflow server the service records into
+        with _client(args) as api:
+            uri = api.health().mlflow.url
+    if uri is None:
+        raise ValueError("no MLflow tracking URI: give --tracking-uri or set MLFLOW_TRACKING_URI")
+    out = args.out or Path(f"report-{args.sweep_ids[0]}")
+    path = write_report(args.sweep_ids, out, uri)
+    print(f"wrote {path} and {len(list(out.glob('*.png')))} plots (from MLflow at {uri})")
+    return 0
 
 
 def _trial_out(trial: dict[str, Any]) -> TrialOut:

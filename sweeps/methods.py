@@ -79,8 +79,18 @@ def is_structured(reg: dict[str, Any]) -> bool:
     return reg["kind"] == "l0" and reg["granularity"] in ("output", "input")
 
 
+def _gate_init(choice: str, pretrained: bool) -> str:
+    if choice == "auto":
+        return "magnitude" if pretrained else "random"
+    return choice
+
+
 def build_method(
-    model: nn.Module, reg: dict[str, Any], num_train: int, total_steps: int | None = None
+    model: nn.Module,
+    reg: dict[str, Any],
+    num_train: int,
+    total_steps: int | None = None,
+    pretrained: bool = False,
 ) -> nn.Module:
     """Wrap ``model`` as the trial's regularizer section says.
 
@@ -91,6 +101,8 @@ def build_method(
             ``lam / num_train * count``, so one lam suits datasets of any size.
         total_steps: optimizer steps before the fine-tuning epochs; magnitude pruning places
             its schedule (``prune_begin``, ``prune_end``) in them.
+        pretrained: the model holds trained weights (``train.init_from``): ``gate_init: auto``
+            then opens the gates of the largest weights most.
 
     Raises:
         ValueError: magnitude pruning without ``total_steps``.
@@ -109,7 +121,8 @@ def build_method(
             per_sample=reg["per_sample"],
             test_gate=reg["test_gate"],
             target_sparsity=reg["target_sparsity"],
-            init=reg["gate_init"],
+            dual_lr=reg["dual_lr"],
+            init=_gate_init(reg["gate_init"], pretrained),
         )
     if reg["kind"] == "magnitude":
         if total_steps is None:

@@ -13,7 +13,8 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
-from .spec import SweepSpec, _domain_tag, _is_domain
+from .domains import _domain_tag, _is_domain
+from .spec import SweepSpec
 
 __all__ = ["TRIAL_SECTIONS", "concrete_config", "param_space", "scheduler", "search_algorithm"]
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Generic, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     PositiveInt,
@@ -29,6 +27,20 @@ from pydantic import (
 )
 
 from .config import get_settings
+from .domains import (
+    DOMAIN_KINDS,
+    Choice,
+    Fraction,
+    Grid,
+    LogUniform,
+    RandInt,
+    SearchInt,
+    Uniform,
+    _is_domain,
+    _possible,
+    _searchable,
+    _Strict,
+)
 from .registry import DATASETS, MODELS
 
 __all__ = [
@@ -74,106 +86,6 @@ FINAL_METRICS = {
     "shrunk_params": "parameters of the shrunk model (structured gates)",
 }
 
-T = TypeVar("T")
-DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Grid(_Strict, Generic[T]):
-    """Every value, each in its own trial (a grid dimension)."""
-
-    grid: list[T] = Field(min_length=1)
-
-
-class Choice(_Strict, Generic[T]):
-    """One value drawn uniformly per sample."""
-
-    choice: list[T] = Field(min_length=1)
-
-
-class _Range(_Strict, Generic[T]):
-    def _bounds(self) -> tuple[Any, Any]:
-        return getattr(self, self._kind)  # type: ignore[attr-defined]
-
-    @model_validator(mode="after")
-    def _ordered(self) -> _Range[T]:
-        low, high = self._bounds()
-        if not low < high:
-            raise ValueError(f"{self._kind}: low must be below high, got [{low}, {high}]")  # type: ignore[attr-defined]
-        return self
-
-
-class Uniform(_Range[T], Generic[T]):
-    _kind = "uniform"
-    uniform: tuple[T, T]
-
-
-class LogUniform(_Range[T], Generic[T]):
-    _kind = "loguniform"
-    loguniform: tuple[T, T]
-
-    @model_validator(mode="after")
-    def _positive(self) -> LogUniform[T]:
-        if self.loguniform[0] <= 0:  # type: ignore[operator]
-            raise ValueError(f"loguniform: low must be > 0, got {self.loguniform[0]}")
-        return self
-
-
-class RandInt(_Range[T], Generic[T]):
-    _kind = "randint"
-    randint: tuple[T, T]
-
-
-def _domain_tag(value: Any) -> str | None:
-    if isinstance(value, dict):
-        keys = list(value)
-        return keys[0] if len(keys) == 1 and keys[0] in DOMAIN_KINDS else None
-    if isinstance(value, BaseModel) and type(value).__name__.startswith(
-        ("Grid", "Choice", "Uniform", "LogUniform", "RandInt")
-    ):
-        return next(iter(type(value).model_fields))
-    return "value"
-
-
-def _searchable(tp: Any, ranges: tuple[type, ...] = ()) -> Any:
-    members = [
-        Annotated[tp, Tag("value")],
-        Annotated[Grid[tp], Tag("grid")],
-        Annotated[Choice[tp], Tag("choice")],
-    ] + [Annotated[r[tp], Tag(r.model_fields.__iter__().__next__())] for r in ranges]
-    return Annotated[
-        Union[tuple(members)],  # noqa: UP007 (a runtime-built union)
-        Discriminator(
-            _domain_tag,
-            custom_error_type="search_domain",
-            custom_error_message="expected a value or one of {grid, choice, uniform, loguniform, randint}",
-        ),
-    ]
-
-
-SearchFloat = _searchable(float, (Uniform, LogUniform))
-SearchInt = _searchable(PositiveInt, (RandInt,))
-Fraction = Annotated[float, Field(gt=0, lt=1)]
-_Domain = (Grid, Choice, Uniform, LogUniform, RandInt)
-
-
-def _is_domain(value: Any) -> bool:
-    return _domain_tag(value) not in (None, "value")
-
-
-def _domain_values(value: Any) -> list[Any] | None:
-    """The finite values of a grid/choice domain; None for ranges."""
-    tag = _domain_tag(value)
-    return getattr(value, tag) if tag in ("grid", "choice") else None
-
-
-def _possible(value: Any) -> list[Any] | None:
-    """The values a field can take: itself, a grid's or choice's values; None for ranges."""
-    return _domain_values(value) if _is_domain(value) else [value]
-
 
 class RegularizerSpec(_Strict):
     """Which sparsity method wraps the model, with the l0core options.
@@ -197,10 +109,15 @@ class RegularizerSpec(_Strict):
         description="l0: the Lagrangian controller's target (None: fixed lambda); "
         "magnitude: the sparsity to prune to (required).",
     )
-    gate_init: _searchable(Literal["random", "magnitude"]) = Field(
-        default="random",
+    dual_lr: _searchable(Annotated[float, Field(gt=0)], (Uniform, LogUniform)) = Field(
+        default=0.5,
+        description="l0 with target_sparsity: the multipliers' dual-ascent step (larger: the "
+        "target is reached sooner).",
+    )
+    gate_init: _searchable(Literal["auto", "random", "magnitude"]) = Field(
+        default="auto",
         description="l0: initial gate logits; magnitude: the gates of the largest (pretrained) "
-        "weights start most open, for fine-tuning with train.init_from.",
+        "weights start most open; auto: magnitude when train.init_from is set, else random.",
     )
     prune_scope: _searchable(Literal["global", "layer"]) = Field(
         default="global",

@@ -158,7 +158,9 @@ def train(
     batch, epochs = cfg["train"]["batch_size"], cfg["train"]["epochs"]
     sparse_epochs = epochs - cfg["train"]["finetune_epochs"]  # then the fine-tuning phase
     steps = math.ceil(len(x_train) / batch) * sparse_epochs
-    method = build_method(model, cfg["regularizer"], len(x_train), steps).to(device)
+    method = build_method(
+        model, cfg["regularizer"], len(x_train), steps, pretrained=init_weights is not None
+    ).to(device)
     finetuning = state is not None and state["epoch"] >= sparse_epochs
     if finetuning:
         method = _fixed_zeros(method, cfg["regularizer"]).to(device)

@@ -156,3 +156,31 @@ def test_init_from_takes_a_run_id_or_a_sweep_and_finetune_fits_in_the_epochs():
     assert any(k.startswith("train.init_from") for k in errors)
     errors = _errors(tiny_spec(train={"epochs": 3, "finetune_epochs": 3}))
     assert "finetune_epochs (3) must be below epochs (3)" in errors["train"]
+
+
+def test_benchmark_specs_are_two_stage_sets_with_two_seeds():
+    from pathlib import Path
+
+    root = Path(__file__).parents[2] / "benchmarks" / "specs"
+    benches = sorted(d for d in root.iterdir() if d.is_dir())
+    assert {d.name for d in benches} >= {"digits", "fashion-mlp", "fashion-lenet5"}
+    for bench in benches:
+        specs = {p.stem: SweepSpec.from_file(p) for p in sorted(bench.glob("*.yaml"))}
+        dense = specs.pop("dense")
+        assert dense.regularizer.kind == "none" and dense.train.init_from is None, bench
+        kinds = {(s.regularizer.kind, s.regularizer.granularity) for s in specs.values()}
+        assert kinds >= {("l0", "weight"), ("l0", "output"), ("l1", "weight"),
+                         ("magnitude", "weight")}, bench  # fmt: skip
+        for name, spec in specs.items():
+            where = f"{bench.name}/{name}"
+            assert spec.train.init_from.sweep == dense.name, where
+            assert (spec.experiment, spec.model, spec.dataset) == (
+                dense.experiment,
+                dense.model,
+                dense.dataset,
+            ), where
+            assert len(spec.search.seeds) >= 2 and spec.train.epochs <= 20, where
+        targets = specs["l0-target"].regularizer.target_sparsity.grid
+        assert {0.5, 0.8, 0.9, 0.95} <= set(targets), bench
+        matched = set(specs["magnitude"].regularizer.target_sparsity.grid)
+        assert set(targets) <= matched, bench  # magnitude at the L0 targets

@@ -1,0 +1,215 @@
+"""A comparison of sparsity methods across one or more sweeps, read from MLflow.
+
+Trials are grouped by method (:func:`method_label`: kind, granularity, target-sparsity control,
+pruning scope, whether they start from a dense run), and each configuration is averaged over its
+seeds. A method's Pareto front is chosen on validation (mean sparsity and mean val_accuracy, both
+maximised); its test accuracy is reported, as mean and standard deviation over the seeds. Pure
+functions over the plain trial dicts of :func:`sweeps.tracking.sweep_trials`; the MLflow reads are
+in :func:`collect`. :mod:`sweeps.results_report` writes the Markdown and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import tracking
+from .pareto import pareto_front
+
+__all__ = [
+    "MEAN_METRICS",
+    "Point",
+    "ReportData",
+    "SweepInfo",
+    "aggregate",
+    "best_within",
+    "collect",
+    "dense_reference",
+    "method_front",
+    "method_label",
+]
+
+MEAN_METRICS = ("sparsity", "val_accuracy", "test_accuracy", "nonzero_params", "total_params",
+                "shrunk_params", "expected_flops")  # fmt: skip
+_IGNORED = {"seed"}  # config keys that only tell seeds apart
+
+
+@dataclass
+class Point:
+    """One configuration of one method, over its seeds."""
+
+    method: str
+    config: dict[str, str]
+    metrics: dict[str, float]
+    test_std: float
+    run_ids: list[str]
+    seeds: list[str]
+    architectures: list[str]
+    trial_seconds: float
+    experiment_id: str = ""
+
+    def as_trial(self) -> dict[str, Any]:
+        """The shape :func:`sweeps.pareto.pareto_front` reads."""
+        return {"metrics": self.metrics, "status": "FINISHED", "point": self}
+
+
+@dataclass
+class SweepInfo:
+    """A sweep's parent run: what the report says about it."""
+
+    sweep_id: str
+    name: str
+    status: str
+    experiment_id: str
+    start_ms: int | None
+    end_ms: int | None
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float | None:
+        if self.start_ms is None or self.end_ms is None:
+            return None
+        return (self.end_ms - self.start_ms) / 1000
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows, as read from MLflow."""
+
+    tracking_uri: str | None
+    sweeps: list[SweepInfo]
+
+    def trials(self) -> list[dict[str, Any]]:
+        return [{**t, "experiment_id": s.experiment_id} for s in self.sweeps for t in s.trials]
+
+
+def _value(config: dict[str, str], key: str) -> Any:
+    raw = config.get(key)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw  # strings are logged bare
+
+
+def method_label(config: dict[str, str]) -> str:
+    """A trial's method from its logged params, e.g. ``L0 output + target, from dense``."""
+    kind = _value(config, "regularizer.kind")
+    if kind == "none":
+        return "dense"
+    if kind == "l0":
+        label = f"L0 {_value(config, 'regularizer.granularity')}"
+        if _value(config, "regularizer.target_sparsity") is not None:
+            label += " + target"
+    elif kind == "l1":
+        label = "L1 + threshold"
+    elif kind == "magnitude":
+        one_shot = _value(config, "regularizer.prune_begin") == _value(
+            config, "regularizer.prune_end"
+        )
+        label = f"magnitude {'one-shot' if one_shot else 'gradual'} ({_value(config, 'regularizer.prune_scope')})"
+    else:
+        label = str(kind)
+    fine_tuned = _value(config, "train.init_from") is not None or any(
+        k.startswith("train.init_from.") for k in config
+    )
+    return label + (", from dense" if fine_tuned else "")
+
+
+def _seconds(trial: dict[str, Any]) -> float:
+    start, end = trial.get("start_time"), trial.get("end_time")
+    return (end - start) / 1000 if start is not None and end is not None else 0.0
+
+
+def aggregate(trials: list[dict[str, Any]]) -> list[Point]:
+    """Finished trials with a test accuracy, one :class:`Point` per method and configuration."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for t in trials:
+        if t.get("status") != "FINISHED" or "test_accuracy" not in t.get("metrics", {}):
+            continue
+        config = {k: v for k, v in t["config"].items() if k not in _IGNORED}
+        groups.setdefault(json.dumps(config, sort_keys=True), []).append(t)
+    points = []
+    for key, members in groups.items():
+        metrics = {
+            m: statistics.fmean(t["metrics"][m] for t in members)
+            for m in MEAN_METRICS
+            if all(m in t["metrics"] for t in members)
+        }
+        tests = [t["metrics"]["test_accuracy"] for t in members]
+        points.append(
+            Point(
+                method=method_label(json.loads(key)),
+                config=json.loads(key),
+                metrics=metrics,
+                test_std=statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                run_ids=[t["run_id"] for t in members],
+                seeds=[str(t["config"].get("seed", "")) for t in members],
+                architectures=sorted({t.get("architecture") or "" for t in members} - {""}),
+                trial_seconds=sum(_seconds(t) for t in members),
+                experiment_id=members[0].get("experiment_id", ""),
+            )
+        )
+    return sorted(points, key=lambda p: (p.method, p.metrics.get("sparsity", 0.0)))
+
+
+def method_front(points: list[Point]) -> list[Point]:
+    """The non-dominated points on (mean sparsity, mean val_accuracy), by rising sparsity."""
+    objectives = [("sparsity", "max"), ("val_accuracy", "max")]
+    front = [t["point"] for t in pareto_front([p.as_trial() for p in points], objectives)]
+    return sorted(front, key=lambda p: p.metrics["sparsity"])
+
+
+def dense_reference(points: list[Point]) -> Point | None:
+    """The dense configuration with the best mean val_accuracy (None without dense trials)."""
+    dense = [p for p in points if p.method == "dense" and "val_accuracy" in p.metrics]
+    return max(dense, key=lambda p: p.metrics["val_accuracy"], default=None)
+
+
+def best_within(points: list[Point], dense: Point, points_below: float = 0.01) -> Point | None:
+    """The sparsest point whose mean val_accuracy is within ``points_below`` of the dense one."""
+    floor = dense.metrics["val_accuracy"] - points_below
+    ok = [p for p in points if p.metrics.get("val_accuracy", -1.0) >= floor]
+    return max(ok, key=lambda p: (p.metrics.get("sparsity", 0.0), p.metrics["val_accuracy"]),
+               default=None)  # fmt: skip
+
+
+def varying_keys(points: list[Point]) -> list[str]:
+    """The config keys whose values differ between the points (what a table should show)."""
+    keys = sorted({k for p in points for k in p.config})
+    return [k for k in keys if len({p.config.get(k) for p in points}) > 1]
+
+
+def collect(sweep_ids: list[str], tracking_uri: str | None = None) -> ReportData:
+    """Read the sweeps' parent runs and trials from MLflow.
+
+    Raises:
+        ValueError: a run id is not an l0sweep sweep.
+    """
+    from mlflow.exceptions import MlflowException
+
+    c = tracking.client(tracking_uri)
+    sweeps = []
+    for sweep_id in sweep_ids:
+        try:
+            run = c.get_run(sweep_id)
+        except MlflowException as err:
+            raise ValueError(f"no sweep {sweep_id!r} in MLflow: {err.message}") from err
+        tags = run.data.tags
+        if tags.get("l0sweep.kind") != "sweep":
+            raise ValueError(f"run {sweep_id} is not an l0sweep sweep (no l0sweep.kind=sweep tag)")
+        sweeps.append(
+            SweepInfo(
+                sweep_id=sweep_id,
+                name=tags.get("l0sweep.name", run.info.run_name or sweep_id),
+                status=tags.get("l0sweep.status", "PENDING"),
+                experiment_id=run.info.experiment_id,
+                start_ms=run.info.start_time,
+                end_ms=run.info.end_time,
+                trials=tracking.sweep_trials(sweep_id, tracking_uri),
+            )
+        )
+    return ReportData(tracking_uri, sweeps)

@@ -1,0 +1,118 @@
+"""The quick digits benchmark at toy scale through the service (real Ray head, MLflow server and
+`l0sweep serve`), then `l0sweep report`: its tables and plots must come from MLflow."""
+
+from __future__ import annotations
+
+import copy
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from service.cli import main as cli
+from service.client import Client
+from tests.service.conftest import ApiProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BENCH = Path(__file__).parents[2] / "benchmarks" / "specs" / "digits"
+STAGE_2 = ("l0-weight", "l0-target", "l0-output", "l1", "magnitude")
+METHODS = {
+    "L0 weight, from dense", "L0 weight + target, from dense", "L0 output + target, from dense",
+    "L1 + threshold, from dense", "magnitude gradual (global), from dense",
+}  # fmt: skip
+_RUN = re.compile(r"\[([0-9a-f]{32})\]")
+
+
+def _toy(name: str) -> dict:
+    """The benchmark spec with 3 epochs (1 fine-tuning) and the first 2 values of each grid."""
+    spec = yaml.safe_load((BENCH / f"{name}.yaml").read_text())
+    spec = copy.deepcopy(spec)
+    spec["train"]["epochs"] = 3
+    if spec["train"].get("finetune_epochs"):
+        spec["train"]["finetune_epochs"] = 1
+    for section in ("regularizer", "train"):
+        for value in spec[section].values():
+            if isinstance(value, dict) and "grid" in value:
+                value["grid"] = value["grid"][:2]
+    return spec
+
+
+def _sections(text: str) -> dict[str, list[list[str]]]:
+    """Method -> the rows of its front table, as cells."""
+    out: dict[str, list[list[str]]] = {}
+    method = None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            method = line[4:]
+            out[method] = []
+        elif method and line.startswith("| ") and not line.startswith("| sparsity"):
+            out[method].append([c.strip() for c in line.strip().strip("|").split("|")])
+    return out
+
+
+def _pct(cell: str) -> float:
+    return float(cell.split("%")[0]) / 100
+
+
+def test_digits_benchmark_report_comes_from_mlflow(
+    ray_address, mlflow_uri, storage_path, tmp_path, monkeypatch, capsys
+) -> None:
+    server = ApiProcess(ray_address, mlflow_uri, storage_path, tmp_path / "api.log").start()
+    try:
+        with Client(server.url) as api:
+            ids = []
+            for name in ("dense", *STAGE_2):  # the dense stage first: the others start from it
+                sweep = api.submit(_toy(name))
+                done = api.wait(sweep.id, poll_s=1, timeout_s=300)
+                assert done.status == "FINISHED", (name, done)
+                ids.append(sweep.id)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        monkeypatch.delenv("L0SWEEP_TRACKING_URI", raising=False)
+        out = tmp_path / "report"
+        # no --tracking-uri: the CLI asks the service where its MLflow is
+        assert cli(["--url", server.url, "report", *ids, "--out", str(out)]) == 0
+        assert f"from MLflow at {mlflow_uri}" in capsys.readouterr().out
+    finally:
+        server.kill()
+
+    text = (out / "report.md").read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 1 + len(METHODS) and "fronts.png" in pngs
+    assert all((out / p).read_bytes().startswith(b"\x89PNG") for p in pngs)
+    for png in pngs:
+        assert f"]({png})" in text
+    for sweep_id in ids:
+        assert re.search(rf"\| `{sweep_id}` \| FINISHED \| (\d+)/\1 \| \d+", text), sweep_id
+
+    client = MlflowClient(mlflow_uri)
+    sections = _sections(text)
+    assert set(sections) == METHODS | {"dense"}
+    for method, rows in sections.items():
+        assert rows, method
+        for row in rows:
+            runs = [client.get_run(r) for r in _RUN.findall(row[-1])]
+            assert len(runs) == 2 and int(row[-2]) == 2  # both seeds of the configuration
+            for metric, cell in (("sparsity", row[0]), ("test_accuracy", row[1]),
+                                 ("val_accuracy", row[2])):  # fmt: skip
+                mean = statistics.fmean(r.data.metrics[metric] for r in runs)
+                assert _pct(cell) == pytest.approx(mean, abs=5e-5), (method, metric)
+            archs = sorted({r.data.tags["l0sweep.architecture"] for r in runs})
+            assert row[6] == " / ".join(archs)
+            mean_params = statistics.fmean(r.data.metrics["shrunk_params"] for r in runs)
+            assert int(row[4].replace(",", "")) == round(mean_params)
+    for row in sections["L0 output + target, from dense"]:
+        assert all(re.fullmatch(r"64-\d+-\d+-10", a) for a in row[6].split(" / "))
+
+    # Change what MLflow holds: the regenerated report follows.
+    dense_runs = _RUN.findall(sections["dense"][0][-1])
+    for run_id in dense_runs:
+        client.log_batch(run_id, metrics=[Metric("test_accuracy", 0.5, 0, 10_000)])
+    assert cli(["report", *ids, "--out", str(out), "--tracking-uri", mlflow_uri]) == 0
+    again = (out / "report.md").read_text()
+    assert "Dense reference: test accuracy 50.00% ± 0.00" in again
+    assert "Dense reference: test accuracy 50.00%" not in text
