@@ -12,15 +12,27 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${L0SWEEP_TORCH_SPEC:-torch==2.13.0}
 STAMP=.venv/.l0sweep-installed
 
-# Debian data packages (Fashion-MNIST IDX files under /usr/share/datasets/fashion-mnist).
-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then
-    SUDO=""
-    [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
-    if ! $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; then
-        $SUDO apt-get update -q >/dev/null 2>&1 || true
-        $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-            || echo "setup: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped" >&2
+# apt_install PACKAGE CONSEQUENCE: install a Debian package quietly (apt-get update only if the
+# first try fails); say CONSEQUENCE when it cannot be installed.
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || { echo "setup: no apt-get for $1; $2" >&2; return 0; }
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo="sudo -n"
+    if ! $sudo apt-get install -y -q "$1" >/dev/null 2>&1; then
+        $sudo apt-get update -q >/dev/null 2>&1 || true
+        $sudo apt-get install -y -q "$1" >/dev/null 2>&1 \
+            || echo "setup: could not install $1; $2" >&2
     fi
+}
+
+# Debian data packages (Fashion-MNIST IDX files under /usr/share/datasets/fashion-mnist).
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    apt_install dataset-fashion-mnist "Fashion-MNIST tests will be skipped"
+fi
+
+# PostgreSQL server binaries: MLflow's backend in the lab cluster's smoke test (tests/docker).
+if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    apt_install postgresql "the lab cluster's smoke test will be skipped"
 fi
 
 if [ ! -x .venv/bin/python ]; then
