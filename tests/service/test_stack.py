@@ -1,4 +1,5 @@
-"""`l0sweep serve` with nothing configured: Ray, MLflow and the API start, Ctrl-C stops them all."""
+"""`l0sweep serve` with nothing configured: Ray, MLflow and the API start; Ctrl-C (SIGINT) or a
+SIGTERM (`docker stop`, systemd, `timeout`) stops them all."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from service.stack import free_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_serve_starts_and_stops_the_whole_stack(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("stop_signal", "exit_code"), [(signal.SIGINT, 0), (signal.SIGTERM, 128 + signal.SIGTERM)]
+)
+def test_serve_starts_and_stops_the_whole_stack(tmp_path, stop_signal, exit_code) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("L0SWEEP_", "MLFLOW_"))}
     argv = [sys.executable, "-m", "service.cli", "serve", "--home", str(tmp_path),
@@ -51,8 +55,8 @@ def test_serve_starts_and_stops_the_whole_stack(tmp_path) -> None:
         assert health.json()["ray"]["url"] == ray
         assert (tmp_path / "mlflow" / "mlflow.db").exists()
 
-        serve.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        assert serve.wait(90) == 0, log.read_text()
+        serve.send_signal(stop_signal)
+        assert serve.wait(90) == exit_code, log.read_text()
         for url in (api, mlflow, ray):
             with pytest.raises(httpx.HTTPError):
                 httpx.get(url, timeout=2)
