@@ -194,8 +194,8 @@ def _tails(processes: list[Process]) -> str:
 def postgres_bindir() -> Path | None:
     """The PostgreSQL server binaries: PATH, else Debian's /usr/lib/postgresql/<version>/bin."""
     found = shutil.which("initdb")
-    if found:
-        return Path(found).parent
+    if found:  # Debian links some of them into PATH; the rest (pg_dump's version) sit beside it
+        return Path(found).resolve().parent
     candidates = sorted(
         Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3])
     )

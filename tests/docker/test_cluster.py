@@ -30,6 +30,7 @@ from tests.docker.conftest import (
     cluster_environ,
     kill_marked,
     marked_pids,
+    postgres_bindir,
     wait_until,
 )
 from tests.service.conftest import TINY_SPEC
@@ -282,3 +283,59 @@ def test_sweep_over_rest_runs_on_both_workers_and_lands_in_mlflow(lab: Lab) -> N
             "SELECT count(*) FROM runs WHERE experiment_id = %s", (sweep["experiment_id"],)
         )
         assert cursor.fetchone()[0] == 3
+
+
+def test_mlflow_restarts_with_a_schema_upgrade_and_its_backup_restores(
+    lab: Lab, tmp_path: Path
+) -> None:
+    """What docker/README.md tells an admin: MLFLOW_DB_UPGRADE=true migrates the database on a
+    restart without losing runs, and a pg_dump of it restores into an empty database."""
+    client = MlflowClient(lab.mlflow_uri)
+
+    def run_ids() -> set[str]:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        return {r.info.run_id for r in client.search_runs(experiments, max_results=1000)}
+
+    before = run_ids()
+    mlflow = lab.processes[0]
+    assert mlflow.name.endswith("mlflow")
+    mlflow.stop()
+    mlflow.env = {**mlflow.env, "MLFLOW_DB_UPGRADE": "true"}
+    mlflow.start()
+    wait_until(lambda: _healthy("mlflow", mlflow), "MLflow restart", START_TIMEOUT_S, [mlflow])
+    assert run_ids() == before
+    assert "migrating the MLflow database" in mlflow.log.read_text()
+
+    pg = lab.postgres
+    bindir = postgres_bindir()
+    env = {**cluster_environ(uuid.uuid4().hex), "PGPASSWORD": pg.password}
+    login = ["-h", pg.host, "-p", str(pg.port), "-U", pg.user]
+    dump = tmp_path / "mlflow.dump"
+    dumped = subprocess.run(
+        [str(bindir / "pg_dump"), *login, "-d", pg.db, "--format=custom", "-f", str(dump)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dumped.returncode == 0, dumped.stderr
+    connection = pg.connect("postgres")
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE DATABASE restored")
+    connection.close()
+    restored = subprocess.run(
+        [str(bindir / "pg_restore"), *login, "-d", "restored", "--no-owner", str(dump)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert restored.returncode == 0, restored.stderr
+    counts = []
+    for db in (pg.db, "restored"):
+        with pg.connect(db) as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM runs")
+            counts.append(cursor.fetchone()[0])
+        connection.close()
+    assert counts[0] == counts[1] == len(before)
