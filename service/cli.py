@@ -5,6 +5,7 @@
     l0sweep list | status ID | cancel ID | pareto ID | logs ID
     l0sweep run SPEC                   a sweep in this process's Ray, no service
     l0sweep report ID [ID ...]         Markdown tables and plots of sweeps, from MLflow
+    l0sweep report --name fashion-mlp  ... of the finished sweeps whose name contains it
     l0sweep schema                     the JSON Schema of a spec
 
 The service URL comes from ``--url`` or ``L0SWEEP_URL``, the token from ``L0SWEEP_TOKEN`` (never
@@ -102,13 +103,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--storage-path", help="Tune storage path")
     run.set_defaults(func=_run)
 
-    report = sub.add_parser(
-        "report", help="write Markdown tables and PNG plots comparing sweeps, from MLflow"
-    )
-    report.add_argument("sweep_ids", nargs="+", metavar="SWEEP_ID", help="one or more sweeps")
+    report = sub.add_parser("report", help="Markdown tables and PNG plots of sweeps, from MLflow")
+    report.add_argument("sweep_ids", nargs="*", metavar="SWEEP_ID", help="sweeps to compare")
     report.add_argument(
-        "--out", type=Path, help="output directory (default: ./report-<first sweep id>)"
+        "--name", help="also every FINISHED sweep whose name contains this (latest of each name)"
     )
+    report.add_argument("--out", type=Path, help="output directory (default: ./report-<name>)")
     report.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the service's MLflow)",
@@ -293,14 +293,16 @@ def _report(args: argparse.Namespace) -> int:
     from sweeps.config import get_settings
     from sweeps.results_report import write_report
 
+    if not (args.sweep_ids or args.name):
+        raise ValueError("name the sweeps to report: SWEEP_ID ... and/or --name TEXT")
     uri = args.tracking_uri or get_settings().tracking_uri
     if uri is None:  # the MLflow server the service records into
         with _client(args) as api:
             uri = api.health().mlflow.url
     if uri is None:
         raise ValueError("no MLflow tracking URI: give --tracking-uri or set MLFLOW_TRACKING_URI")
-    out = args.out or Path(f"report-{args.sweep_ids[0]}")
-    path = write_report(args.sweep_ids, out, uri)
+    out = args.out or Path(f"report-{args.name or args.sweep_ids[0]}")
+    path = write_report(args.sweep_ids, out, uri, name_contains=args.name)
     print(f"wrote {path} and {len(list(out.glob('*.png')))} plots (from MLflow at {uri})")
     return 0
 

@@ -27,6 +27,7 @@ __all__ = [
     "best_within",
     "collect",
     "dense_reference",
+    "find_sweeps",
     "method_front",
     "method_label",
 ]
@@ -213,3 +214,33 @@ def collect(sweep_ids: list[str], tracking_uri: str | None = None) -> ReportData
             )
         )
     return ReportData(tracking_uri, sweeps)
+
+
+def find_sweeps(name_contains: str, tracking_uri: str | None = None) -> list[str]:
+    """The ids of FINISHED sweeps whose name contains ``name_contains``, in any experiment: the
+    latest of each name, oldest first (a benchmark's dense stage before the rest).
+
+    Raises:
+        ValueError: no finished sweep matches.
+    """
+    c = tracking.client(tracking_uri)
+    pattern = name_contains.replace("'", "")
+    query = (
+        f"tags.`l0sweep.kind` = 'sweep' and tags.`l0sweep.status` = 'FINISHED' "
+        f"and tags.`l0sweep.name` LIKE '%{pattern}%'"
+    )
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    latest: dict[str, Any] = {}
+    token = None
+    while True:
+        page = c.search_runs(experiments, query, max_results=1000, page_token=token)
+        for run in page:
+            name = run.data.tags["l0sweep.name"]
+            if name not in latest or run.info.start_time > latest[name].info.start_time:
+                latest[name] = run
+        token = page.token
+        if not token:
+            break
+    if not latest:
+        raise ValueError(f"no FINISHED sweep whose name contains {name_contains!r}")
+    return [r.info.run_id for r in sorted(latest.values(), key=lambda r: r.info.start_time)]

@@ -23,6 +23,7 @@ from .results import (
     best_within,
     collect,
     dense_reference,
+    find_sweeps,
     method_front,
     varying_keys,
 )
@@ -189,14 +190,32 @@ def plot_fronts(points: list[Point], methods: list[str], title: str) -> bytes:
 
 
 def write_report(
-    sweep_ids: list[str], out_dir: str | Path, tracking_uri: str | None = None
+    sweep_ids: list[str],
+    out_dir: str | Path,
+    tracking_uri: str | None = None,
+    name_contains: str | None = None,
 ) -> Path:
     """Read the sweeps from MLflow and write ``report.md`` and its PNGs into ``out_dir``.
 
+    Args:
+        sweep_ids: the sweeps to compare.
+        out_dir: created if missing; the report's files in it are overwritten.
+        tracking_uri: the MLflow store.
+        name_contains: also every FINISHED sweep whose name contains this (see
+            :func:`sweeps.results.find_sweeps`).
+
     Returns:
         The path of ``report.md``.
+
+    Raises:
+        ValueError: no sweep named, or a run that is not a sweep.
     """
-    data = collect(sweep_ids, tracking_uri)
+    ids = list(sweep_ids)
+    if name_contains:
+        ids += [i for i in find_sweeps(name_contains, tracking_uri) if i not in ids]
+    if not ids:
+        raise ValueError("no sweeps to report: give sweep ids or a name to search for")
+    data = collect(ids, tracking_uri)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = aggregate(data.trials())

@@ -180,7 +180,9 @@ class TrainSpec(_Strict):
     optimizer: _searchable(Literal["adam", "sgd"]) = "adam"
     lr: _searchable(Annotated[float, Field(gt=0)], (Uniform, LogUniform)) = 1e-3
     gate_lr: _searchable(Annotated[float, Field(gt=0)] | None, (Uniform, LogUniform)) = Field(
-        default=None, description="Learning rate of the gate logits; None: same as lr."
+        default=0.1,
+        description="Learning rate of the gate logits; None: same as lr. Gates need a much "
+        "higher one than weights (at lr 1e-3 a target-sparsity run collapses).",
     )
     weight_decay: _searchable(Annotated[float, Field(ge=0)], (Uniform, LogUniform)) = 0.0
     momentum: _searchable(Annotated[float, Field(ge=0, lt=1)], (Uniform,)) = 0.9

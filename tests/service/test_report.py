@@ -112,7 +112,11 @@ def test_digits_benchmark_report_comes_from_mlflow(
     dense_runs = _RUN.findall(sections["dense"][0][-1])
     for run_id in dense_runs:
         client.log_batch(run_id, metrics=[Metric("test_accuracy", 0.5, 0, 10_000)])
-    assert cli(["report", *ids, "--out", str(out), "--tracking-uri", mlflow_uri]) == 0
+    # this time found by name: the latest finished sweep of each name, oldest first
+    assert (
+        cli(["report", "--name", "digits-", "--out", str(out), "--tracking-uri", mlflow_uri]) == 0
+    )
     again = (out / "report.md").read_text()
+    assert re.findall(r"^\| digits-[\w-]+ \| `(\w+)`", again, re.M) == ids
     assert "Dense reference: test accuracy 50.00% ± 0.00" in again
     assert "Dense reference: test accuracy 50.00%" not in text

@@ -6,7 +6,7 @@ import torch
 from l0core import L0Regularizer, MagnitudePruner
 from sweeps.methods import build_method
 from sweeps.models import MlpParams, mlp
-from sweeps.spec import RegularizerSpec
+from sweeps.spec import RegularizerSpec, TrainSpec
 
 
 def _reg(**fields) -> dict:
@@ -34,6 +34,7 @@ def test_magnitude_schedule_is_placed_in_the_training_steps():
 def test_auto_gate_init_opens_the_gates_of_large_weights_only_when_pretrained():
     reg = _reg(kind="l0", droprate_init=0.3)
     assert reg["gate_init"] == "auto" and reg["dual_lr"] == 0.5
+    assert TrainSpec().gate_lr == 0.1  # the measured recipe (docs/benchmarks.md)
     scratch = build_method(_model(), reg, 1000)
     tuned = build_method(_model(), reg, 1000, pretrained=True)
     explicit = build_method(_model(), {**reg, "gate_init": "magnitude"}, 1000)
