@@ -121,7 +121,7 @@ def build_method(
             per_sample=reg["per_sample"],
             test_gate=reg["test_gate"],
             target_sparsity=reg["target_sparsity"],
-            dual_lr=reg["dual_lr"],
+            **({"dual_lr": reg["dual_lr"]} if reg["dual_lr"] is not None else {}),
             init=_gate_init(reg["gate_init"], pretrained),
         )
     if reg["kind"] == "magnitude":

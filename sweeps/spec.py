@@ -109,10 +109,10 @@ class RegularizerSpec(_Strict):
         description="l0: the Lagrangian controller's target (None: fixed lambda); "
         "magnitude: the sparsity to prune to (required).",
     )
-    dual_lr: _searchable(Annotated[float, Field(gt=0)], (Uniform, LogUniform)) = Field(
-        default=0.5,
-        description="l0 with target_sparsity: the multipliers' dual-ascent step (larger: the "
-        "target is reached sooner).",
+    dual_lr: _searchable(Annotated[float, Field(gt=0)] | None, (Uniform, LogUniform)) = Field(
+        default=None,
+        description="l0 with target_sparsity: the multipliers' dual-ascent step per training "
+        "step (larger: the target is reached sooner, and overshot); None: l0core's default.",
     )
     gate_init: _searchable(Literal["auto", "random", "magnitude"]) = Field(
         default="auto",

@@ -1,9 +1,11 @@
 """build_method: the spec's regularizer section becomes the right l0core wrapper."""
 
+import inspect
+
 import pytest
 import torch
 
-from l0core import L0Regularizer, MagnitudePruner
+from l0core import L0Regularizer, MagnitudePruner, SparsityController
 from sweeps.methods import build_method
 from sweeps.models import MlpParams, mlp
 from sweeps.spec import RegularizerSpec, TrainSpec
@@ -33,7 +35,7 @@ def test_magnitude_schedule_is_placed_in_the_training_steps():
 
 def test_auto_gate_init_opens_the_gates_of_large_weights_only_when_pretrained():
     reg = _reg(kind="l0", droprate_init=0.3)
-    assert reg["gate_init"] == "auto" and reg["dual_lr"] == 0.5
+    assert reg["gate_init"] == "auto" and reg["dual_lr"] is None  # l0core's controller default
     assert TrainSpec().gate_lr == 0.1  # the measured recipe (docs/benchmarks.md)
     scratch = build_method(_model(), reg, 1000)
     tuned = build_method(_model(), reg, 1000, pretrained=True)
@@ -44,3 +46,11 @@ def test_auto_gate_init_opens_the_gates_of_large_weights_only_when_pretrained():
     w = tuned.module[1].weight.detach().abs().flatten()
     la = tuned.weight_log_alpha[: w.numel()]
     assert la[w.argmax()] > la[w.argmin()] + 3
+
+
+def test_dual_lr_reaches_the_controller_or_leaves_its_default():
+    default = inspect.signature(SparsityController).parameters["dual_lr"].default
+    reg = _reg(kind="l0", lam=0.0, target_sparsity=0.9)
+    assert build_method(_model(), reg, 1000).controller.dual_lr == default
+    tuned = build_method(_model(), {**reg, "dual_lr": 0.25}, 1000)
+    assert tuned.controller.dual_lr == 0.25 and tuned.controller.target == 0.9
