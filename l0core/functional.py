@@ -24,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "HardConcrete",
     "eval_gate",
+    "eval_zero_logit",
     "expected_count",
     "log_alpha_from_droprate",
     "prob_nonzero",
@@ -124,6 +125,22 @@ def eval_gate(log_alpha: Tensor, hc: HardConcrete, rule: str = "mean") -> Tensor
     else:
         raise ValueError(f"test_gate must be 'mean' or 'median', got {rule!r}")
     return (s * hc.span + hc.limit_a).clamp_(0.0, 1.0)
+
+
+def eval_zero_logit(hc: HardConcrete, rule: str = "mean") -> float:
+    """The gate logit at or below which :func:`eval_gate` is exactly 0.
+
+    The eval gate is 0 when its concrete value ``s <= -gamma / (zeta - gamma)``; for the ``"mean"``
+    rule ``s = sigmoid(log_alpha)``, for ``"median"`` ``s = sigmoid(log_alpha / beta)``. With the
+    default constants: ``log(1/11) ~ -2.40`` and ``-1.60``.
+    """
+    q = -hc.limit_a / hc.span
+    logit = math.log(q) - math.log1p(-q)
+    if rule == "mean":
+        return logit
+    if rule == "median":
+        return logit * hc.temperature
+    raise ValueError(f"test_gate must be 'mean' or 'median', got {rule!r}")
 
 
 def _noise_to_gate_(u: Tensor, log_alpha: Tensor, hc: HardConcrete) -> Tensor:

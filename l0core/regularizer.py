@@ -23,6 +23,7 @@ from .functional import (
     LOG_ALPHA_BOUND,
     HardConcrete,
     eval_gate,
+    eval_zero_logit,
     expected_count,
     prob_nonzero,
     sample_gates,
@@ -66,7 +67,8 @@ class L0Regularizer(nn.Module):
         test_gate: the eval-mode gate, ``"mean"`` (paper Eq. 13) or ``"median"``.
         target_sparsity: if set, add a Lagrangian term that drives the expected sparsity to it
             (see ``SparsityController``); ``lam`` may then be 0.
-        dual_lr: the multipliers' dual-ascent step for ``target_sparsity``.
+        dual_lr: the multipliers' dual-ascent step (per training step) for ``target_sparsity``;
+            the step is driven by the measured eval sparsity, see ``SparsityController``.
         init: ``"random"`` (the authors' N(logit, 0.01)) or ``"magnitude"`` (gates of the
             largest pretrained weights start most open, to fine-tune a trained model).
     """
@@ -88,7 +90,7 @@ class L0Regularizer(nn.Module):
         per_sample: bool = False,
         test_gate: str = "mean",
         target_sparsity: float | None = None,
-        dual_lr: float = 0.05,
+        dual_lr: float = 0.005,
         init: str = "random",
     ) -> None:
         super().__init__()
@@ -104,6 +106,7 @@ class L0Regularizer(nn.Module):
                 "weight gates draw one sample per forward, as in the paper"
             )
         self.hc = HardConcrete(temperature, limit_a, limit_b, epsilon)
+        self._zero_logit = eval_zero_logit(self.hc, test_gate)
         self.granularity, self.per_sample, self.test_gate = granularity, per_sample, test_gate
         self.module = model
         targets = select_params(model, include, exclude)
@@ -282,8 +285,24 @@ class L0Regularizer(nn.Module):
         if self.weight_decay:
             reg = reg + self.weight_decay * self.count_l2()
         if self.controller is not None:
-            reg = reg + self.controller(1.0 - l0 / self.n_gated)
+            measured = self._eval_sparsity() if self.controller.training else None
+            reg = reg + self.controller(1.0 - l0 / self.n_gated, measured)
         return reg
+
+    def _eval_sparsity(self) -> Tensor:
+        """``sparsity()`` as a device tensor, without a host sync (it drives the controller)."""
+        with torch.no_grad():
+            zeros = None
+            for la, groups in (
+                (self.weight_log_alpha, self._weight_log_alpha_groups),
+                (self.unit_log_alpha, self._unit_log_alpha_groups),
+            ):
+                if la is None:
+                    continue
+                closed = (la <= self._zero_logit).to(la.dtype if groups is None else groups.dtype)
+                count = closed.sum() if groups is None else torch.dot(closed, groups)
+                zeros = count if zeros is None else zeros + count
+            return zeros / self.n_gated
 
     # ---- inspection and export ------------------------------------------------------------
     def gate_parameters(self) -> Iterator[nn.Parameter]:
