@@ -288,7 +288,7 @@ def test_sweep_over_rest_runs_on_both_workers_and_lands_in_mlflow(lab: Lab) -> N
 def test_mlflow_restarts_with_a_schema_upgrade_and_its_backup_restores(
     lab: Lab, tmp_path: Path
 ) -> None:
-    """What docker/README.md tells an admin: MLFLOW_DB_UPGRADE=true migrates the database on a
+    """What the README's "Lab cluster" tells an admin: MLFLOW_DB_UPGRADE=true migrates the database on a
     restart without losing runs, and a pg_dump of it restores into an empty database."""
     client = MlflowClient(lab.mlflow_uri)
 

@@ -1,8 +1,8 @@
 """The lab cluster's compose files, read by Docker Compose v2 itself (`config`: interpolation,
 merges and validation against the Compose specification, no engine needed), and the promises
-docker/README.md makes about them: health checks everywhere, start-up in health order, secrets
-only from the environment, entrypoints that exist, scalable CPU workers, GPU workers that
-reserve NVIDIA GPUs, one shared volume for Tune's storage and the data.
+the README's "Lab cluster" section makes about them: health checks everywhere, start-up in
+health order, secrets only from the environment, entrypoints that exist, scalable CPU workers,
+GPU workers that reserve NVIDIA GPUs, one shared volume for Tune's storage and the data.
 """
 
 from __future__ import annotations
