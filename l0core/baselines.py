@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .export import finish_export
 from .flops import layer_macs, record_shapes
 from .regularizer import _check_number
 from .selection import Selector, select_params
@@ -21,7 +22,34 @@ from .selection import Selector, select_params
 __all__ = ["L1Regularizer"]
 
 
-class L1Regularizer(nn.Module):
+class CountedMethod(nn.Module):
+    """What the methods without gate logits share (L1, magnitude pruning): densities follow from
+    ``count_l0()``, the parameters counted as zero or kept, over the ``n_gated`` selected ones."""
+
+    module: nn.Module
+    n_gated: int
+
+    def count_l0(self) -> Tensor:
+        raise NotImplementedError
+
+    def expected_density(self) -> Tensor:
+        """``count_l0() / n_gated`` (no expectation: nothing is random)."""
+        return self.count_l0() / self.n_gated
+
+    def sparsity(self) -> float:
+        """Fraction of the selected parameters that are zero (or count as zero)."""
+        return 1.0 - float(self.count_l0()) / self.n_gated
+
+    def gate_parameters(self) -> Iterator[nn.Parameter]:
+        """None: these methods have no gate logits."""
+        yield from ()
+
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
+        """The wrapped module's own parameters."""
+        yield from self.module.parameters()
+
+
+class L1Regularizer(CountedMethod):
     """An L1 penalty on the selected parameters of ``model``; ``reg(*args)`` runs ``model``.
 
     Args:
@@ -67,19 +95,6 @@ class L1Regularizer(nn.Module):
         with torch.no_grad():
             return sum((p.abs() > self.threshold).sum() for p in self._params())
 
-    def expected_density(self) -> Tensor:
-        return self.count_l0() / self.n_gated
-
-    def sparsity(self) -> float:
-        """Fraction of selected parameters with ``|theta| <= threshold``."""
-        return 1.0 - float(self.count_l0()) / self.n_gated
-
-    def gate_parameters(self) -> Iterator[nn.Parameter]:
-        yield from ()
-
-    def weight_parameters(self) -> Iterator[nn.Parameter]:
-        yield from self.module.parameters()
-
     def summary(self) -> list[dict[str, Any]]:
         chosen = {t.name for t in self._targets}
         rows = []
@@ -109,12 +124,7 @@ class L1Regularizer(nn.Module):
             for name, p in model.named_parameters():
                 if name in chosen:
                     p.masked_fill_(p.abs() <= self.threshold, 0.0)
-        model.eval()
-        if not shrink:
-            return model
-        from .export import shrink as _shrink
-
-        model, self.last_shrink_report = _shrink(model)
+        model, self.last_shrink_report = finish_export(model, shrink)
         return model
 
     def expected_flops(self, *example_args: Any) -> float:

@@ -38,7 +38,7 @@ from ._chain import (
     trace_chain,
 )
 
-__all__ = ["ShrinkError", "ShrinkReport", "shrink"]
+__all__ = ["ShrinkError", "ShrinkReport", "finish_export", "shrink"]
 
 
 @dataclass(frozen=True)
@@ -330,3 +330,10 @@ def shrink(model: nn.Module) -> tuple[nn.Module, ShrinkReport]:
         kept_constant=kept_constant,
     )
     return result.train(model.training), report
+
+
+def finish_export(model: nn.Module, shrink_units: bool) -> tuple[nn.Module, ShrinkReport | None]:
+    """The end of every method's ``prune()``: the plain copy in eval mode, and with
+    ``shrink_units`` its dead units removed (:func:`shrink`) with the report."""
+    model.eval()
+    return shrink(model) if shrink_units else (model, None)

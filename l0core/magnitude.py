@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
+from .baselines import CountedMethod
+from .export import finish_export
 from .flops import layer_macs, record_shapes
 from .selection import Selector, TargetParam, select_params
 
@@ -61,7 +62,7 @@ def _check_int(name: str, value: object, low: int) -> int:
     return value
 
 
-class _Masked(nn.Module):
+class _Masked(CountedMethod):
     """Masks on parameters of ``model`` and the regularizers' inspection and export methods.
 
     Args:
@@ -117,19 +118,6 @@ class _Masked(nn.Module):
         masks = self._masks()
         return sum(masks[i].sum() for i in self._counted)
 
-    def expected_density(self) -> Tensor:
-        return self.count_l0() / self.n_gated
-
-    def sparsity(self) -> float:
-        """Fraction of counted parameters masked to zero."""
-        return 1.0 - float(self.count_l0()) / self.n_gated
-
-    def gate_parameters(self) -> Iterator[nn.Parameter]:
-        yield from ()
-
-    def weight_parameters(self) -> Iterator[nn.Parameter]:
-        yield from self.module.parameters()
-
     def summary(self) -> list[dict[str, Any]]:
         """Per parameter of the plain model: name, shape, whether counted, kept fraction."""
         masks = dict(zip((s[0] for s in self._sites), self._masks(), strict=True))
@@ -163,12 +151,7 @@ class _Masked(nn.Module):
         for name, _, attr in self._sites:
             owner = name.rpartition(".")[0]
             torch_prune.remove(model.get_submodule(owner) if owner else model, attr)
-        model.eval()
-        if not shrink:
-            return model
-        from .export import shrink as _shrink
-
-        model, self.last_shrink_report = _shrink(model)
+        model, self.last_shrink_report = finish_export(model, shrink)
         return model
 
     def expected_flops(self, *example_args: Any, **example_kwargs: Any) -> float:

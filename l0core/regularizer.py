@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .controller import SparsityController
+from .export import finish_export
 from .flops import layer_macs, record_shapes
 from .functional import (
     LOG_ALPHA_BOUND,
@@ -365,12 +366,7 @@ class L0Regularizer(nn.Module):
         with torch.no_grad():
             for site, z in self._site_eval_gates():
                 _apply_gate_to_copy(model, site, z)
-        model.eval()
-        if not shrink:
-            return model
-        from .export import shrink as _shrink
-
-        model, self.last_shrink_report = _shrink(model)
+        model, self.last_shrink_report = finish_export(model, shrink)
         return model
 
     def expected_flops(self, *example_args: Any, **example_kwargs: Any) -> float:
