@@ -217,7 +217,7 @@ def start_mlflow(
         "--workers",
         str(workers),
     ]
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     process = ManagedProcess("MLflow server", argv, home / "mlflow.log", env).start()
     uri = f"http://127.0.0.1:{port}"
     try:

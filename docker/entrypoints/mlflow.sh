@@ -4,7 +4,7 @@
 #
 # Needs POSTGRES_PASSWORD; POSTGRES_HOST/PORT/USER/DB default to postgres/5432/mlflow/mlflow.
 # MLFLOW_DB_UPGRADE=true migrates an existing database to this MLflow version first (back it up
-# before: see docker/README.md). The job runner stays off (MLFLOW_SERVER_ENABLE_JOB_EXECUTION):
+# before: see the README). The job runner stays off (MLFLOW_SERVER_ENABLE_JOB_EXECUTION):
 # l0sweep does not use it, and it costs about 1.8 GB of memory.
 set -euo pipefail
 ROLE=mlflow
@@ -15,6 +15,7 @@ require_env POSTGRES_PASSWORD "the MLflow database's password (set it in docker/
 export POSTGRES_HOST=${POSTGRES_HOST:-postgres} POSTGRES_PORT=${POSTGRES_PORT:-5432}
 export POSTGRES_USER=${POSTGRES_USER:-mlflow} POSTGRES_DB=${POSTGRES_DB:-mlflow}
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
+export MLFLOW_DISABLE_TELEMETRY=${MLFLOW_DISABLE_TELEMETRY:-true}  # labs: no usage data leaves
 MLFLOW_HOST=${MLFLOW_HOST:-0.0.0.0}
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
 MLFLOW_WORKERS=${MLFLOW_WORKERS:-2}
@@ -33,7 +34,7 @@ fi
 export MLFLOW_BACKEND_STORE_URI
 
 wait_for "PostgreSQL at $POSTGRES_HOST:$POSTGRES_PORT (database $POSTGRES_DB)" \
-    "check POSTGRES_USER, POSTGRES_PASSWORD and POSTGRES_DB against the postgres service (a password changed in .env after the first start does not change the database's: see docker/README.md)" \
+    "check POSTGRES_USER, POSTGRES_PASSWORD and POSTGRES_DB against the postgres service (a password changed in .env after the first start does not change the database's: see the README)" \
     postgres
 case "$MLFLOW_ARTIFACTS_DESTINATION" in
     *://*) ;;

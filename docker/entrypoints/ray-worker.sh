@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Ray worker node: joins the head at RAY_HEAD_ADDRESS (host:port of its GCS, default
 # ray-head:6379) and offers its CPUs and GPUs to the trials. The same script joins a machine on
-# another host (see docker/README.md, "Lab cluster").
+# another host (see the README, "Lab cluster").
 #
 # Settings: RAY_AUTH_TOKEN (required, the head's), RAY_HEAD_ADDRESS, RAY_DASHBOARD_AGENT_LISTEN_PORT
 # (52365; the health check asks it), and those of every node (common.sh). Extra arguments go to
