@@ -112,7 +112,8 @@ class RegularizerSpec(_Strict):
     dual_lr: _searchable(Annotated[float, Field(gt=0)] | None, (Uniform, LogUniform)) = Field(
         default=None,
         description="l0 with target_sparsity: the multipliers' dual-ascent step per training "
-        "step (larger: the target is reached sooner, and overshot); None: l0core's default.",
+        "step (larger: the target is reached sooner, and overshot); None: 0.5 when "
+        "train.init_from is set (measured), else l0core's default (0.005).",
     )
     gate_init: _searchable(Literal["auto", "random", "magnitude"]) = Field(
         default="auto",

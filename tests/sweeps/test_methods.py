@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from l0core import L0Regularizer, MagnitudePruner, SparsityController
-from sweeps.methods import build_method
+from sweeps.methods import FINETUNE_DUAL_LR, build_method
 from sweeps.models import MlpParams, mlp
 from sweeps.spec import RegularizerSpec, TrainSpec
 
@@ -48,9 +48,11 @@ def test_auto_gate_init_opens_the_gates_of_large_weights_only_when_pretrained():
     assert la[w.argmax()] > la[w.argmin()] + 3
 
 
-def test_dual_lr_reaches_the_controller_or_leaves_its_default():
+def test_dual_lr_reaches_the_controller_or_follows_the_start():
     default = inspect.signature(SparsityController).parameters["dual_lr"].default
     reg = _reg(kind="l0", lam=0.0, target_sparsity=0.9)
-    assert build_method(_model(), reg, 1000).controller.dual_lr == default
-    tuned = build_method(_model(), {**reg, "dual_lr": 0.25}, 1000)
+    assert build_method(_model(), reg, 1000).controller.dual_lr == default  # from scratch
+    finetuned = build_method(_model(), reg, 1000, pretrained=True)
+    assert finetuned.controller.dual_lr == FINETUNE_DUAL_LR != default
+    tuned = build_method(_model(), {**reg, "dual_lr": 0.25}, 1000, pretrained=True)
     assert tuned.controller.dual_lr == 0.25 and tuned.controller.target == 0.9
