@@ -31,9 +31,11 @@ for spec in "$DIR"/*.yaml; do
     ids+=("$id")
 done
 for id in "${ids[@]}"; do
-    $L0SWEEP status "$id" >/dev/null
-    while $L0SWEEP status "$id" | grep -qE 'PENDING|RUNNING'; do sleep 15; done
-    $L0SWEEP status "$id" | head -3
+    # the whole output first: a reader that stops early would break the CLI's pipe
+    while status=$($L0SWEEP status "$id") && grep -qE ': (PENDING|RUNNING)' <<<"$status"; do
+        sleep 15
+    done
+    echo "$status"
 done
 echo "== $SET: $(( $(date +%s) - start )) s in all; report in $OUT"
 $L0SWEEP report --name "$SET-" --out "$OUT"
