@@ -100,7 +100,8 @@ def plot_png(spec: SweepSpec, trials: list[dict[str, Any]], front: list[dict[str
         ax.plot(*zip(*fpts, strict=True), "o-", c="C3", label="Pareto front")
     ax.set(xlabel=x, ylabel=y, title=spec.name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if pts:  # a sweep with no reported trial yet has nothing to label
+        ax.legend()
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
