@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         tracking_uri=settings.tracking_uri,
         storage_path=settings.resolved_storage_path(),
         stop_grace_s=settings.stop_grace_s,
+        dashboard=settings.ray_dashboard_url,
     )
     control = SweepControl(
         store,

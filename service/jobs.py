@@ -68,8 +68,11 @@ class JobRunner:
         tracking_uri: str,
         storage_path: str,
         stop_grace_s: int = 60,
+        dashboard: str | None = None,
     ) -> None:
         self.address = address.rstrip("/")
+        # where users' browsers reach the dashboard (behind compose: not the internal address)
+        self.dashboard = (dashboard or address).rstrip("/")
         self.python = python
         self.tracking_uri = tracking_uri
         self.storage_path = storage_path
@@ -174,9 +177,9 @@ class JobRunner:
         return self._call(f"read the logs of job {submission_id}", logs)
 
     def dashboard_url(self, submission_id: str | None) -> str | None:
-        if not submission_id or not self.address.startswith(("http://", "https://")):
+        if not submission_id or not self.dashboard.startswith(("http://", "https://")):
             return None
-        return f"{self.address}/#/jobs/{submission_id}"
+        return f"{self.dashboard}/#/jobs/{submission_id}"
 
     def _call(self, what: str, fn):
         try:

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     mlflow_ui_url: str | None = Field(
         None, description="Base URL of the MLflow UI for links (default: tracking_uri if http)."
     )
+    ray_dashboard_url: str | None = Field(
+        None, description="Base URL of the Ray dashboard for links (default: ray_address)."
+    )
     home: Path = Field(
         Path.home() / ".l0sweep",
         description="Embedded stack state: MLflow store and artifacts, logs.",

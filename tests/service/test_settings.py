@@ -51,3 +51,18 @@ def test_cli_serve_refuses_public_bind(monkeypatch: pytest.MonkeyPatch, capsys) 
         == 2
     )
     assert "without a token" in capsys.readouterr().err
+
+
+def test_job_links_use_the_public_dashboard_url(monkeypatch) -> None:
+    from service.jobs import JobRunner
+
+    def runner(**kw) -> JobRunner:
+        return JobRunner("http://ray-head:8265", python="python", tracking_uri="http://mlflow:5000",
+                         storage_path="/shared/ray", **kw)  # fmt: skip
+
+    assert runner().dashboard_url("j1") == "http://ray-head:8265/#/jobs/j1"
+    public = runner(dashboard="http://lab.example:8265/")
+    assert public.dashboard_url("j1") == "http://lab.example:8265/#/jobs/j1"
+    assert public.dashboard_url(None) is None
+    monkeypatch.setenv("L0SWEEP_RAY_DASHBOARD_URL", "http://lab.example:8265")
+    assert Settings().ray_dashboard_url == "http://lab.example:8265"
