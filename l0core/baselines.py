@@ -28,6 +28,15 @@ class CountedMethod(nn.Module):
 
     module: nn.Module
     n_gated: int
+    _shapes: dict[str, tuple[int, ...]] | None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the module; the first call records layer output shapes for ``expected_flops``."""
+        if self._shapes is None:
+            self._shapes = {}
+            with record_shapes(self.module, self._shapes):
+                return self.module(*args, **kwargs)
+        return self.module(*args, **kwargs)
 
     def count_l0(self) -> Tensor:
         raise NotImplementedError
@@ -75,13 +84,6 @@ class L1Regularizer(CountedMethod):
         self.n_gated = sum(t.param.numel() for t in self._targets)
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self.last_shrink_report = None
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._shapes is None:
-            self._shapes = {}
-            with record_shapes(self.module, self._shapes):
-                return self.module(*args, **kwargs)
-        return self.module(*args, **kwargs)
 
     def _params(self) -> list[Tensor]:
         return [t.param for t in self._targets]

@@ -32,7 +32,7 @@ from torch.nn.utils import prune as torch_prune
 
 from .baselines import CountedMethod
 from .export import finish_export
-from .flops import layer_macs, record_shapes
+from .flops import layer_macs
 from .selection import Selector, TargetParam, select_params
 
 __all__ = ["FixedMask", "MagnitudePruner", "cubic_sparsity"]
@@ -95,13 +95,6 @@ class _Masked(CountedMethod):
         self.n_gated = sum(masked[i].param.numel() for i in self._counted)
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self.last_shrink_report = None
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._shapes is None:
-            self._shapes = {}
-            with record_shapes(self.module, self._shapes):
-                return self.module(*args, **kwargs)
-        return self.module(*args, **kwargs)
 
     def _masks(self) -> list[Tensor]:
         return [getattr(mod, f"{attr}_mask") for _, mod, attr in self._sites]
