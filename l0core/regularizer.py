@@ -252,15 +252,19 @@ class L0Regularizer(nn.Module):
     def count_l0(self) -> Tensor:
         """Expected number of retained gated parameters, ``sum_g P(z_g != 0) * |g|``."""
         total = None
+        for la, groups in self._logits_and_groups():
+            term = expected_count(la, self.hc, groups)
+            total = term if total is None else total + term
+        return total
+
+    def _logits_and_groups(self) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Each flat logit tensor (in its compute dtype) with its gates' group sizes."""
         for la, groups in (
             (self.weight_log_alpha, self._weight_log_alpha_groups),
             (self.unit_log_alpha, self._unit_log_alpha_groups),
         ):
-            if la is None:
-                continue
-            term = expected_count(self._compute(la), self.hc, groups)
-            total = term if total is None else total + term
-        return total
+            if la is not None:
+                yield self._compute(la), groups
 
     def count_l2(self) -> Tensor:
         """Expected L2 cost, ``sum_g P(z_g != 0) * ||theta_g||^2`` over the gated parameters."""
@@ -291,15 +295,12 @@ class L0Regularizer(nn.Module):
         return reg
 
     def _eval_sparsity(self) -> Tensor:
-        """``sparsity()`` as a device tensor, without a host sync (it drives the controller)."""
+        """The fraction of gated parameters whose eval gate is exactly 0, as a device tensor
+        (no host sync: it drives the controller every training step). A gate is 0 exactly when
+        its logit is at or below ``eval_zero_logit``."""
         with torch.no_grad():
             zeros = None
-            for la, groups in (
-                (self.weight_log_alpha, self._weight_log_alpha_groups),
-                (self.unit_log_alpha, self._unit_log_alpha_groups),
-            ):
-                if la is None:
-                    continue
+            for la, groups in self._logits_and_groups():
                 closed = (la <= self._zero_logit).to(la.dtype if groups is None else groups.dtype)
                 count = closed.sum() if groups is None else torch.dot(closed, groups)
                 zeros = count if zeros is None else zeros + count
@@ -320,8 +321,7 @@ class L0Regularizer(nn.Module):
 
     def sparsity(self) -> float:
         """Fraction of gated parameters whose eval gate is exactly 0."""
-        zeros = sum(int((z == 0).sum()) * s.group_size for s, z in self._site_eval_gates())
-        return zeros / self.n_gated
+        return float(self._eval_sparsity())
 
     def summary(self) -> list[dict[str, Any]]:
         """Per parameter: name, shape, gated, granularity, how applied, densities."""

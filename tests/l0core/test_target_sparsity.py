@@ -60,12 +60,18 @@ def test_dual_step_follows_the_measured_sparsity():
     assert float(ctl.lambda1) == pytest.approx(-0.04)  # no dual step in eval mode
 
 
-def test_eval_sparsity_tensor_equals_sparsity():
+def test_sparsity_threshold_rule_equals_the_eval_gates():
     torch.manual_seed(0)
     for granularity in ("weight", "output", "input"):
-        model = mlp(MlpParams(hidden=[32, 16]), (20,), 4)
-        reg = L0Regularizer(model, 0.0, granularity=granularity, target_sparsity=0.5)
-        with torch.no_grad():
-            for la in reg.gate_parameters():
-                la.uniform_(-5, 5)
-        assert float(reg._eval_sparsity()) == pytest.approx(reg.sparsity())
+        for test_gate in ("mean", "median"):
+            model = mlp(MlpParams(hidden=[32, 16]), (20,), 4)
+            reg = L0Regularizer(
+                model, 0.0, granularity=granularity, test_gate=test_gate, target_sparsity=0.5
+            )
+            with torch.no_grad():
+                for la in reg.gate_parameters():
+                    la.uniform_(-5, 5)
+            rows = [r for r in reg.summary() if r["gated"]]
+            kept = sum(r["eval_density"] * r["numel"] for r in rows)  # from eval_gate() itself
+            assert float(reg._eval_sparsity()) == pytest.approx(1 - kept / reg.n_gated)
+            assert reg.sparsity() == pytest.approx(1 - kept / reg.n_gated)
