@@ -9,57 +9,41 @@ training loop has no branch per method.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from l0core import L0Regularizer, L1Regularizer, MagnitudePruner
-from l0core.flops import COUNTED, layer_macs, record_shapes
+from l0core.baselines import CountedMethod
+from l0core.flops import COUNTED, layer_macs
 
 __all__ = ["Dense", "build_method", "is_structured"]
 
 _MASK_UPDATES = 50  # a gradual magnitude schedule updates its masks about this often
 
 
-class Dense(nn.Module):
-    """The unregularized model behind the regularizers' interface (the dense baseline)."""
+class Dense(CountedMethod):
+    """The unregularized model behind the regularizers' interface (the dense baseline): every
+    parameter counts as kept, so its sparsity is 0."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.module = model
-        self._shapes: dict[str, tuple[int, ...]] = {}
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._shapes:
-            return self.module(*args, **kwargs)
-        with record_shapes(self.module, self._shapes):
-            return self.module(*args, **kwargs)
+        self.n_gated = sum(p.numel() for p in model.parameters())
+        self._shapes = None
 
     def regularization(self) -> torch.Tensor:
         return torch.zeros((), device=next(self.module.parameters()).device)
 
-    def gate_parameters(self) -> Iterator[nn.Parameter]:
-        return iter(())
-
-    def weight_parameters(self) -> Iterator[nn.Parameter]:
-        return self.module.parameters()
-
     def count_l0(self) -> torch.Tensor:
-        return torch.tensor(float(sum(p.numel() for p in self.module.parameters())))
-
-    def expected_density(self) -> torch.Tensor:
-        return torch.tensor(1.0)
-
-    def sparsity(self) -> float:
-        return 0.0
+        return torch.tensor(float(self.n_gated))
 
     def expected_flops(self) -> float:
         modules = dict(self.module.named_modules())
         return sum(
             layer_macs(modules[n], shape, modules[n].weight.numel())
-            for n, shape in self._shapes.items()
+            for n, shape in (self._shapes or {}).items()
             if isinstance(modules[n], COUNTED)
         )
 
