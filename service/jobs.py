@@ -5,7 +5,9 @@ so the service submits ``python -m sweeps.driver --sweep-id ID`` through Ray's j
 The submission id is derived from the sweep id and an attempt number: a retried submission of the
 same attempt is refused by Ray instead of launching a second driver. Stopping a job sends the
 driver SIGTERM, which the driver turns into Tune's graceful stop; ``stop_grace_s`` is how long Ray
-waits before it kills the driver.
+waits before it kills the driver. The job's runtime environment carries the MLflow retry window
+(``L0SWEEP_MLFLOW_RETRY_WINDOW_S``, `sweeps.config.mlflow_client_env`) to the driver and to every
+trial on every node: the service's setting is the one that counts, whatever the nodes' own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from service.errors import BackendUnavailable
+from sweeps.config import mlflow_client_env
 
 __all__ = ["JobRunner", "JobState", "enable_ray_token_auth"]
 
@@ -58,6 +61,8 @@ class JobRunner:
         tracking_uri: the MLflow tracking URI passed to the driver.
         storage_path: the Tune storage path passed to the driver.
         stop_grace_s: seconds Ray waits after SIGTERM before it kills the driver.
+        mlflow_retry_window_s: how long the driver and trials ride out an MLflow outage; default:
+            ``L0SWEEP_MLFLOW_RETRY_WINDOW_S`` as this process sees it when a job is submitted.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class JobRunner:
         storage_path: str,
         stop_grace_s: int = 60,
         dashboard: str | None = None,
+        mlflow_retry_window_s: float | None = None,
     ) -> None:
         self.address = address.rstrip("/")
         # where users' browsers reach the dashboard (behind compose: not the internal address)
@@ -77,6 +83,7 @@ class JobRunner:
         self.tracking_uri = tracking_uri
         self.storage_path = storage_path
         self.stop_grace_s = stop_grace_s
+        self.mlflow_retry_window_s = mlflow_retry_window_s
         self._client: JobSubmissionClient | None = None
 
     @staticmethod
@@ -97,6 +104,14 @@ class JobRunner:
         ]
         return shlex.join(argv)
 
+    def runtime_env(self) -> dict:
+        """The driver's (and so every trial's) runtime environment."""
+        env = {
+            "RAY_JOB_STOP_WAIT_TIME_S": str(self.stop_grace_s),
+            **mlflow_client_env(self.mlflow_retry_window_s),
+        }
+        return {"env_vars": env}
+
     def ping(self) -> None:
         """Raise `BackendUnavailable` unless the Ray job server answers now."""
         self._call("reach the Ray job server", lambda c: None)
@@ -115,7 +130,7 @@ class JobRunner:
                     entrypoint=self.entrypoint(sweep_id),
                     submission_id=submission_id,
                     metadata={"l0sweep.sweep_id": sweep_id, "l0sweep.attempt": str(attempt)},
-                    runtime_env={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(self.stop_grace_s)}},
+                    runtime_env=self.runtime_env(),
                 )
             except RuntimeError as exc:
                 if "already exists" in str(exc):

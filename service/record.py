@@ -289,15 +289,20 @@ class SweepStore:
 
 
 class _MlflowErrors:
-    """Context manager: MLflow transport and server failures become `BackendUnavailable`."""
+    """Context manager: MLflow transport and server failures become `BackendUnavailable`.
+
+    Inside it `sweeps.tracking` does not retry: the API answers 503 now, not minutes later.
+    """
 
     def __init__(self, what: str) -> None:
         self.what = what
+        self._no_retries = tracking.retry_window(0)
 
     def __enter__(self) -> None:
-        return None
+        self._no_retries.__enter__()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._no_retries.__exit__(None, None, None)
         if exc is None or isinstance(exc, ServiceError):
             return False
         if isinstance(exc, _MLFLOW_ERRORS):

@@ -18,7 +18,10 @@ class Settings(BaseSettings):
     """Everything the service and `l0sweep serve` can be told.
 
     ``ray_address`` and ``tracking_uri`` left unset mean "start an embedded one" to `l0sweep serve`;
-    the app itself needs both (``create_app`` refuses to start without them).
+    the app itself needs both (``create_app`` refuses to start without them). The sweeps' own
+    settings (`sweeps.config.SweepSettings`) come from the same environment; of those the service
+    hands ``L0SWEEP_MLFLOW_RETRY_WINDOW_S`` to every job it submits, so that drivers and trials on
+    every node ride out an MLflow outage for as long as the service's environment says.
     """
 
     model_config = SettingsConfigDict(

@@ -4,6 +4,11 @@ Every setting has the prefix ``L0SWEEP_`` (``L0SWEEP_DATA_DIR``, ``L0SWEEP_MAX_T
 The MLflow tracking URI also honours ``MLFLOW_TRACKING_URI``, as MLflow users expect. Settings are
 read afresh on every call to :func:`get_settings`, so a test (or a service) that changes the
 environment sees the change without a restart.
+
+``L0SWEEP_MLFLOW_RETRY_WINDOW_S`` is how long a sweep rides out an MLflow outage: every request a
+driver or a trial makes is retried for that long (``sweeps.tracking``) before it fails. The service
+passes the setting, with the MLflow client settings that let it govern (:func:`mlflow_client_env`),
+to every driver it submits and through the job's runtime environment to every trial on every node.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DataPathError", "SweepSettings", "get_settings", "resolve_data_path"]
+__all__ = [
+    "DataPathError",
+    "SweepSettings",
+    "get_settings",
+    "mlflow_client_env",
+    "resolve_data_path",
+]
 
 
 class SweepSettings(BaseSettings):
@@ -43,11 +54,40 @@ class SweepSettings(BaseSettings):
     )
     max_trials: int = Field(default=512, ge=1, description="Most trials one sweep may expand to.")
     max_epochs: int = Field(default=200, ge=1, description="Most epochs one trial may train.")
+    mlflow_retry_window_s: float = Field(
+        default=300.0,
+        ge=0,
+        description=(
+            "How long a driver or a trial retries an MLflow request that finds no server (refused, "
+            "timed out, 5xx) before it gives up. An outage shorter than this pauses the sweep and "
+            "loses nothing; a longer one fails the trials that were waiting, with an error naming "
+            "MLflow, its URL and the time waited. 0: no retries."
+        ),
+    )
 
 
 def get_settings() -> SweepSettings:
     """The current settings (environment read now, not cached)."""
     return SweepSettings()
+
+
+def mlflow_client_env(retry_window_s: float | None = None) -> dict[str, str]:
+    """The environment of a sweep's driver and trials, for MLflow's client.
+
+    l0sweep retries MLflow requests itself, for ``retry_window_s`` (default: the setting), so
+    MLflow's own retries are off: left on, each of our attempts against a stopped server would
+    itself retry for about four minutes. A request in flight may take as long as the window, up to
+    MLflow's default of 120 s, so a server that hangs instead of refusing is given up on in time.
+
+    Args:
+        retry_window_s: the retry window; default: ``L0SWEEP_MLFLOW_RETRY_WINDOW_S``.
+    """
+    window = get_settings().mlflow_retry_window_s if retry_window_s is None else retry_window_s
+    return {
+        "L0SWEEP_MLFLOW_RETRY_WINDOW_S": f"{window:g}",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(min(120, max(10, window)))),
+    }
 
 
 class DataPathError(ValueError):

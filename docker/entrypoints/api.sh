@@ -4,7 +4,8 @@
 # Settings: L0SWEEP_TOKEN (required: every request but /healthz must carry it as a bearer token),
 # RAY_AUTH_TOKEN (required, the cluster's), L0SWEEP_RAY_ADDRESS (the head's dashboard,
 # http://ray-head:8265), L0SWEEP_TRACKING_URI (http://mlflow:5000; trials on every node use it),
-# L0SWEEP_HOST (0.0.0.0), L0SWEEP_PORT (8000), and the rest of service.settings.Settings.
+# L0SWEEP_HOST (0.0.0.0), L0SWEEP_PORT (8000), L0SWEEP_MLFLOW_RETRY_WINDOW_S (300; passed to every
+# sweep's driver and trials) and the rest of service.settings.Settings.
 set -euo pipefail
 ROLE=api
 # shellcheck source=common.sh
