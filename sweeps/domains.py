@@ -50,6 +50,8 @@ class _Range(_Strict, Generic[T]):
     @model_validator(mode="after")
     def _ordered(self) -> _Range[T]:
         low, high = self._bounds()
+        if low is None or high is None:  # a nullable field's type lets None into its bounds
+            raise ValueError(f"{self._kind}: both bounds must be numbers, got [{low}, {high}]")  # type: ignore[attr-defined]
         if not low < high:
             raise ValueError(f"{self._kind}: low must be below high, got [{low}, {high}]")  # type: ignore[attr-defined]
         return self
@@ -66,8 +68,9 @@ class LogUniform(_Range[T], Generic[T]):
 
     @model_validator(mode="after")
     def _positive(self) -> LogUniform[T]:
-        if self.loguniform[0] <= 0:  # type: ignore[operator]
-            raise ValueError(f"loguniform: low must be > 0, got {self.loguniform[0]}")
+        low = self.loguniform[0]
+        if low is not None and low <= 0:  # type: ignore[operator]
+            raise ValueError(f"loguniform: low must be > 0, got {low}")
         return self
 
 
