@@ -4,20 +4,35 @@
 best result so far, hands a :class:`SweepProgress` to a sink (the CLI prints it), and ends the
 MLflow run of a trial the scheduler stopped early (STOPPED) or that died without recording its
 own failure (FAILED), since such a trial's process cannot.
+
+A failed attempt of a trial is recorded on its run whether Tune retries it
+(``resources.max_failures``) or not: ``l0sweep.retries`` (the retries so far) and
+``l0sweep.last_error`` (what Tune saw: the trial's exception, or the death of its worker process).
+A trial that failed for good ends FAILED with that reason, with a run created for it if it died
+before it made its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlflow.entities import Run, RunTag
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
+from ray import cloudpickle
+from ray.exceptions import RayTaskError
 from ray.tune import Callback
 
 from . import tracking
 from .spec import SweepSpec
 
 __all__ = ["SweepCallback", "SweepProgress"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,15 +127,80 @@ class SweepCallback(Callback):
             )
         self._emit(trials)
 
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        with self._recording(trial):
+            run = self._run(trial)
+            if run is not None:  # the retry continues it (RUNNING again once the retry starts)
+                self._record_failure(run, trial, retries=trial.num_failures)
+                if "l0sweep.failure_reason" in run.data.tags:  # the failed attempt's own record
+                    tracking.client(self.tracking_uri).delete_tag(
+                        run.info.run_id, "l0sweep.failure_reason"
+                    )
+        self._emit(trials)
+
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._end_if_open(trial, "FAILED", f"trial process failed; see {trial.path}")
+        with self._recording(trial):
+            run = self._run(trial)
+            if run is None:  # it died before it created its run: the sweep still records it
+                run_id = tracking.start_trial_run(
+                    self.sweep_id, trial.trial_id, trial.config, self.tracking_uri
+                )
+                run = tracking.client(self.tracking_uri).get_run(run_id)
+            reason = self._record_failure(run, trial, retries=max(0, trial.num_failures - 1))
+            if run.info.status == "RUNNING":
+                tracking.end_trial_run(run.info.run_id, "FAILED", reason, self.tracking_uri)
         self._emit(trials)
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
         self._trials = list(trials)
 
-    def _end_if_open(self, trial: Any, status: str, reason: str) -> None:
+    @contextmanager
+    def _recording(self, trial: Any) -> Iterator[None]:
+        """A failure that cannot be recorded (MLflow unreachable) must not end the whole sweep:
+        the driver closes the runs still open when ``fit`` returns."""
+        try:
+            yield
+        except Exception as err:
+            log.warning("could not record the failure of trial %s in MLflow: %s", trial, err)
+
+    def _run(self, trial: Any) -> Run | None:
         c = tracking.client(self.tracking_uri)
         run_id = tracking.find_trial_run(c, self.sweep_id, trial.trial_id)
-        if run_id is not None and c.get_run(run_id).info.status == "RUNNING":
-            tracking.end_trial_run(run_id, status, reason, self.tracking_uri)
+        return c.get_run(run_id) if run_id is not None else None
+
+    def _record_failure(self, run: Run, trial: Any, retries: int) -> str:
+        reason = _error_summary(trial)
+        tags = [RunTag("l0sweep.retries", str(retries)),
+                RunTag("l0sweep.last_error", reason[:MAX_TAG_VAL_LENGTH])]  # fmt: skip
+        tracking.client(self.tracking_uri).log_batch(run.info.run_id, tags=tags)
+        return reason
+
+    def _end_if_open(self, trial: Any, status: str, reason: str) -> None:
+        run = self._run(trial)
+        if run is not None and run.info.status == "RUNNING":
+            tracking.end_trial_run(run.info.run_id, status, reason, self.tracking_uri)
+
+
+def _error_summary(trial: Any) -> str:
+    """The trial's last error in a line: the trial's own exception, or why its worker died.
+
+    Tune keeps the last error pickled (and every error as text) in the trial's driver-side
+    directory; a task error wraps the trial's exception, an actor error says how the worker died.
+    """
+    exc: BaseException | None = None
+    if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
+        try:
+            with open(trial.pickled_error_file, "rb") as f:
+                exc = cloudpickle.load(f)
+        except Exception:  # an exception class this process cannot import: use the text
+            exc = None
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    if exc is not None:
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if trial.error_file and os.path.exists(trial.error_file):
+        with open(trial.error_file) as f:
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return f"trial failed; see {trial.path}"

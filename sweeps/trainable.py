@@ -1,8 +1,12 @@
 """The Ray Tune trainable: one trial, reported to Tune every epoch and recorded in MLflow.
 
 The trial creates its own MLflow child run (so it works on any node and can log artifacts),
-keeps the run id in every checkpoint, and on a retry or a restore continues that run. A diverged
-trial (NaN/inf loss) ends FAILED with the reason in MLflow and is not retried.
+keeps the run id in every checkpoint, and on a retry or a restore continues that run: it tags the
+epoch it resumes after (``l0sweep.resumed_from_epoch``) and logs only the epochs the run does not
+hold yet (training is seeded per epoch and the RNG state travels in the checkpoint, so an epoch
+done again gives the same figures). A diverged trial (NaN/inf loss) ends FAILED with the reason in
+MLflow and is not retried. A trial whose run already ended FINISHED or STOPPED (Tune restored it
+from an experiment state saved before it ended) reports its recorded metrics and trains no more.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 import ray
 import torch
+from mlflow.entities import Run
 from ray import tune
 
 from . import tracking
@@ -87,28 +92,32 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     cfg = concrete_config(config)
     trial_id = tune.get_context().get_trial_id()
     state = _load_checkpoint()
-    run_id = tracking.start_trial_run(
-        context.sweep_id, trial_id, cfg, context.tracking_uri, state["run_id"] if state else None
-    )
-    prior = tracking.client(context.tracking_uri).get_run(run_id).data.tags
-    if prior.get("l0sweep.diverged") == "true":
-        reason = prior.get("l0sweep.failure_reason", "diverged")
-        tracking.end_trial_run(run_id, "FAILED", reason, context.tracking_uri)
-        raise TrialDiverged(f"not retried: {reason}")
+    c = tracking.client(context.tracking_uri)
+    run_id = state["run_id"] if state else tracking.find_trial_run(c, context.sweep_id, trial_id)
+    prior = c.get_run(run_id) if run_id else None
+    if prior is not None and _ended_before(prior, context):
+        return
+    run_id = tracking.start_trial_run(context.sweep_id, trial_id, cfg, context.tracking_uri, run_id)
+    logged = 0  # the last epoch the run holds: a killed attempt may have logged past its checkpoint
+    if prior is not None:
+        logged = int(prior.data.metrics.get("epoch", 0))
+        c.set_tag(run_id, "l0sweep.resumed_from_epoch", str(state["epoch"] if state else 0))
+
+    def log(metrics: dict[str, float]) -> None:
+        if int(metrics["epoch"]) > logged:
+            tracking.log_epoch(run_id, metrics, int(metrics["epoch"]), context.tracking_uri)
 
     def on_epoch(metrics: dict[str, float], get_state: Any) -> None:
-        tracking.log_epoch(run_id, metrics, int(metrics["epoch"]), context.tracking_uri)
+        log(metrics)
         _report(metrics, {**get_state(), "run_id": run_id})
 
     try:
         init = _init_weights(cfg, run_id, context)
         result = train(cfg, _device(), on_epoch, state, init)
-        tracking.log_epoch(
-            run_id, result.metrics, int(result.metrics["epoch"]), context.tracking_uri
-        )
+        log(result.metrics)
         _log_artifacts(run_id, result, context.tracking_uri)
     except TrialDiverged as err:
-        tracking.client(context.tracking_uri).set_tag(run_id, "l0sweep.diverged", "true")
+        c.set_tag(run_id, "l0sweep.diverged", "true")
         tracking.end_trial_run(run_id, "FAILED", str(err), context.tracking_uri)
         raise
     except Exception as err:
@@ -119,6 +128,24 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     # Record first: a scheduler may stop the trial at its last report (ASHA does at max_t).
     tracking.end_trial_run(run_id, "FINISHED", tracking_uri=context.tracking_uri)
     _report(result.metrics, {**result.state, "run_id": run_id})
+
+
+def _ended_before(run: Run, context: SweepContext) -> bool:
+    """Whether the trial's run says it is done; True: report its last metrics, train no more.
+
+    Raises:
+        TrialDiverged: the trial diverged before; a retry would diverge again.
+    """
+    tags = run.data.tags
+    if tags.get("l0sweep.diverged") == "true":
+        reason = tags.get("l0sweep.failure_reason", "diverged")
+        if run.info.status == "RUNNING":  # killed between its two records
+            tracking.end_trial_run(run.info.run_id, "FAILED", reason, context.tracking_uri)
+        raise TrialDiverged(f"not retried: {reason}")
+    if tags.get("l0sweep.trial_status") in ("FINISHED", "STOPPED"):
+        tune.report(dict(run.data.metrics))
+        return True
+    return False
 
 
 def _report(metrics: dict[str, float], state: dict[str, Any]) -> None:
