@@ -42,6 +42,8 @@ class ManagedProcess:
     argv: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    # Inherited variables the process must not see (a secret it has no use for).
+    drop_env: tuple[str, ...] = ()
     popen: subprocess.Popen | None = None
 
     def start(self) -> ManagedProcess:
@@ -52,7 +54,7 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**_child_environ(), **self.env},
+                env={**_child_environ(self.drop_env), **self.env},
                 start_new_session=True,
             )
         logger.info("started %s (pid %d), log %s", self.name, self.popen.pid, self.log_path)
@@ -76,10 +78,10 @@ class ManagedProcess:
         logger.info("stopped %s", self.name)
 
 
-def _child_environ() -> dict[str, str]:
-    """This process's environment without the API token: Ray and MLflow (and through Ray every
-    driver and trial) inherit it, and none of them needs the token."""
-    return {k: v for k, v in os.environ.items() if k != "L0SWEEP_TOKEN"}
+def _child_environ(drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """This process's environment without the API token (and ``drop``): Ray and MLflow (and
+    through Ray every driver and trial) inherit it, and none of them needs the token."""
+    return {k: v for k, v in os.environ.items() if k != "L0SWEEP_TOKEN" and k not in drop}
 
 
 def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
@@ -218,7 +220,10 @@ def start_mlflow(
         str(workers),
     ]
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    process = ManagedProcess("MLflow server", argv, home / "mlflow.log", env).start()
+    # Nor does it need Ray's token.
+    process = ManagedProcess(
+        "MLflow server", argv, home / "mlflow.log", env, drop_env=("RAY_AUTH_TOKEN",)
+    ).start()
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{uri}/health", process, timeout_s)
