@@ -7,6 +7,7 @@ these and FastAPI's own validation errors. `install_error_handlers` turns each i
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -103,15 +104,33 @@ def validation_details(errors: list[dict[str, Any]], *, drop_body: bool = True) 
     for err in errors:
         loc = list(err.get("loc", ()))
         path = loc[1:] if drop_body and loc and loc[0] == "body" else loc
+        msg = str(err.get("msg", "invalid value"))
+        if err.get("type") == "json_invalid":
+            # FastAPI's loc is ("body", character offset) and its msg only "JSON decode error".
+            reason = (err.get("ctx") or {}).get("error", "")
+            at = f" (at character {path[0]})" if path else ""
+            msg = f"request body is not valid JSON: {reason}{at}"
+            loc, path = ["body"], []
         details.append(
             {
                 "loc": [p if isinstance(p, int) else str(p) for p in loc],
                 "field": ".".join(str(p) for p in path) or "body",
-                "msg": str(err.get("msg", "invalid value")),
+                "msg": msg,
                 "type": str(err.get("type", "value_error")),
             }
         )
     return details
+
+
+def _unparsable_body(exc: BaseException | None) -> str | None:
+    """Why FastAPI could not read a JSON body it answers only 'error parsing the body' for."""
+    if isinstance(exc, RecursionError):
+        return "request body is not valid JSON: nested too deeply to parse"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"request body is not valid JSON: not UTF-8 ({exc.reason} at byte {exc.start})"
+    if isinstance(exc, ValueError):  # e.g. an integer over Python's 4300-digit conversion limit
+        return f"request body is not valid JSON: {str(exc).split(';')[0]}"
+    return None
 
 
 def json_safe(value: Any) -> Any:
@@ -125,6 +144,13 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+class _ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a message quoting a lone surrogate must not fail to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the exception-to-status mapping on ``app``."""
 
@@ -132,17 +158,22 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status_code >= 500:
             logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
-        return JSONResponse(
+        return _ErrorResponse(
             status_code=exc.status_code, content={"detail": exc.detail()}, headers=exc.headers()
         )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": validation_details(exc.errors())})
+        return _ErrorResponse(status_code=422, content={"detail": validation_details(exc.errors())})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
+        reason = _unparsable_body(exc.__cause__) if exc.status_code == 400 else None
+        if reason is not None:
+            # The same answer as any other JSON FastAPI cannot decode (422, json_invalid).
+            detail = [{"loc": ["body"], "field": "body", "msg": reason, "type": "json_invalid"}]
+            return _ErrorResponse(status_code=422, content={"detail": detail})
+        return _ErrorResponse(
             status_code=exc.status_code,
             content={"detail": json_safe(exc.detail)},
             headers=getattr(exc, "headers", None),

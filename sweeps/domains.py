@@ -28,7 +28,9 @@ DOMAIN_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No NaN or infinity anywhere in a spec: JSON's `NaN`, `Infinity` and 1e400 parse to them, and
+    # a lower bound alone (lr > 0, lam >= 0) lets infinity through.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Grid(_Strict, Generic[T]):

@@ -302,6 +302,16 @@ class SweepSpec(_Strict):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # JSON escapes can carry lone surrogates ("\ud800"), which no UTF-8 encoder (MLflow's, the
+        # spec digest's) accepts; unconstrained str fields (tags, globs) let them through.
+        bad = _lone_surrogate(data)
+        if bad is not None:
+            raise ValueError(f"{bad} is not valid Unicode (a lone surrogate, escaped as \\uD8xx)")
+        return data
+
     @classmethod
     def from_file(cls, path: str | Path) -> SweepSpec:
         """Load a spec from a YAML (.yaml/.yml) or JSON file."""
@@ -366,6 +376,32 @@ class SweepSpec(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def _lone_surrogate(node: Any, path: str = "") -> str | None:
+    """Where in ``node`` a string or key first fails to encode as UTF-8 ("tags.key", say)."""
+    if isinstance(node, str):
+        try:
+            node.encode()
+        except UnicodeEncodeError:
+            return f"the text at {path or 'the top level'}"
+        return None
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
+    for key, value in items:
+        shown = key.encode("utf-8", "backslashreplace").decode() if isinstance(key, str) else key
+        where = f"{path}.{shown}" if path else str(shown)
+        if isinstance(key, str) and _lone_surrogate(key) is not None:
+            return f"the key {where}"
+        found = _lone_surrogate(value, where)
+        if found is not None:
+            return found
+    return None
 
 
 def json_schema() -> dict[str, Any]:
