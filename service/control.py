@@ -122,7 +122,7 @@ class SweepControl:
         if not stopped:
             # No driver is running (never started, or already gone): nothing else will record it.
             self.store.set_status(sweep_id, "CANCELLED", "cancelled before its driver ran")
-        return self.cache.put(self.store.get(sweep_id))
+        return self._put(self.store.get(sweep_id))
 
     def delete(self, sweep_id: str) -> None:
         """Delete an ended sweep's runs (MLflow soft delete) and forget its Ray job.
@@ -161,7 +161,7 @@ class SweepControl:
             return
         record = self.store.get(cached.id)  # the cache may lag: the driver may have just ended it
         if record.terminal:
-            self.cache.put(record)
+            self._put(record)
             return
         if state is None and record.job_id is None:
             # Recorded, never submitted (the service died in between): submit it now.
@@ -188,7 +188,18 @@ class SweepControl:
                 state.status if state is not None else "gone",
                 job_id,
             )
-        self.cache.put(self.store.get(record.id))
+        self._put(self.store.get(record.id))
+
+    def _put(self, record: SweepRecord) -> SweepView:
+        """Write a record through to the cache, with its trials read again once it has ended.
+
+        The refresh re-reads a sweep's trials when it sees the sweep's status change; a terminal
+        status written through here hides that change from it, so the trials the cache holds
+        (read while the sweep ran) would be shown for good.
+        """
+        if record.terminal:
+            return self.cache.put(record, trials=self.store.trials(record.id))
+        return self.cache.put(record)
 
     def _view(self, record: SweepRecord) -> SweepView:
         return self.cache.get(record.id) or self.cache.put(record)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,9 +34,14 @@ from ray._private.authentication.http_token_authentication import (
     get_auth_headers_if_auth_enabled,
 )
 
+from service.cache import SweepCache
 from service.client import Client
+from service.control import SweepControl
 from service.jobs import JobRunner
+from service.record import TAG_JOB_ID, SweepStore
 from service.stack import free_port, start_mlflow, start_ray_head
+from sweeps import tracking
+from sweeps.spec import SweepSpec
 from tests.service.conftest import TINY_SPEC, ApiProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -101,17 +108,23 @@ def _assert_ran_to_the_end(client: MlflowClient, run: Run) -> None:
 # --- processes ------------------------------------------------------------------------------------
 
 
-def _trial_worker_pids(ray_address: str) -> list[int]:
-    """Pids of the live trial actors (Tune's ``ImplicitFunc``) of the cluster at ``ray_address``."""
-    response = httpx.get(
-        f"{ray_address}/api/v0/actors",
-        params={"filter_keys": "state", "filter_predicates": "=", "filter_values": "ALIVE"},
-        headers=get_auth_headers_if_auth_enabled({}),
-        timeout=10,
-    )
+def _ray_get(ray_address: str, path: str, **params: str) -> Any:
+    headers = get_auth_headers_if_auth_enabled({})
+    response = httpx.get(f"{ray_address}{path}", params=params, headers=headers, timeout=10)
     response.raise_for_status()
-    actors = response.json()["data"]["result"]["result"]
-    return [a["pid"] for a in actors if a["class_name"] == "ImplicitFunc"]
+    return response.json()
+
+
+def _trial_worker_pids(ray_address: str, submission_id: str) -> list[int]:
+    """Pids of the live trial actors (Tune's ``ImplicitFunc``) of one sweep driver's Ray job."""
+    job = _ray_get(ray_address, f"/api/jobs/{submission_id}")["job_id"]
+    actors = _ray_get(ray_address, "/api/v0/actors", filter_keys="state", filter_predicates="=",
+                      filter_values="ALIVE")["data"]["result"]["result"]  # fmt: skip
+    return [
+        a["pid"]
+        for a in actors
+        if a["class_name"] == "ImplicitFunc" and a["job_id"] == job and a["pid"]
+    ]
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -198,7 +211,7 @@ def _cancel_if_active(api: Any, sweep_id: str) -> None:
 # --- 1. a trial's worker process killed -----------------------------------------------------------
 
 
-def _kill_one_trial_midway(api: Any, client: MlflowClient, ray_address: str, sweep_id: str):
+def _kill_one_trial_midway(client: MlflowClient, ray_address: str, sweep_id: str):
     """SIGKILL the worker of one of the two running trials once both passed epoch 3."""
     epochs = _wait(
         _both_midway(client, sweep_id),
@@ -206,8 +219,8 @@ def _kill_one_trial_midway(api: Any, client: MlflowClient, ray_address: str, swe
         what="for both trials to pass epoch 3",
     )
     assert max(epochs.values()) < EPOCHS - 3, f"trials too fast to kill mid-way: {epochs}"
-    pids = _trial_worker_pids(ray_address)
-    assert len(pids) == 2, pids
+    job = JobRunner.submission_id(sweep_id, 0)
+    pids = _wait(lambda: _trial_worker_pids(ray_address, job), lambda p: len(p) == 2)
     _kill(pids[:1])
     return epochs
 
@@ -217,7 +230,7 @@ def test_killed_trial_is_retried_in_its_own_run(make_api, mlflow_client, ray_add
     with make_api(reconcile_interval_s=1) as api:
         sweep = api.post("/sweeps", json=spec).json()
         try:
-            at_kill = _kill_one_trial_midway(api, mlflow_client, ray_address, sweep["id"])
+            at_kill = _kill_one_trial_midway(mlflow_client, ray_address, sweep["id"])
             done = _wait(
                 lambda: api.get(f"/sweeps/{sweep['id']}").json(),
                 lambda s: s["status"] not in ACTIVE,
@@ -247,7 +260,7 @@ def test_killed_trial_without_retries_fails_alone(make_api, mlflow_client, ray_a
     with make_api(reconcile_interval_s=1) as api:
         sweep = api.post("/sweeps", json=spec).json()
         try:
-            _kill_one_trial_midway(api, mlflow_client, ray_address, sweep["id"])
+            _kill_one_trial_midway(mlflow_client, ray_address, sweep["id"])
             done = _wait(
                 lambda: api.get(f"/sweeps/{sweep['id']}").json(),
                 lambda s: s["status"] not in ACTIVE,
@@ -318,7 +331,7 @@ def test_killed_driver_is_resubmitted_and_resumes(make_api, mlflow_client) -> No
         jobs = api.app.state.control.jobs
         first_job = jobs.state(JobRunner.submission_id(sweep["id"], 0))
     assert done["status"] == "FINISHED", done
-    assert done["progress"]["finished"] == 2, done
+    assert done["progress"]["finished"] == 2, (done["progress"], done["message"])
     assert first_job is not None and first_job.status == "FAILED", first_job
     assert done["job_id"] == JobRunner.submission_id(sweep["id"], 1)
     assert mlflow_client.get_run(sweep["id"]).data.tags["l0sweep.job_attempt"] == "1"
@@ -330,7 +343,47 @@ def test_killed_driver_is_resubmitted_and_resumes(make_api, mlflow_client) -> No
     assert int(runs[resumed].data.tags["l0sweep.resumed_from_epoch"]) >= 1
 
 
+def test_reconcile_reads_the_trials_of_a_sweep_that_ended(mlflow_uri, ray_address) -> None:
+    """A driver that records the end of its sweep and exits between a cache refresh and the
+    reconciliation after it: the API shows the sweep's trials as they ended, not as they ran
+    (found by the test above: a FINISHED sweep showed a finished trial as running for good)."""
+    store = SweepStore(mlflow_uri)
+    jobs = JobRunner(ray_address, python=sys.executable, tracking_uri=mlflow_uri, storage_path="/")
+    control = SweepControl(store, jobs, SweepCache(store), max_concurrent_sweeps=100,
+                           max_resubmits=1)  # fmt: skip
+    sweep_id = store.create(SweepSpec.model_validate(TINY_SPEC | {"name": "ends-unseen"}), {})
+    store.set_status(sweep_id, "RUNNING")
+    store.set_tags(sweep_id, {TAG_JOB_ID: JobRunner.submission_id(sweep_id, 0)})  # ended: no job
+    trial = tracking.start_trial_run(sweep_id, "ends_00000", {}, mlflow_uri)
+    control.cache.refresh()
+    assert control.cache.get(sweep_id).progress.running == 1
+
+    tracking.end_trial_run(trial, "FINISHED", tracking_uri=mlflow_uri)
+    store.set_status(sweep_id, "FINISHED", "1 trials, 0 failed")
+    control.reconcile()
+    control.cache.refresh()
+    progress = control.cache.get(sweep_id).progress
+    assert (progress.finished, progress.running) == (1, 0), progress
+
+
 # --- 3. the whole cluster and the service killed --------------------------------------------------
+
+
+def _as_if_saved_before_it_ended(experiment: Path, trial_id: str) -> None:
+    """Make the saved Tune experiment state say ``trial_id`` is still RUNNING.
+
+    Tune saves the experiment state every few trial checkpoints (and at least every 10 s), so a
+    cluster lost just after a trial ended leaves a state in which the trial still runs, with its
+    last checkpoint; the restored sweep then starts it again. This makes that case certain rather
+    than a matter of timing (Ray 2.x ``experiment_state-*.json``: each trial as JSON text).
+    """
+    path = sorted(experiment.glob("experiment_state-*.json"))[-1]
+    state = json.loads(path.read_text())
+    (entry,) = [e for e in state["trial_data"] if json.loads(e[0])["trial_id"] == trial_id]
+    assert json.loads(entry[0])["status"] in {"TERMINATED", "RUNNING"}, entry[0][:300]
+    entry[0] = entry[0].replace('"status": "TERMINATED"', '"status": "RUNNING"')
+    assert json.loads(entry[0])["status"] == "RUNNING"
+    path.write_text(json.dumps(state))
 
 
 @pytest.fixture
@@ -377,6 +430,7 @@ def test_cluster_and_service_restarted_mid_sweep(own_stack, tmp_path: Path) -> N
         (head,) = own_stack["heads"]
         _kill(_tree(head.popen.pid))
         assert _driver_pids(sweep_id) == []
+        _as_if_saved_before_it_ended(Path(storage) / sweep_id, finished["trial_id"])
         own_stack["start_head"]()
         server.start()
 
