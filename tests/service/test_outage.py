@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from service.app import create_app
@@ -279,3 +280,32 @@ def test_api_answers_503_while_mlflow_is_down(outage_api, mlflow_server) -> None
         _wait(lambda: api.get("/sweeps").status_code, lambda code: code == 200, timeout_s=30)
         assert api.get(f"/sweeps/{sweep_id}").json()["status"] == "FINISHED"
         assert api.get("/healthz").status_code == 200
+
+
+def test_retries_stop_at_the_window_and_refusals_are_not_retried(
+    mlflow_server: RestartableMlflow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window bounds the wait at a server that is down; an answer that refuses the request
+    (no such run) is not an outage and comes back at once; the service's `retry_window(0)` wins
+    even over the end of a run, which otherwise waits until MLflow answers."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as in a sweep's job
+    monkeypatch.setenv("L0SWEEP_MLFLOW_RETRY_WINDOW_S", "2")
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(tracking.MlflowUnavailable) as err:
+        tracking.log_epoch("0" * 32, {"val_accuracy": 0.5}, 3, dead)
+    assert 2 <= time.monotonic() - started < 5
+    assert f"MLflow at {dead} was unavailable for 2 s" in str(err.value)
+    assert "epoch 3" in str(err.value) and "Connection refused" in str(err.value)
+
+    monkeypatch.setenv("L0SWEEP_MLFLOW_RETRY_WINDOW_S", "60")
+    started = time.monotonic()
+    with pytest.raises(MlflowException) as refused:
+        tracking.client(mlflow_server.uri).get_run("0" * 32)
+    assert refused.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    assert time.monotonic() - started < 5
+
+    started = time.monotonic()
+    with tracking.retry_window(0), pytest.raises(MlflowException):
+        tracking.end_trial_run("0" * 32, "FAILED", "test", dead)
+    assert time.monotonic() - started < 5
