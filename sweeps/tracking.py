@@ -137,8 +137,13 @@ def client(tracking_uri: str | None = None) -> MlflowClient:
 
 @lru_cache(maxsize=8)
 def _client(tracking_uri: str | None) -> MlflowClient:
+    return _RetryingClient(_plain_client(tracking_uri))  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=8)
+def _plain_client(tracking_uri: str | None) -> MlflowClient:
     # One per URI and process: a SQL store builds an engine and checks its schema on creation.
-    return _RetryingClient(MlflowClient(tracking_uri))  # type: ignore[return-value]
+    return MlflowClient(tracking_uri)
 
 
 class _RetryingClient:
@@ -362,7 +367,8 @@ def start_trial_run(
     """
     c = client(tracking_uri)
     if run_id is None:
-        run_id, created = _find_or_create_trial_run(c, sweep_id, trial_id)
+        raw = _plain_client(tracking_uri or get_settings().tracking_uri)
+        run_id, created = _find_or_create_trial_run(raw, sweep_id, trial_id)
         if created:
             _log_params(c, run_id, flatten(config))
             return run_id
@@ -371,10 +377,9 @@ def start_trial_run(
     return run_id
 
 
-def _find_or_create_trial_run(c: MlflowClient, sweep_id: str, trial_id: str) -> tuple[str, bool]:
+def _find_or_create_trial_run(raw: MlflowClient, sweep_id: str, trial_id: str) -> tuple[str, bool]:
     """The trial's run and whether it was created now. Find and create are retried as one unit:
     a creation whose answer an outage cut off is found again instead of made twice."""
-    raw: MlflowClient = c._inner  # type: ignore[attr-defined]
 
     def find_or_create() -> tuple[str, bool]:
         found = find_trial_run(raw, sweep_id, trial_id)
@@ -399,7 +404,7 @@ def log_epoch(
     """Log one epoch's metrics in one request (step = epoch)."""
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    raw: MlflowClient = client(tracking_uri)._inner  # type: ignore[attr-defined]
+    raw = _plain_client(tracking_uri or get_settings().tracking_uri)
     _retry(
         lambda: raw.log_batch(run_id, metrics=items),
         f"log the metrics of epoch {step} of run {run_id}",
