@@ -147,6 +147,11 @@ def _driver_pids(sweep_id: str) -> list[int]:
     ]
 
 
+def _mentioning(text: str) -> list[int]:
+    """Live processes whose command line mentions ``text`` (a Ray head's temp dir)."""
+    return [pid for pid in _pids() if text in " ".join(_cmdline(pid)) and not _gone(pid)]
+
+
 def _parent(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -405,7 +410,12 @@ def own_stack(tmp_path: Path):
         return url
 
     try:
-        yield {"mlflow_uri": mlflow_uri, "start_head": start_head, "heads": heads}
+        yield {
+            "mlflow_uri": mlflow_uri,
+            "start_head": start_head,
+            "heads": heads,
+            "temp_dir": temp_dir,
+        }
     finally:
         for head in heads:
             if head.running:
@@ -429,7 +439,7 @@ def test_cluster_and_service_restarted_mid_sweep(own_stack, tmp_path: Path) -> N
         server.kill()
         (head,) = own_stack["heads"]
         _kill(_tree(head.popen.pid))
-        assert _driver_pids(sweep_id) == []
+        assert _driver_pids(sweep_id) == [] and _mentioning(own_stack["temp_dir"]) == []
         _as_if_saved_before_it_ended(Path(storage) / sweep_id, finished["trial_id"])
         own_stack["start_head"]()
         server.start()
@@ -445,3 +455,5 @@ def test_cluster_and_service_restarted_mid_sweep(own_stack, tmp_path: Path) -> N
     _assert_not_rerun(client, runs, finished)
     for run in runs.values():
         _assert_ran_to_the_end(client, run)
+    (resumed,) = set(runs) - {finished["trial_id"]}
+    assert int(runs[resumed].data.tags["l0sweep.resumed_from_epoch"]) >= 1
