@@ -1,15 +1,18 @@
-"""Load on the sweep service's read endpoints while a sweep runs (issue 4's speed target).
+"""Load on the sweep service's read endpoints while sweeps run (issue 4's speed target).
 
-50 concurrent clients on loopback for about 20 s against ``GET /sweeps/{id}`` and ``GET /sweeps``;
-prints requests/s, p50, p99 and errors per endpoint. Target: p99 < 50 ms, zero errors.
+50 concurrent clients on loopback for about 20 s against ``GET /sweeps/{id}`` (each sweep) and
+``GET /sweeps``; prints requests/s, p50, p99 and errors per endpoint, and the machine's load
+average before and after (other work on the machine shows there). Target: p99 < 50 ms, zero
+errors.
 
     python benchmarks/api_load.py                       # starts Ray, MLflow, the API and a sweep
+    python benchmarks/api_load.py --sweeps 2 --ray-cpus 2   # two sweeps training at once
     python benchmarks/api_load.py --url http://127.0.0.1:8000 --sweep-id ID   # an existing service
 
 Without ``--url`` the script starts the embedded stack in a temporary directory, runs
 ``l0sweep serve`` as its own process (the load generator must not share the server's event
-loop), submits a small digits sweep that keeps training through the measurement, then cancels it
-and shuts everything down.
+loop), submits ``--sweeps`` small digits sweeps that keep training through the measurement, then
+cancels them and shuts everything down.
 """
 
 from __future__ import annotations
@@ -156,7 +159,12 @@ def _cancel_quietly(api: Client, sweep_id: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="an already running service (default: start one)")
-    parser.add_argument("--sweep-id", help="the sweep to read (default: submit one)")
+    parser.add_argument(
+        "--sweep-id", action="append", help="a sweep to read, repeatable (default: submit them)"
+    )
+    parser.add_argument(
+        "--sweeps", type=int, default=1, help="sweeps to submit and keep running (default 1)"
+    )
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument(
@@ -176,24 +184,48 @@ def main() -> int:
             print(f"starting Ray, MLflow and the API under {home} ...", flush=True)
             url = stack.enter_context(embedded_service(home, args.ray_cpus))
         api = stack.enter_context(Client(url, token=token))
-        sweep_id = args.sweep_id
-        submitted = sweep_id is None
-        if submitted:
-            sweep_id = api.submit(RUNNING_SPEC).id
-            stack.callback(_cancel_quietly, api, sweep_id)
-            deadline = time.monotonic() + 120
-            while api.get(sweep_id).progress.running == 0 and time.monotonic() < deadline:
-                time.sleep(1)
-        sweep = api.get(sweep_id)
-        print(
-            f"sweep {sweep_id}: {sweep.status}, {sweep.progress.running} trials running", flush=True
-        )
-        samples, elapsed = asyncio.run(
-            load(url, [f"/sweeps/{sweep_id}", "/sweeps"], args.clients, args.duration, token)
-        )
-        print(f"sweep {sweep_id} after the load: {api.get(sweep_id).status}")
+        sweep_ids = args.sweep_id or _submit(api, stack, args.sweeps, args.ray_cpus)
+        for sweep_id in sweep_ids:
+            sweep = api.get(sweep_id)
+            print(
+                f"sweep {sweep_id}: {sweep.status}, {sweep.progress.running} trials running",
+                flush=True,
+            )
+        print(f"load average before: {_loadavg()}", flush=True)
+        paths = [f"/sweeps/{sweep_id}" for sweep_id in sweep_ids] + ["/sweeps"]
+        samples, elapsed = asyncio.run(load(url, paths, args.clients, args.duration, token))
+        print(f"load average after:  {_loadavg()}")
+        for sweep_id in sweep_ids:
+            sweep = api.get(sweep_id)
+            print(f"sweep {sweep_id} after the load: {sweep.status}, {sweep.progress}")
         passed = report(samples, elapsed, args.clients)
     return 0 if passed else 1
+
+
+def _submit(api: Client, stack: contextlib.ExitStack, count: int, ray_cpus: int) -> list[str]:
+    """Submit ``count`` sweeps; return once they all train (as far as Ray has CPUs for them).
+
+    Several sweeps get one trial each (a fixed lam), so that each trains on its own CPU instead
+    of the first one's two trials taking both.
+    """
+    sweep_ids = []
+    for i in range(count):
+        spec = RUNNING_SPEC | {"name": f"api-load-{i}"}
+        if count > 1:
+            spec["regularizer"] = {"kind": "l0", "lam": 0.01 * 10**i}
+        sweep_ids.append(api.submit(spec).id)
+        stack.callback(_cancel_quietly, api, sweep_ids[-1])
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        running = [api.get(sweep_id).progress.running for sweep_id in sweep_ids]
+        if all(running) if ray_cpus >= count else sum(running) >= ray_cpus:
+            break
+        time.sleep(1)
+    return sweep_ids
+
+
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" ({os.cpu_count()} CPUs)"
 
 
 if __name__ == "__main__":
