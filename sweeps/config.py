@@ -6,7 +6,7 @@ read afresh on every call to :func:`get_settings`, so a test (or a service) that
 environment sees the change without a restart.
 
 ``L0SWEEP_MLFLOW_RETRY_WINDOW_S`` is how long a sweep rides out an MLflow outage: every request a
-driver or a trial makes is retried for that long (``sweeps.tracking``) before it fails. The service
+driver or a trial makes is retried for that long (``sweeps.retry``) before it fails. The service
 passes the setting, with the MLflow client settings that let it govern (:func:`mlflow_client_env`),
 to every driver it submits and through the job's runtime environment to every trial on every node.
 """

@@ -7,39 +7,30 @@ child run created from inside the trial (tags ``l0sweep.kind=trial``, ``l0sweep.
 or restored, so a trial never gets two runs. The ``l0sweep.status`` tag is the truth about a
 sweep: PENDING | RUNNING | FINISHED | FAILED | CANCELLED.
 
-MLflow outages. Every request made through :func:`client` (and so every function here) is retried
-when MLflow cannot serve it (connection refused or reset, timeout, a 5xx or 429 answer), with
-backoff, for ``L0SWEEP_MLFLOW_RETRY_WINDOW_S`` (``sweeps.config``); then it raises
-:class:`MlflowUnavailable`, which names MLflow, its URL, what was being done and the time waited.
-The end of a trial or a sweep (:func:`end_trial_run`, :func:`set_sweep_status`,
-:func:`close_open_trials`) is retried until MLflow answers instead: it is the record, and giving
-up on it would leave a run RUNNING forever. The service, which must answer 503 at once, turns
-retries off around its own calls with :func:`retry_window`.
+MLflow outages (``sweeps.retry``). Every request made through :func:`client` (and so every
+function here) is retried while MLflow cannot serve it, for ``L0SWEEP_MLFLOW_RETRY_WINDOW_S``, then
+raises :class:`MlflowUnavailable` (MLflow, its URL, what was being done, the time waited). The end
+of a trial or a sweep (:func:`end_trial_run`, :func:`set_sweep_status`, :func:`close_open_trials`)
+is retried until MLflow answers instead: it is the record, and giving up on it would leave a run
+RUNNING forever. The service, which must answer 503 at once, turns retries off around its own
+calls with :func:`retry_window`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import logging
-import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import requests
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException, RestException
-from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from .config import get_settings
+from .retry import MlflowUnavailable, RetryingClient, retry_window, until_answered, with_retries
 from .spec import SweepSpec
 
 __all__ = [
@@ -68,64 +59,6 @@ TRIAL_STATUSES = {"RUNNING": "RUNNING", "FINISHED": "FINISHED", "STOPPED": "FINI
 _MLFLOW_SWEEP_STATUS = {"FINISHED": "FINISHED", "FAILED": "FAILED", "CANCELLED": "KILLED"}
 _MAX_PARAM = 6000
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-# Answers that mean "not now" rather than "no": MLflow's server or a proxy in front of it.
-_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
-_TRANSIENT_CODES = frozenset(
-    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED",
-     "RESOURCE_EXHAUSTED"}
-)  # fmt: skip
-# Refused, reset, timed out, or a 5xx/429 that MLflow's own retries (urllib3's) turned into one.
-_TRANSPORT_ERRORS = (
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    requests.exceptions.RetryError,
-    ConnectionError,
-    TimeoutError,
-)
-_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.5, 10.0
-_WARN_EVERY_S = 60.0
-# Set by `retry_window`; None: the setting (the end of a run: until MLflow answers).
-_window_override: ContextVar[float | None] = ContextVar("l0sweep_mlflow_retry_window", default=None)
-
-
-class MlflowUnavailable(MlflowException):
-    """MLflow could not serve a request for the whole retry window.
-
-    Attributes:
-        tracking_uri: the MLflow server.
-        waited_s: seconds from the first failed attempt to giving up.
-    """
-
-    def __init__(
-        self, tracking_uri: str, what: str, waited_s: float, window_s: float, cause: BaseException
-    ) -> None:
-        super().__init__(
-            f"MLflow at {tracking_uri} was unavailable for {waited_s:.0f} s while trying to {what} "
-            f"(retry window L0SWEEP_MLFLOW_RETRY_WINDOW_S={window_s:g} s; last error: "
-            f"{_one_line(cause)})",
-            error_code=TEMPORARILY_UNAVAILABLE,
-        )
-        self.tracking_uri = tracking_uri
-        self.waited_s = waited_s
-
-
-@contextlib.contextmanager
-def retry_window(seconds: float) -> Iterator[None]:
-    """Retry MLflow requests made in this block (this thread or task) for ``seconds``; 0: never.
-
-    It overrides both the setting and the until-answered retries of a run's end: the service
-    uses ``retry_window(0)`` so that an outage is a 503 now, not an answer minutes later.
-    """
-    token = _window_override.set(seconds)
-    try:
-        yield
-    finally:
-        _window_override.reset(token)
-
 
 def client(tracking_uri: str | None = None) -> MlflowClient:
     """An MLflow client for ``tracking_uri``, else the settings' (``MLFLOW_TRACKING_URI``).
@@ -137,110 +70,13 @@ def client(tracking_uri: str | None = None) -> MlflowClient:
 
 @lru_cache(maxsize=8)
 def _client(tracking_uri: str | None) -> MlflowClient:
-    return _RetryingClient(_plain_client(tracking_uri))  # type: ignore[return-value]
+    return RetryingClient(_plain_client(tracking_uri))  # type: ignore[return-value]
 
 
 @lru_cache(maxsize=8)
 def _plain_client(tracking_uri: str | None) -> MlflowClient:
     # One per URI and process: a SQL store builds an engine and checks its schema on creation.
     return MlflowClient(tracking_uri)
-
-
-class _RetryingClient:
-    """An `MlflowClient` whose public methods retry through outages (see `_retry`)."""
-
-    def __init__(self, inner: MlflowClient) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._inner, name)
-        if name.startswith("_") or not callable(attr):
-            return attr
-
-        @functools.wraps(attr)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return _retry(lambda: attr(*args, **kwargs), f"call {name}", self._inner.tracking_uri)
-
-        return call
-
-
-def _retry(fn: Callable[[], T], what: str, tracking_uri: str) -> T:
-    """``fn()``, retried with backoff while MLflow cannot serve it, within the retry window.
-
-    Raises:
-        MlflowUnavailable: MLflow failed every attempt for the whole window.
-    """
-    first_failure: float | None = None
-    window = 0.0
-    attempt = 0
-    warned_at = 0.0
-    while True:
-        try:
-            result = fn()
-        except Exception as exc:
-            if not _transient(exc):
-                raise
-            now = time.monotonic()
-            if first_failure is None:
-                first_failure = warned_at = now
-                override = _window_override.get()
-                window = get_settings().mlflow_retry_window_s if override is None else override
-                if window <= 0:
-                    raise
-                limit = "until it answers" if math.isinf(window) else f"for up to {window:g} s"
-                log.warning(
-                    "MLflow at %s could not %s (%s); retrying %s",
-                    tracking_uri, what, _one_line(exc), limit,
-                )  # fmt: skip
-            waited = now - first_failure
-            if waited >= window:
-                raise MlflowUnavailable(tracking_uri, what, waited, window, exc) from exc
-            if now - warned_at >= _WARN_EVERY_S:
-                warned_at = now
-                log.warning("MLflow at %s: still unavailable after %.0f s", tracking_uri, waited)
-            time.sleep(min(_BACKOFF_FIRST_S * 2**attempt, _BACKOFF_MAX_S, window - waited))
-            attempt += 1
-        else:
-            if first_failure is not None:
-                log.warning(
-                    "MLflow at %s answered again after %.0f s (%s)",
-                    tracking_uri, time.monotonic() - first_failure, what,
-                )  # fmt: skip
-            return result
-
-
-def _transient(exc: BaseException) -> bool:
-    """Whether ``exc`` says MLflow could not serve the request now (as opposed to refusing it)."""
-    if isinstance(exc, MlflowUnavailable):
-        return False  # an inner call already waited the whole window
-    if isinstance(exc, RestException):
-        return exc.error_code in _TRANSIENT_CODES
-    if isinstance(exc, requests.HTTPError) and exc.response is not None:
-        return exc.response.status_code in _TRANSIENT_STATUS
-    # MLflow wraps transport errors ("API request to ... failed with exception ..."): look inside.
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, _TRANSPORT_ERRORS):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:500]
-
-
-@contextlib.contextmanager
-def _until_answered() -> Iterator[None]:
-    """The end of a run is the record: retry it until MLflow answers (unless overridden)."""
-    if _window_override.get() is not None:
-        yield
-        return
-    with retry_window(math.inf):
-        yield
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -308,7 +144,7 @@ def set_sweep_status(
     tags = [RunTag("l0sweep.status", status)]
     if message is not None:
         tags.append(RunTag("l0sweep.status_message", message[:MAX_TAG_VAL_LENGTH]))
-    with _until_answered():
+    with until_answered():
         c.log_batch(run_id, tags=tags)
         if status in _MLFLOW_SWEEP_STATUS:
             c.set_terminated(run_id, status=_MLFLOW_SWEEP_STATUS[status])
@@ -395,7 +231,7 @@ def _find_or_create_trial_run(raw: MlflowClient, sweep_id: str, trial_id: str) -
         experiment_id = raw.get_run(sweep_id).info.experiment_id
         return raw.create_run(experiment_id, tags=tags, run_name=trial_id).info.run_id, True
 
-    return _retry(find_or_create, f"start the run of trial {trial_id}", raw.tracking_uri)
+    return with_retries(find_or_create, f"start the run of trial {trial_id}", raw.tracking_uri)
 
 
 def log_epoch(
@@ -405,7 +241,7 @@ def log_epoch(
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
     raw = _plain_client(tracking_uri or get_settings().tracking_uri)
-    _retry(
+    with_retries(
         lambda: raw.log_batch(run_id, metrics=items),
         f"log the metrics of epoch {step} of run {run_id}",
         raw.tracking_uri,
@@ -423,7 +259,7 @@ def end_trial_run(
     tags = [RunTag("l0sweep.trial_status", status)]
     if reason:
         tags.append(RunTag("l0sweep.failure_reason", reason[:MAX_TAG_VAL_LENGTH]))
-    with _until_answered():
+    with until_answered():
         c.log_batch(run_id, tags=tags)
         c.set_terminated(run_id, status=TRIAL_STATUSES[status])
 
@@ -433,7 +269,7 @@ def close_open_trials(
 ) -> int:
     """End every child run of a sweep still RUNNING (after a cancel or a crash); returns how many."""
     c = client(tracking_uri)
-    with _until_answered():
+    with until_answered():
         runs = _search_children(c, sweep_id, " and attributes.status = 'RUNNING'")
         for run in runs:
             end_trial_run(run.info.run_id, status, tracking_uri=tracking_uri)
