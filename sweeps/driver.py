@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ import ray
 from ray import tune
 
 from . import tracking
-from .config import get_settings
+from .config import get_settings, mlflow_client_env
 from .progress import SweepCallback, SweepProgress
 from .report import finalize_sweep
 from .space import param_space, scheduler, search_algorithm
@@ -131,6 +133,10 @@ def run_sweep(
     settings = get_settings()
     tracking_uri = tracking_uri or settings.tracking_uri
     storage = Path(storage_path or settings.storage_path).resolve()
+    # A driver submitted by the service has these already; `l0sweep run` and library callers get
+    # the same MLflow retry behaviour, for this process and the local Ray workers it starts.
+    for key, value in mlflow_client_env().items():
+        os.environ.setdefault(key, value)
     sweep_id = sweep_id or tracking.create_sweep_run(spec, tracking_uri)
     if not ray.is_initialized():
         ray.init()
@@ -159,7 +165,7 @@ def run_sweep(
     if interrupted:
         status, message = "CANCELLED", f"stopped; {killed} running trials killed; resumable"
     elif trials and all(t["status"] == "FAILED" for t in trials):
-        status, message = "FAILED", "every trial failed"
+        status, message = "FAILED", f"every trial failed; {_commonest_failure(trials)}"
     else:
         failed = sum(t["status"] == "FAILED" for t in trials)
         status, message = (
@@ -169,6 +175,15 @@ def run_sweep(
         )
     tracking.set_sweep_status(sweep_id, status, message, tracking_uri)
     return SweepResult(sweep_id, status, str(storage / sweep_id), restored, trials, report)
+
+
+def _commonest_failure(trials: list[dict[str, Any]]) -> str:
+    """The commonest kind of failure among ``trials`` (the text before a reason's first colon,
+    e.g. the exception name), how many trials it ended, and one full reason of that kind."""
+    reasons = [t["failure_reason"] or "no reason recorded" for t in trials]
+    kind, count = Counter(r.split(":", 1)[0] for r in reasons).most_common(1)[0]
+    example = next(r for r in reasons if r.split(":", 1)[0] == kind)
+    return f"{count} of {len(trials)} like {example}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,7 +213,8 @@ def test_long_outage_fails_the_waiting_trials_clearly(outage_api, mlflow_server)
         trials = api.get(f"/sweeps/{sweep['id']}/trials").json()
         logs = api.get(f"/sweeps/{sweep['id']}/logs", params={"tail": 2000}).text
     assert done["status"] == "FAILED", done
-    assert done["message"] == "every trial failed", done
+    assert done["message"].startswith("every trial failed; 2 of 2 like MlflowUnavailable: "), done
+    assert f"MLflow at {mlflow_server.uri} was unavailable" in done["message"], done
     assert done["job_id"].endswith("-0"), "the driver ended the sweep itself"
     assert len(trials) == 2
     for trial in trials:
