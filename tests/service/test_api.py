@@ -277,6 +277,17 @@ def test_auth_on(make_api) -> None:
         response = api.post("/sweeps", json=TINY_SPEC)
         assert response.status_code == 401
         assert response.headers["WWW-Authenticate"] == "Bearer"
+        # every operation of the schema, not only the ones listed above
+        operations = [
+            (method, path.replace("{sweep_id}", VALID_ID))
+            for path, item in api.app.openapi()["paths"].items()
+            for method in item
+            if path != "/healthz"
+        ]
+        assert len(operations) >= 10, operations
+        for method, path in operations:
+            answer = api.request(method, path, json=TINY_SPEC if method == "post" else None)
+            assert answer.status_code == 401, (method, path, answer.status_code)
         ok = {"Authorization": "Bearer s3cret"}
         assert api.get("/sweeps", headers=ok).status_code == 200
         assert api.get(f"/sweeps/{VALID_ID}", headers=ok).status_code == 404
