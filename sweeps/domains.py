@@ -20,6 +20,7 @@ __all__ = [
     "SearchFloat",
     "SearchInt",
     "Uniform",
+    "lone_surrogate",
 ]
 
 
@@ -127,3 +128,29 @@ def _domain_values(value: Any) -> list[Any] | None:
 def _possible(value: Any) -> list[Any] | None:
     """The values a field can take: itself, a grid's or choice's values; None for ranges."""
     return _domain_values(value) if _is_domain(value) else [value]
+
+
+def lone_surrogate(node: Any, path: str = "") -> str | None:
+    """Where in ``node`` a string or key first fails to encode as UTF-8 ("tags.key", say)."""
+    if isinstance(node, str):
+        try:
+            node.encode()
+        except UnicodeEncodeError:
+            return f"the text at {path or 'the top level'}"
+        return None
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
+    for key, value in items:
+        shown = key.encode("utf-8", "backslashreplace").decode() if isinstance(key, str) else key
+        where = f"{path}.{shown}" if path else str(shown)
+        if isinstance(key, str) and lone_surrogate(key) is not None:
+            return f"the key {where}"
+        found = lone_surrogate(value, where)
+        if found is not None:
+            return found
+    return None

@@ -40,6 +40,7 @@ from .domains import (
     _possible,
     _searchable,
     _Strict,
+    lone_surrogate,
 )
 from .registry import DATASETS, MODELS
 
@@ -307,7 +308,7 @@ class SweepSpec(_Strict):
     def _valid_unicode(cls, data: Any) -> Any:
         # JSON escapes can carry lone surrogates ("\ud800"), which no UTF-8 encoder (MLflow's, the
         # spec digest's) accepts; unconstrained str fields (tags, globs) let them through.
-        bad = _lone_surrogate(data)
+        bad = lone_surrogate(data)
         if bad is not None:
             raise ValueError(f"{bad} is not valid Unicode (a lone surrogate, escaped as \\uD8xx)")
         return data
@@ -376,32 +377,6 @@ class SweepSpec(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-
-def _lone_surrogate(node: Any, path: str = "") -> str | None:
-    """Where in ``node`` a string or key first fails to encode as UTF-8 ("tags.key", say)."""
-    if isinstance(node, str):
-        try:
-            node.encode()
-        except UnicodeEncodeError:
-            return f"the text at {path or 'the top level'}"
-        return None
-    items = (
-        node.items()
-        if isinstance(node, dict)
-        else enumerate(node)
-        if isinstance(node, list)
-        else ()
-    )
-    for key, value in items:
-        shown = key.encode("utf-8", "backslashreplace").decode() if isinstance(key, str) else key
-        where = f"{path}.{shown}" if path else str(shown)
-        if isinstance(key, str) and _lone_surrogate(key) is not None:
-            return f"the key {where}"
-        found = _lone_surrogate(value, where)
-        if found is not None:
-            return found
-    return None
 
 
 def json_schema() -> dict[str, Any]:
