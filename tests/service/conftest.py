@@ -110,6 +110,19 @@ def mlflow_client(mlflow_uri: str) -> MlflowClient:
     return MlflowClient(mlflow_uri)
 
 
+def wait_for(poll, until, timeout_s: float = 240, every_s: float = 1.0, what: str = ""):
+    """``poll()`` every ``every_s`` until ``until(value)``; returns that value, or fails the test
+    after ``timeout_s`` showing the last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = poll()
+        if until(value):
+            return value
+        waiting = f" waiting {what}" if what else ""
+        assert time.monotonic() < deadline, f"timed out{waiting}; last: {value}"
+        time.sleep(every_s)
+
+
 def count_sweep_runs(client: MlflowClient) -> int:
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, "tags.`l0sweep.kind` = 'sweep'", max_results=1000)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -20,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from service.app import create_app
-from tests.service.conftest import TINY_SPEC, count_sweep_runs
+from tests.service.conftest import TINY_SPEC, count_sweep_runs, wait_for
 from tests.service.live import serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -35,16 +34,6 @@ def _spec(i: int) -> dict:
     spec = copy.deepcopy(TINY_SPEC)
     spec.update(name=f"conc-{i}-эксперимент-日本語", experiment=EXPERIMENT, tags=TAGS)
     return spec
-
-
-def _wait(poll, until, timeout_s: float, every_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = poll()
-        if until(value):
-            return value
-        assert time.monotonic() < deadline, f"timed out; last: {value}"
-        time.sleep(every_s)
 
 
 def _submit_at_once(url: str, specs: list[dict]) -> list[httpx.Response]:
@@ -71,7 +60,7 @@ def test_concurrent_submissions_respect_the_limit_and_all_trials_are_accounted(
     settings = make_settings(max_concurrent_sweeps=LIMIT)
     with serve(create_app(settings)) as url, httpx.Client(base_url=url, timeout=120) as api:
         # The session's MLflow is shared: sweeps other tests left active would take slots.
-        _wait(lambda: _active(api), lambda active: not active, timeout_s=180)
+        wait_for(lambda: _active(api), lambda active: not active, timeout_s=180)
         before = count_sweep_runs(mlflow_client)
 
         answers = _submit_at_once(url, [_spec(i) for i in range(CLIENTS)])
@@ -85,7 +74,7 @@ def test_concurrent_submissions_respect_the_limit_and_all_trials_are_accounted(
         assert count_sweep_runs(mlflow_client) == before + LIMIT  # nothing recorded for a 429
 
         done = [
-            _wait(
+            wait_for(
                 lambda s=s: api.get(f"/sweeps/{s['id']}").json(),
                 lambda got: got["status"] not in {"PENDING", "RUNNING"},
                 timeout_s=600,
@@ -107,7 +96,7 @@ def test_concurrent_submissions_respect_the_limit_and_all_trials_are_accounted(
         assert again.status_code == 202, again.text
         next_id = again.json()["id"]
         assert api.post(f"/sweeps/{next_id}/cancel").status_code == 202
-        _wait(
+        wait_for(
             lambda: api.get(f"/sweeps/{next_id}").json()["status"],
             lambda status: status == "CANCELLED",
             timeout_s=180,

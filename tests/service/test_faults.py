@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from service.record import TAG_JOB_ID, SweepStore
 from service.stack import free_port, start_mlflow, start_ray_head
 from sweeps import tracking
 from sweeps.spec import SweepSpec
-from tests.service.conftest import TINY_SPEC, ApiProcess
+from tests.service.conftest import TINY_SPEC, ApiProcess, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,15 +53,7 @@ ACTIVE = {"PENDING", "RUNNING"}
 # --- waiting and reading MLflow -----------------------------------------------------------------
 
 
-def _wait(poll: Callable[[], Any], until: Callable[[Any], bool], timeout_s: float = 240,
-          every_s: float = 0.3, what: str = "") -> Any:  # fmt: skip
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = poll()
-        if until(value):
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting {what}; last: {value}"
-        time.sleep(every_s)
+_wait = functools.partial(wait_for, every_s=0.3)
 
 
 def _children(client: MlflowClient, sweep_id: str) -> list[Run]:
@@ -230,19 +222,28 @@ def _kill_one_trial_midway(client: MlflowClient, ray_address: str, sweep_id: str
     return epochs
 
 
+def _kill_one_trial_and_wait(
+    api: Any, client: MlflowClient, ray_address: str, sweep_id: str
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """Kill one trial's worker mid-way and wait for the sweep to end; returns the epochs the
+    trials had reached at the kill and the ended sweep (cancelled if the wait fails)."""
+    try:
+        at_kill = _kill_one_trial_midway(client, ray_address, sweep_id)
+        done = _wait(
+            lambda: api.get(f"/sweeps/{sweep_id}").json(),
+            lambda s: s["status"] not in ACTIVE,
+            what="for the sweep to end",
+        )
+    finally:
+        _cancel_if_active(api, sweep_id)
+    return at_kill, done
+
+
 def test_killed_trial_is_retried_in_its_own_run(make_api, mlflow_client, ray_address) -> None:
     spec = _spec("trial-killed-retried", batch_size=4, max_failures=1, lam={"grid": [0.01, 0.1]})
     with make_api(reconcile_interval_s=1) as api:
         sweep = api.post("/sweeps", json=spec).json()
-        try:
-            at_kill = _kill_one_trial_midway(mlflow_client, ray_address, sweep["id"])
-            done = _wait(
-                lambda: api.get(f"/sweeps/{sweep['id']}").json(),
-                lambda s: s["status"] not in ACTIVE,
-                what="for the sweep to end",
-            )
-        finally:
-            _cancel_if_active(api, sweep["id"])
+        at_kill, done = _kill_one_trial_and_wait(api, mlflow_client, ray_address, sweep["id"])
     assert done["status"] == "FINISHED", done
     assert done["progress"]["finished"] == 2 and done["progress"]["failed"] == 0, done
     runs = _assert_clean_record(mlflow_client, sweep["id"], 2)
@@ -264,15 +265,7 @@ def test_killed_trial_without_retries_fails_alone(make_api, mlflow_client, ray_a
     spec = _spec("trial-killed-failed", batch_size=4, max_failures=0, lam={"grid": [0.01, 0.1]})
     with make_api(reconcile_interval_s=1) as api:
         sweep = api.post("/sweeps", json=spec).json()
-        try:
-            _kill_one_trial_midway(mlflow_client, ray_address, sweep["id"])
-            done = _wait(
-                lambda: api.get(f"/sweeps/{sweep['id']}").json(),
-                lambda s: s["status"] not in ACTIVE,
-                what="for the sweep to end",
-            )
-        finally:
-            _cancel_if_active(api, sweep["id"])
+        _, done = _kill_one_trial_and_wait(api, mlflow_client, ray_address, sweep["id"])
         trials = {t["id"]: t for t in api.get(f"/sweeps/{sweep['id']}/trials").json()}
     assert done["status"] == "FINISHED", done
     assert done["progress"]["finished"] == 1 and done["progress"]["failed"] == 1, done

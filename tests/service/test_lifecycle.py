@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import re
-import time
 
 import httpx
 import pytest
@@ -15,19 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from service.cli import main as cli
 from service.client import ApiError, Client
-from tests.service.conftest import TINY_SPEC, ApiProcess, alive_actors
+from tests.service.conftest import TINY_SPEC, ApiProcess, alive_actors, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _wait(poll, until, timeout_s: float = 240, every_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = poll()
-        if until(value):
-            return value
-        assert time.monotonic() < deadline, f"timed out; last: {value}"
-        time.sleep(every_s)
 
 
 def _children(client: MlflowClient, sweep: dict) -> list:
@@ -53,7 +42,7 @@ def test_submit_follow_pareto_delete(make_api, mlflow_client) -> None:
         assert reused.status_code == 409 and "different spec" in reused.json()["detail"]
         assert api.delete(f"/sweeps/{sweep['id']}").status_code == 409  # still active
 
-        done = _wait(
+        done = wait_for(
             lambda: api.get(f"/sweeps/{sweep['id']}").json(),
             lambda s: s["status"] not in {"PENDING", "RUNNING"},
         )
@@ -99,7 +88,7 @@ def test_cancel_running_sweep_and_concurrency_limit(make_api, mlflow_client, ray
         assert second.status_code == 429 and "limit is 1" in second.json()["detail"]
         assert second.headers["Retry-After"]
 
-        _wait(
+        wait_for(
             lambda: api.get(f"/sweeps/{sweep['id']}").json(),
             lambda s: s["progress"]["running"] >= 1,
             timeout_s=180,
@@ -107,7 +96,7 @@ def test_cancel_running_sweep_and_concurrency_limit(make_api, mlflow_client, ray
         cancel = api.post(f"/sweeps/{sweep['id']}/cancel")
         assert cancel.status_code == 202, cancel.text
         assert cancel.json()["cancel_requested"] is True
-        done = _wait(
+        done = wait_for(
             lambda: api.get(f"/sweeps/{sweep['id']}").json(),
             lambda s: s["status"] not in {"PENDING", "RUNNING"},
             timeout_s=120,
@@ -118,9 +107,9 @@ def test_cancel_running_sweep_and_concurrency_limit(make_api, mlflow_client, ray
         assert children and {c.info.status for c in children} == {"KILLED"}
         assert api.post(f"/sweeps/{sweep['id']}/cancel").status_code == 409
         jobs = api.app.state.control.jobs
-        _wait(lambda: jobs.state(done["job_id"]).status, lambda s: s == "STOPPED", timeout_s=60)
+        wait_for(lambda: jobs.state(done["job_id"]).status, lambda s: s == "STOPPED", timeout_s=60)
         # The trials' CPUs are free again: no trial actor is left alive on the cluster.
-        _wait(lambda: alive_actors(ray_address), lambda actors: not actors, timeout_s=60)
+        wait_for(lambda: alive_actors(ray_address), lambda actors: not actors, timeout_s=60)
 
 
 def test_api_restart_mid_sweep(ray_address, mlflow_uri, storage_path, tmp_path, capsys) -> None:

@@ -9,12 +9,12 @@ is down every endpoint that needs it answers 503 with a message, at once.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -26,7 +26,7 @@ from service.settings import Settings
 from service.stack import ManagedProcess, free_port, start_mlflow
 from sweeps import tracking
 from sweeps.spec import SweepSpec
-from tests.service.conftest import TINY_SPEC
+from tests.service.conftest import TINY_SPEC, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -99,14 +99,7 @@ def outage_api(
     return make
 
 
-def _wait(poll: Callable[[], Any], until: Callable[[Any], bool], timeout_s: float = 240) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = poll()
-        if until(value):
-            return value
-        assert time.monotonic() < deadline, f"timed out; last: {value}"
-        time.sleep(0.5)
+_wait = functools.partial(wait_for, every_s=0.5)
 
 
 def _spec(name: str, epochs: int) -> dict:
