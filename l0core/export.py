@@ -38,7 +38,7 @@ from ._chain import (
     trace_chain,
 )
 
-__all__ = ["ShrinkError", "ShrinkReport", "finish_export", "shrink"]
+__all__ = ["ShrinkError", "ShrinkReport", "chain_export_blockers", "finish_export", "shrink"]
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,9 @@ def shrink(model: nn.Module) -> tuple[nn.Module, ShrinkReport]:
     """
     work, gm, steps = trace_chain(model)
     layers = _layers(steps)
-    result = work if isinstance(model, nn.Sequential) else gm
+    # a hard-coded view is rewritten in the graph, so only the graph module carries it
+    resized = any(op.resize is not None for layer in layers for op in layer.ops)
+    result = work if isinstance(model, nn.Sequential) and not resized else gm
     if not layers:
         n = _n_params(model)
         return result.train(model.training), ShrinkReport([], [], n, n, {})
@@ -330,6 +332,15 @@ def shrink(model: nn.Module) -> tuple[nn.Module, ShrinkReport]:
         kept_constant=kept_constant,
     )
     return result.train(model.training), report
+
+
+def chain_export_blockers(model: nn.Module) -> list[str]:
+    """Why ``shrink`` cannot restructure ``model`` (one line), or nothing when it can."""
+    try:
+        _layers(trace_chain(model)[2])
+    except ShrinkError as exc:
+        return [str(exc)]
+    return []
 
 
 def finish_export(model: nn.Module, shrink_units: bool) -> tuple[nn.Module, ShrinkReport | None]:

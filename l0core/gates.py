@@ -20,12 +20,14 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .groups import GROUP_GRANULARITIES, Group, GroupPlan, try_plan_groups
 from .selection import TargetParam
 
 __all__ = [
@@ -92,9 +94,13 @@ class GateSite:
     hook_module: nn.Module | None = None
     hook_name: str = ""
     unit_dim: int = -1
+    group: Group | None = None
+    plan: GroupPlan | None = None
 
     @property
     def numel(self) -> int:
+        if self.group is not None:
+            return self.n_gates * self.group_size
         return self.target.param.numel()
 
     @property
@@ -155,19 +161,96 @@ def _plan_structured(
     return site
 
 
+def _uses_groups(model: nn.Module, granularity: object, per_sample: bool) -> bool | None:
+    """``True``: gates by data flow (required); ``None``: by data flow if the model traces;
+    ``False``: per layer (a chain of built-in layers, weight/input gates, per-sample gates)."""
+    if not isinstance(granularity, str) or granularity == "head":
+        if per_sample:
+            raise ValueError(f"per_sample=True does not combine with granularity {granularity!r}")
+        return True
+    if granularity != "output" or per_sample:
+        return False
+
+    def builtin(m: nn.Module) -> bool:
+        return type(m).__module__.startswith("torch.nn")
+
+    if isinstance(model, nn.Sequential):
+        return False if all(builtin(m) for m in model.children()) else None
+    return False if builtin(model) else None
+
+
+def _check_granularity(granularity: object) -> None:
+    if isinstance(granularity, str):
+        if granularity not in (*GRANULARITIES, "head"):
+            raise ValueError(
+                f"granularity must be one of {(*GRANULARITIES, 'head')} or a list of "
+                f"{GROUP_GRANULARITIES}, got {granularity!r}"
+            )
+    elif not isinstance(granularity, (list, tuple)):
+        raise ValueError(
+            f"granularity must be one of {(*GRANULARITIES, 'head')} or a list of "
+            f"{GROUP_GRANULARITIES}, got {granularity!r}"
+        )
+
+
+def _group_sites(plan: GroupPlan, targets: list[TargetParam]) -> list[GateSite]:
+    by_id = {id(t.param): t for t in targets}
+    sites = []
+    for g in plan.groups:
+        param = next(
+            (by_id[id(p)] for name in g.members
+             for p in [_member_param(plan, name)] if p is not None and id(p) in by_id),
+            targets[0],
+        )  # fmt: skip
+        granularity = "head" if g.kind == "heads" else "output"
+        site = GateSite(g.name, param, granularity, "group", g.offset, len(g.roots), g.owned)
+        site.group, site.plan = g, plan
+        sites.append(site)
+    return sites
+
+
+def _member_param(plan: GroupPlan, member: str) -> torch.Tensor | None:
+    path = member.partition("[")[0]
+    mod_name, _, attr = path.rpartition(".")
+    return plan.graph.gm.get_submodule(mod_name)._parameters.get(attr)
+
+
 def plan_sites(
-    model: nn.Module, targets: list[TargetParam], granularity: str, per_sample: bool = False
-) -> tuple[list[GateSite], list[GateSite]]:
+    model: nn.Module, targets: list[TargetParam], granularity: str | list[str],
+    per_sample: bool = False,
+) -> tuple[list[GateSite], list[GateSite]]:  # fmt: skip
     """Decide, for each selected parameter, its gates and how they are applied.
 
+    Structured ``"output"`` gates (and ``"head"``, or a list of both) follow the model's data
+    flow (``l0core.groups``): one gate per coupled unit, applied where the unit is created. A
+    chain of built-in layers (an ``nn.Sequential``) keeps per-layer gates, which are exact there.
+
     Returns:
-        ``(weight_sites, activation_sites)``, each with offsets into its own flat logit tensor.
+        ``(weight_sites, activation_sites)``, each with offsets into its own flat logit tensor;
+        coupled groups come first among the activation sites (``applied == "group"``).
 
     Raises:
         ValueError: unknown granularity, or two sites that would mask the same tensor.
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    _check_granularity(granularity)
+    mode = _uses_groups(model, granularity, per_sample)
+    plan = None
+    if mode is not False:
+        plan = try_plan_groups(model, targets, granularity, required=bool(mode))
+    group_sites: list[GateSite] = []
+    if plan is not None:
+        group_sites = _group_sites(plan, targets)
+        unknown = set(plan.graph.unknown_modules)
+        rest = [t for t in targets if t.name.rpartition(".")[0] in unknown]
+        for name in sorted(unknown & {t.name.rpartition(".")[0] for t in rest}):
+            warnings.warn(
+                f"{name} ({plan.graph.unknown_modules[name]}) is not a module the graph walk "
+                "knows: its parameters are gated on their own (weight masks, exact)",
+                stacklevel=3,
+            )
+        targets, granularity = rest, "output" if granularity == "head" else granularity
+        if not isinstance(granularity, str):
+            granularity = "output"
     names = {id(m): n for n, m in model.named_modules()}
     sites = []
     for t in targets:
@@ -178,6 +261,8 @@ def plan_sites(
         else:
             sites.append(_plan_structured(t, granularity, per_sample, model, names))
     claimed: dict[int, str] = {}
+    for m in plan.masks if plan is not None else []:
+        claimed[id(m.module._parameters[m.attr])] = "a coupled group"
     for site in sites:
         for m in site.masked:
             if id(m.param) in claimed:
@@ -187,7 +272,7 @@ def plan_sites(
                 )
             claimed[id(m.param)] = site.name
     weight_sites = [s for s in sites if s.applied == "weight"]
-    act_sites = [s for s in sites if s.applied == "activation"]
+    act_sites = group_sites + [s for s in sites if s.applied == "activation"]
     for group in (weight_sites, act_sites):
         offset = 0
         for s in group:
@@ -235,7 +320,9 @@ def magnitude_droprates(site: GateSite, droprate: float) -> torch.Tensor:
     so fine-tuning a trained model starts with the important weights' gates open.
     """
     w = site.target.param.detach().float()
-    if site.granularity == "weight" or w.dim() < 2:
+    if site.group is not None:
+        score = site.plan.unit_sq_norms().detach()[site.slice].sqrt()
+    elif site.granularity == "weight" or w.dim() < 2:
         score = w.abs().flatten()
     else:
         dims = [d for d in range(w.dim()) if d != (0 if site.granularity == "output" else 1)]

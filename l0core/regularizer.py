@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .controller import SparsityController
-from .export import finish_export
+from .export import chain_export_blockers, finish_export
 from .flops import layer_macs, record_shapes
 from .functional import (
     LOG_ALPHA_BOUND,
@@ -30,6 +30,7 @@ from .functional import (
     sample_gates,
 )
 from .gates import GateSite, init_logits, plan_sites, resolve_droprates
+from .graph_export import export_blockers, group_members, shrink_graph
 from .masking import masked_weights
 from .selection import Selector, select_params
 
@@ -113,6 +114,7 @@ class L0Regularizer(nn.Module):
         targets = select_params(model, include, exclude)
         self._wsites, self._asites = plan_sites(model, targets, granularity, per_sample)
         self._masked = [(s, m) for s in self._wsites for m in s.masked]
+        self._group_plan = next((s.plan for s in self._asites if s.plan is not None), None)
         ref = targets[0].param
         dtype = ref.dtype if ref.dtype == torch.float64 else torch.float32
         for attr, sites in (("weight_log_alpha", self._wsites), ("unit_log_alpha", self._asites)):
@@ -224,8 +226,13 @@ class L0Regularizer(nn.Module):
     @contextlib.contextmanager
     def _unit_hooks(self, gates: list[Tensor | None]) -> Iterator[None]:
         handles = []
+        groups = [z for site, z in zip(self._asites, gates, strict=True) if site.plan is not None]
+        swap = self._group_plan.swapped(torch.cat(groups)) if groups else contextlib.nullcontext()
         try:
+            swap.__enter__()
             for site, z in zip(self._asites, gates, strict=True):
+                if site.plan is not None:
+                    continue
                 hook = _UnitGate(self, site, z)
                 if site.granularity == "output":
                     handles.append(site.hook_module.register_forward_hook(hook))
@@ -235,6 +242,7 @@ class L0Regularizer(nn.Module):
         finally:
             for h in handles:
                 h.remove()
+            swap.__exit__(None, None, None)
 
     def _shape_recorder(self) -> contextlib.AbstractContextManager:
         if self._shapes is not None:
@@ -270,8 +278,13 @@ class L0Regularizer(nn.Module):
         """Expected L2 cost, ``sum_g P(z_g != 0) * ||theta_g||^2`` over the gated parameters."""
         pw, pu = self._prob_nonzero()
         total = None
+        if self._group_plan is not None:
+            n = self._group_plan.n_gates
+            total = torch.dot(pu[:n], self._group_plan.unit_sq_norms().to(pu.dtype))
         for sites, p in ((self._wsites, pw), (self._asites, pu)):
             for s in sites:
+                if s.plan is not None:
+                    continue
                 w = s.target.param
                 dims = _group_dims(s)
                 sq = w.pow(2).sum(dims) if dims else w.pow(2)
@@ -329,6 +342,7 @@ class L0Regularizer(nn.Module):
         probs = {s.name: pw[s.slice] for s in self._wsites}
         probs.update({s.name: pu[s.slice] for s in self._asites})
         sites = dict(self._site_eval_gates_by_name())
+        in_group = group_members(self._asites)
         rows = []
         for name, p in self.module.named_parameters():
             row: dict[str, Any] = {"name": name, "shape": tuple(p.shape), "numel": p.numel()}
@@ -340,6 +354,17 @@ class L0Regularizer(nn.Module):
                     applied=s.applied if s.applied == "weight" else f"activation:{s.hook_name}",
                     n_gates=s.n_gates,
                     expected_density=float(probs[name].detach().mean()),
+                    eval_density=float((z != 0).float().mean()),
+                )
+            elif name in in_group:
+                s = in_group[name]
+                z = sites[s.name][1]
+                row.update(
+                    gated=True,
+                    granularity=s.granularity,
+                    applied=f"group:{s.name}",
+                    n_gates=s.n_gates,
+                    expected_density=float(probs[s.name].detach().mean()),
                     eval_density=float((z != 0).float().mean()),
                 )
             else:
@@ -365,9 +390,50 @@ class L0Regularizer(nn.Module):
         model = copy.deepcopy(self.module)
         with torch.no_grad():
             for site, z in self._site_eval_gates():
-                _apply_gate_to_copy(model, site, z)
+                if site.plan is None:
+                    _apply_gate_to_copy(model, site, z)
+            if self._group_plan is not None:
+                zu = self.eval_gates()[1]
+                self._group_plan.bake(model, zu[: self._group_plan.n_gates])
+        if self._group_plan is not None and shrink:
+            model.eval()
+            model, self.last_shrink_report = shrink_graph(model, self._group_plan, self._closed())
+            return model
         model, self.last_shrink_report = finish_export(model, shrink)
         return model
+
+    def _closed(self) -> Tensor:
+        """Which coupled units are closed in eval (their gate is exactly 0)."""
+        zu = self.eval_gates()[1]
+        return zu[: self._group_plan.n_gates] == 0
+
+    def group_summary(self) -> list[dict[str, Any]]:
+        """Per coupled group: its name, kind, gates, member tensors and densities."""
+        pu = self._prob_nonzero()[1]
+        zu = self.eval_gates()[1]
+        return [
+            {
+                "group": s.name,
+                "kind": s.group.kind,
+                "n_gates": s.n_gates,
+                "params_per_gate": s.group_size,
+                "members": list(s.group.members),
+                "expected_density": float(pu[s.slice].detach().mean()),
+                "eval_density": float((zu[s.slice] != 0).float().mean()),
+            }
+            for s in self._asites
+            if s.plan is not None
+        ]
+
+    def check_export(self) -> list[str]:
+        """Why each selected parameter will not shrink with ``prune(shrink=True)``: one line
+        per parameter, naming the node and op that keeps it (empty when all of it can).
+
+        Call it right after construction: it reads the plan, not the gates.
+        """
+        if self._group_plan is not None:
+            return export_blockers(self._group_plan, self._asites, self._wsites)
+        return chain_export_blockers(self.module)
 
     def expected_flops(self, *example_args: Any, **example_kwargs: Any) -> float:
         """Expected multiply-adds per example of the Linear and ConvNd layers.

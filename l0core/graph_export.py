@@ -1,0 +1,214 @@
+"""Export that shrinks any graph the coupled groups gate: closed units leave every tensor.
+
+A closed unit (see :mod:`l0core.groups`) is exactly zero wherever its channels live, so removing
+its producer rows, its norm entries, its depthwise channels, the columns of every consumer and,
+for an attention head, its q/k/v rows (the module's ``num_heads`` drops by one) leaves the
+function unchanged. The shrunk model is a copy of the original class with smaller layers: a plain
+``nn.Module`` that ``torch.save``/``torch.load`` and ``torch.export`` take like the original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import skip_init
+
+from ._chain import ShrinkError
+from .groups import GroupPlan
+
+__all__ = ["GraphShrinkReport", "export_blockers", "group_members", "shrink_graph"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass(frozen=True)
+class GraphShrinkReport:
+    """What ``shrink_graph`` removed.
+
+    Attributes:
+        groups: group name -> ``(units before, units after)``.
+        params_before: parameters of the gated model.
+        params_after: parameters of the shrunk model.
+    """
+
+    groups: dict[str, tuple[int, int]]
+    params_before: int
+    params_after: int
+
+    def __str__(self) -> str:
+        changed = [f"{n}: {a} -> {b}" for n, (a, b) in self.groups.items() if a != b]
+        text = f"{self.params_before:,} -> {self.params_after:,} parameters"
+        return text + (f" ({'; '.join(changed)})" if changed else " (nothing closed)")
+
+
+def group_members(sites: list) -> dict[str, object]:
+    """Parameter name -> the group site that owns it (its rows, norm entries or depthwise)."""
+    out = {}
+    for s in sites:
+        if s.plan is None:
+            continue
+        for m in s.group.members:
+            path, _, role = m.partition("[")
+            if role.rstrip("]") in ("rows", "norm", "depthwise"):
+                out.setdefault(path, s)
+    return out
+
+
+def export_blockers(plan: GroupPlan, group_sites: list, weight_sites: list) -> list[str]:
+    """One line per gated parameter that ``shrink_graph`` cannot remove units from."""
+    lines = []
+    root = plan.model
+    for owner, roots in plan.graph.heads.items():
+        if not any(plan.graph.find(r) in plan.unit_of for r in roots):
+            continue
+        m = root.get_submodule(owner) if owner else root
+        if isinstance(m, nn.MultiheadAttention):
+            lines.append(
+                f"{owner}.in_proj_weight: nn.MultiheadAttention ({owner}) cannot lose heads "
+                "(its embed_dim is also its output width); gate it, prune() without shrink"
+            )
+        elif not isinstance(getattr(m, "num_heads", None), int):
+            lines.append(
+                f"{owner or 'the model'}: scaled_dot_product_attention heads are gated, but the "
+                "module holds no int 'num_heads' attribute that shrink could lower"
+            )
+    for s in [*group_sites, *weight_sites]:
+        if s.plan is None:
+            lines.append(
+                f"{s.name}: gated on its own ({type(s.target.module).__name__} is not a module "
+                "the graph walk knows), shrink leaves it at full size"
+            )
+    return lines
+
+
+def _never_empty(plan: GroupPlan, closed: Tensor) -> Tensor:
+    """Keep one (exactly zero) unit of a group whose units are all closed: no zero-width layer."""
+    closed = closed.clone().cpu()
+    for g in plan.groups:
+        if bool(closed[g.offset : g.offset + len(g.roots)].all()):
+            closed[g.offset] = False
+    return closed
+
+
+def _keep_masks(plan: GroupPlan, closed: Tensor) -> dict[tuple[str, str], list[tuple[int, Tensor]]]:
+    closed_full = torch.cat([closed.cpu(), torch.zeros(1, dtype=torch.bool)])
+    out: dict[tuple[str, str], list[tuple[int, Tensor]]] = {}
+    for inc in plan.graph.incidences:
+        keep = ~closed_full[plan.gate_index(inc)]
+        if bool(keep.all()):
+            continue
+        out.setdefault((inc.module, inc.attr), []).append((inc.dim, keep))
+    return out
+
+
+def _sliced(t: Tensor, cuts: list[tuple[int, Tensor]]) -> Tensor:
+    for dim, keep in cuts:
+        t = t.index_select(dim, keep.nonzero().flatten().to(t.device))
+    return t
+
+
+def _rebuilt(old: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
+    """A module of ``old``'s type and settings whose tensors are ``tensors`` (new shapes)."""
+    w = tensors.get("weight")
+    if isinstance(old, _CONV + _CONVT):
+        depthwise = old.groups > 1 and old.groups == old.in_channels == old.out_channels
+        if old.groups > 1 and not depthwise:
+            raise ShrinkError(f"cannot shrink the grouped convolution {old}")
+        if isinstance(old, _CONVT):
+            c_in, c_out = w.shape[0], w.shape[1]
+        else:
+            c_in, c_out = w.shape[1] * (w.shape[0] if depthwise else 1), w.shape[0]
+        new = skip_init(
+            type(old), c_in, c_out, old.kernel_size, stride=old.stride, padding=old.padding,
+            dilation=old.dilation, groups=c_out if depthwise else 1, bias=old.bias is not None,
+            padding_mode=old.padding_mode, device=w.device, dtype=w.dtype,
+            **({"output_padding": old.output_padding} if isinstance(old, _CONVT) else {}),
+        )  # fmt: skip
+    elif isinstance(old, nn.Linear):
+        new = skip_init(nn.Linear, w.shape[1], w.shape[0], bias=old.bias is not None,
+                        device=w.device, dtype=w.dtype)  # fmt: skip
+    elif isinstance(old, _BN):
+        ref = tensors.get("running_mean", w)
+        new = skip_init(type(old), ref.shape[0], eps=old.eps, momentum=old.momentum,
+                        affine=old.affine, track_running_stats=old.track_running_stats,
+                        device=ref.device, dtype=ref.dtype)  # fmt: skip
+    elif isinstance(old, nn.MultiheadAttention):
+        raise ShrinkError(
+            "nn.MultiheadAttention cannot lose heads (its embed_dim is also its output width)"
+        )
+    else:
+        raise ShrinkError(f"cannot shrink {type(old).__name__}")
+    for name, t in [*old.named_parameters(recurse=False), *old.named_buffers(recurse=False)]:
+        target = getattr(new, name)
+        if target is None:
+            continue
+        value = tensors.get(name, t)
+        target.data = value.detach().clone()
+        target.requires_grad_(t.requires_grad)
+    return new.train(old.training)
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def shrink_graph(
+    model: nn.Module, plan: GroupPlan, closed: Tensor
+) -> tuple[nn.Module, GraphShrinkReport]:
+    """Remove the closed units from ``model`` (a plain copy with the eval gates baked in).
+
+    Args:
+        model: the copy; modified in place and returned.
+        plan: the coupled groups of the wrapped model (the copy has the same module names).
+        closed: per gate, whether its unit is closed.
+
+    Raises:
+        ShrinkError: a module that cannot lose the units it would lose, naming it.
+    """
+    before = _n_params(model)
+    closed = _never_empty(plan, closed)
+    cuts = _keep_masks(plan, closed)
+    by_module: dict[str, dict[str, Tensor]] = {}
+    for (mod_name, attr), dims in cuts.items():
+        t = getattr(model.get_submodule(mod_name), attr)
+        by_module.setdefault(mod_name, {})[attr] = _sliced(t, dims)
+    for mod_name, tensors in by_module.items():
+        old = model.get_submodule(mod_name)
+        if isinstance(old, nn.MultiheadAttention) or (
+            mod_name.endswith(".out_proj")
+            and isinstance(model.get_submodule(mod_name.rpartition(".")[0]), nn.MultiheadAttention)
+        ):
+            raise ShrinkError(
+                f"cannot shrink {mod_name}: nn.MultiheadAttention cannot lose heads (its "
+                "embed_dim is also its output width); prune() without shrink keeps it exact"
+            )
+        model.set_submodule(mod_name, _rebuilt(old, tensors))
+    for owner, roots in plan.graph.heads.items():
+        kept = sum(1 for r in roots if not _is_closed(plan, closed, r))  # the number of heads left
+        if kept == len(roots):
+            continue
+        m = model.get_submodule(owner) if owner else model
+        if not isinstance(getattr(m, "num_heads", None), int):
+            raise ShrinkError(
+                f"cannot shrink the attention in {owner or 'the model'}: it has no int "
+                "'num_heads' attribute to lower"
+            )
+        m.num_heads = kept
+    groups = {
+        g.name: (
+            len(g.roots),
+            sum(1 for j in range(len(g.roots)) if not bool(closed[g.offset + j])),
+        )
+        for g in plan.groups
+    }
+    return model, GraphShrinkReport(groups, before, _n_params(model))
+
+
+def _is_closed(plan: GroupPlan, closed: Tensor, channel: int) -> bool:
+    u = plan.unit_of.get(plan.graph.find(channel))
+    return u is not None and bool(closed[u])
