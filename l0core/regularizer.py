@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .controller import SparsityController
-from .export import chain_export_blockers, finish_export
+from .cost import cascaded_macs
+from .export import ShrinkError, chain_export_blockers, finish_export
 from .flops import layer_macs, record_shapes
 from .functional import (
     LOG_ALPHA_BOUND,
@@ -30,6 +31,7 @@ from .functional import (
     sample_gates,
 )
 from .gates import GateSite, init_logits, plan_sites, resolve_droprates
+from .graph import ChannelGraph, GraphError, trace_channels
 from .graph_export import export_blockers, group_members, shrink_graph
 from .masking import masked_weights
 from .selection import Selector, select_params
@@ -438,9 +440,12 @@ class L0Regularizer(nn.Module):
     def expected_flops(self, *example_args: Any, **example_kwargs: Any) -> float:
         """Expected multiply-adds per example of the Linear and ConvNd layers.
 
-        A layer costs ``output positions * expected non-zero weights`` (its gated weights count
-        with ``P(z != 0)``). Output positions come from the real output shapes, recorded at the
-        first forward, or from a forward on ``example_args`` if given.
+        A layer costs ``output positions * expected non-zero weights``; a weight is kept when its
+        row's unit and its column's unit are both open, so a closed output also removes the next
+        layers' inputs (``l0core.cost``; layers are counted on their own only when the model
+        does not trace). Output positions come from the real output shapes, recorded at the
+        first forward, or from a forward on ``example_args`` if given. ``export_cost()`` gives
+        the exact cost of the exported model.
         """
         if example_args or example_kwargs:
             self._shapes = None
@@ -451,6 +456,43 @@ class L0Regularizer(nn.Module):
             self.train(was)
         if not self._shapes:
             raise RuntimeError("expected_flops() needs one forward first, or an example input")
+        graph = self._flops_graph()
+        if graph is None:
+            return self._layer_flops()
+        pw, pu = self._prob_nonzero()
+        p_root: dict[int, Tensor] = {}
+        density: dict[str, float] = {}
+        plan = self._group_plan
+        if plan is not None:
+            p_unit = pu[: plan.n_gates].detach().float().cpu()
+            p_root = {r: p_unit[u] for r, u in plan.unit_of.items()}
+        for sites, p in ((self._wsites, pw), (self._asites, pu)):
+            for s in sites:
+                if s.plan is not None:
+                    continue
+                layer = s.name.rpartition(".")[0]
+                rows = graph._inc_at.get((layer, "weight", 0))
+                ps = p[s.slice].detach().float().cpu()
+                if s.granularity == "output" and rows is not None and rows.role == "rows":
+                    for r, q in zip(graph.roots(rows.ids), ps, strict=True):
+                        p_root[r] = q
+                else:
+                    density[layer] = float(ps.sum()) * s.group_size / s.numel
+        return cascaded_macs(graph, self.module, self._shapes, p_root, density)
+
+    def _flops_graph(self) -> ChannelGraph | None:
+        """The channel graph for the cascade (the plan's, or a trace of a chain); ``None`` when
+        the model does not trace (each layer is then counted on its own)."""
+        if self._group_plan is not None:
+            return self._group_plan.graph
+        if not hasattr(self, "_chain_graph"):
+            try:
+                self._chain_graph = trace_channels(self.module)
+            except GraphError:
+                self._chain_graph = None
+        return self._chain_graph
+
+    def _layer_flops(self) -> float:
         pw, pu = self._prob_nonzero()
         density = {s.name: (pw[s.slice], s) for s in self._wsites}
         density.update({s.name: (pu[s.slice], s) for s in self._asites})
@@ -465,6 +507,28 @@ class L0Regularizer(nn.Module):
                 nnz = float(p.detach().sum()) * site.group_size
             total += layer_macs(mod, self._shapes[name], nnz)
         return total
+
+    def export_cost(self) -> dict[str, float]:
+        """The exact cost of the model ``prune(shrink=True)`` produces (``prune()`` where it
+        cannot shrink): ``params`` (its parameters), ``nonzero_params`` and ``macs`` (multiply-
+        adds per example over its non-zero weights, from the shapes of the first forward)."""
+        if not self._shapes:
+            raise RuntimeError("export_cost() needs one forward first")
+        try:
+            model = self.prune(shrink=True)
+        except ShrinkError:
+            model = self.prune()
+        macs = sum(
+            layer_macs(mod, self._shapes[name], float((mod.weight != 0).sum()))
+            for name, mod in model.named_modules()
+            if name in self._shapes
+        )
+        params = list(model.parameters())
+        return {
+            "params": float(sum(p.numel() for p in params)),
+            "nonzero_params": float(sum(int((p != 0).sum()) for p in params)),
+            "macs": float(macs),
+        }
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,214 @@
+"""Coupled-group gates and the graph export on real architectures (ResNet, GoogLeNet,
+MobileNetV2, ViT), small enough to run in seconds."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from l0core import L0Regularizer
+from sweeps.zoo import GoogLeNet, MobileNetV2, ViT, cifar_resnet, resnet
+
+SHAPE = (3, 16, 16)
+FAMILIES = {
+    "resnet20": (lambda: cifar_resnet(20, SHAPE, 10, width=0.5), "output"),
+    "resnet18": (lambda: resnet(18, SHAPE, 10, width=0.125), "output"),
+    "resnet50": (lambda: resnet(50, SHAPE, 10, width=0.125), "output"),
+    "googlenet": (lambda: GoogLeNet(SHAPE, 10, width=0.0625, blocks=3), "output"),
+    "mobilenet_v2": (lambda: MobileNetV2(SHAPE, 10, width=0.25, stages=4), "output"),
+    "vit_heads": (lambda: ViT(SHAPE, 10, patch=4, dim=32, depth=2, heads=4), "head"),
+    "vit_heads_mlp": (
+        lambda: ViT(SHAPE, 10, patch=4, dim=32, depth=2, heads=4),
+        ["head", "output"],
+    ),
+}
+
+
+def _half_closed(reg: L0Regularizer, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        la = reg.unit_log_alpha
+        closed = torch.rand(la.shape, generator=g) < 0.5
+        la.copy_(torch.where(closed, -8.0, torch.empty_like(la).uniform_(-1.0, 8.0, generator=g)))
+
+
+def _warm(reg: L0Regularizer, x: torch.Tensor, steps: int = 3) -> None:
+    reg.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            reg(x)
+    reg.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_of_a_random_half_closed_state_equals_the_gated_model(family):
+    build, granularity = FAMILIES[family]
+    torch.manual_seed(0)
+    reg = L0Regularizer(build(), 0.1, granularity=granularity)
+    assert reg.check_export() == []
+    _half_closed(reg, seed=1)
+    x = torch.randn(6, *SHAPE)
+    _warm(reg, x)
+    with torch.no_grad():
+        gated = reg(x)
+        small = reg.prune(shrink=True)
+        out = small(x)
+    assert not any("l0core" in type(m).__module__ for m in small.modules())
+    assert (out - gated).abs().max() <= 1e-5 * gated.abs().max()
+    report = reg.last_shrink_report
+    assert report.params_after < report.params_before
+    assert report.params_after == sum(p.numel() for p in small.parameters())
+    assert any(after < before for before, after in report.groups.values())
+    buf = io.BytesIO()
+    torch.save(small, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_data_gradient_reaches_every_gate(family):
+    """Deterministic gates at 0.5 (differentiable in eval) and batch statistics: no gate is cut
+    off from the loss (a sampled gate at exactly 0 or 1 would have none in that step)."""
+    build, granularity = FAMILIES[family]
+    torch.manual_seed(0)
+    reg = L0Regularizer(build(), 0.0, granularity=granularity, droprate_init=0.5)
+    x, y = torch.randn(8, *SHAPE), torch.randint(0, 10, (8,))
+    reg.eval()
+    for m in reg.module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    F.cross_entropy(reg(x), y).backward()
+    grad = reg.unit_log_alpha.grad
+    assert bool((grad != 0).all()), f"{int((grad == 0).sum())} gates get no gradient"
+
+
+@pytest.mark.parametrize("family", ["resnet20", "resnet18", "googlenet", "mobilenet_v2"])
+def test_gate_gradient_with_batch_statistics_is_of_the_order_of_frozen_statistics(family):
+    """A gate before a BatchNorm is rescaled away by batch statistics (~100x smaller). The gates
+    are deterministic (0.5, differentiable in eval); the frozen statistics are those of the batch,
+    so both forwards compute the same outputs and differ only in the path through the stats."""
+    build, granularity = FAMILIES[family]
+    torch.manual_seed(0)
+    reg = L0Regularizer(build(), 0.0, granularity=granularity, droprate_init=0.5)
+    x, y = torch.randn(16, *SHAPE), torch.randint(0, 10, (16,))
+    bns = [m for m in reg.module.modules() if isinstance(m, nn.BatchNorm2d)]
+    reg.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: after one batch, that batch's statistics
+        m.train()
+    with torch.no_grad():
+        reg(x)
+
+    def gate_grad(batch_stats: bool) -> torch.Tensor:
+        for m in bns:
+            m.train(batch_stats)
+        reg.zero_grad()
+        F.cross_entropy(reg(x), y).backward()
+        return reg.unit_log_alpha.grad.abs().mean()
+
+    ratio = float(gate_grad(True) / gate_grad(False))
+    assert 0.2 < ratio < 5, ratio
+
+
+def test_residual_stream_is_one_group_and_downsample_starts_another():
+    reg = L0Regularizer(resnet(18, SHAPE, 10, width=0.125), 0.1, granularity="output")
+    groups = {g["group"]: g for g in reg.group_summary()}
+    stream = next(g for g in groups.values() if "layer1.0.bn2.weight[norm]" in g["members"])
+    assert {"bn1.weight[norm]", "layer1.1.bn2.weight[norm]"} <= set(stream["members"])
+    assert "layer2.0.conv1.weight[cols]" in stream["members"]
+    down = next(g for g in groups.values() if "layer2.0.downsample.1.weight[norm]" in g["members"])
+    assert "layer2.1.bn2.weight[norm]" in down["members"]
+    rows = {r["name"]: r for r in reg.summary()}
+    assert rows["layer1.0.bn1.weight"]["applied"].startswith("group:")
+    assert not rows["fc.weight"]["gated"]  # the model's outputs stay
+
+
+def test_closed_channel_is_zero_after_its_batchnorm_attribute_in_training():
+    model = resnet(18, SHAPE, 10, width=0.125)
+    reg = L0Regularizer(model, 0.1, granularity="output")
+    site = next(s for s in reg._asites if s.name.startswith("layer1.0.bn1"))
+    with torch.no_grad():
+        reg.unit_log_alpha.fill_(8.0)
+        reg.unit_log_alpha[site.slice][:3] = -10.0
+    feats = {}
+    model.layer1[0].bn1.register_forward_hook(lambda m, i, o: feats.setdefault("bn1", o))
+    reg.train()
+    reg(torch.randn(4, *SHAPE))
+    assert (feats["bn1"][:, :3] == 0).all() and (feats["bn1"][:, 3:] != 0).any()
+
+
+def test_depthwise_conv_joins_its_producers_group():
+    reg = L0Regularizer(MobileNetV2(SHAPE, 10, width=0.25, stages=2), 0.1, granularity="output")
+    members = [set(g["members"]) for g in reg.group_summary()]
+    expand = next(m for m in members if "features.2.conv.0.1.weight[norm]" in m)
+    assert {"features.2.conv.1.0.weight[depthwise]", "features.2.conv.1.1.weight[norm]"} <= expand
+
+
+def test_concatenation_feeds_consumers_at_offsets():
+    reg = L0Regularizer(GoogLeNet(SHAPE, 10, width=0.0625, blocks=2), 0.1, granularity="output")
+    plan = reg._group_plan
+    cols = next(
+        i
+        for i in plan.graph.incidences
+        if i.module == "inception3b.branch1.conv" and i.role == "cols"
+    )
+    branch4 = next(
+        i
+        for i in plan.graph.incidences
+        if i.module == "inception3a.branch4.1.conv" and i.role == "rows"
+    )
+    n = branch4.ids.numel()
+    assert plan.graph.roots(cols.ids[-n:]) == plan.graph.roots(branch4.ids)
+
+
+def test_heads_and_mlp_units_are_gated_together_and_shrink():
+    model = ViT(SHAPE, 10, patch=4, dim=32, depth=2, heads=4)
+    reg = L0Regularizer(model, 0.1, granularity=["head", "output"])
+    kinds = {g["group"]: (g["kind"], g["n_gates"]) for g in reg.group_summary()}
+    assert sorted(kinds.values()) == [("channels", 128)] * 2 + [("heads", 4)] * 2
+    heads = next(s for s in reg._asites if s.group.kind == "heads")
+    with torch.no_grad():
+        reg.unit_log_alpha.fill_(8.0)
+        reg.unit_log_alpha[heads.slice][:2] = -10.0
+    reg.eval()
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        small = reg.prune(shrink=True)
+        assert torch.allclose(small(x), reg(x), atol=1e-5)
+    attn = small.get_submodule(heads.name.split(":")[0].rpartition(".")[0])
+    assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 2 * 8
+
+
+def test_multihead_attention_heads_act_and_check_export_says_they_do_not_shrink():
+    class Enc(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.layer(x).mean(1))
+
+    reg = L0Regularizer(Enc(), 0.1, granularity=["head", "output"])
+    assert any("MultiheadAttention" in line for line in reg.check_export())
+    x = torch.randn(2, 5, 16)
+    reg.eval()
+    with torch.no_grad():
+        reg.unit_log_alpha.fill_(8.0)
+        before = reg(x)
+        heads = next(s for s in reg._asites if s.group.kind == "heads")
+        reg.unit_log_alpha[heads.slice] = -10.0
+        assert not torch.allclose(reg(x), before)  # closing every head changes the output
+
+
+def test_bad_granularities_name_the_value():
+    with pytest.raises(ValueError, match="'rows'"):
+        L0Regularizer(cifar_resnet(20, SHAPE, 10), 0.1, granularity=["head", "rows"])
+    with pytest.raises(ValueError, match="'channel'"):
+        L0Regularizer(cifar_resnet(20, SHAPE, 10), 0.1, granularity="channel")
+    with pytest.raises(ValueError, match="num_heads 5"):
+        ViT(SHAPE, 10, dim=32, heads=5)
