@@ -320,3 +320,26 @@ def test_float64_models_stay_float64():
 def test_report_string():
     report = ShrinkReport([784, 300, 100, 10], [784, 41, 17, 10], 266_610, 35_011, {})
     assert str(report) == "784-300-100-10 -> 784-41-17-10, 266,610 -> 35,011 parameters"
+
+
+class _FixedView(nn.Module):
+    """A view to a hard-coded feature count, inside an ``nn.Sequential``."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, x):
+        return x.view(-1, self.features)
+
+
+def test_sequential_with_a_hard_coded_view_shrinks_to_a_model_that_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _FixedView(4 * 6 * 6), nn.Linear(144, 3))
+    with torch.no_grad():
+        model[0].weight[1] = 0.0
+        model[0].bias[1] = 0.0
+    x = torch.randn(2, 3, 8, 8)
+    small, report = shrink(model.eval())
+    assert report.architecture_after == [3, 3, 3]
+    assert torch.allclose(small(x), model(x), atol=1e-6)
