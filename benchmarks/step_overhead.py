@@ -11,7 +11,11 @@ Each allocator mode runs in its own process: ``default`` (glibc as the process s
 ``tuned`` (``l0core.cpu.tune_allocator()``, which stops glibc from returning every freed
 activation buffer to the kernel, a 2x speed-up of small CPU training steps on this machine).
 
-    python benchmarks/step_overhead.py [--rounds 30] [--steps 5] [--compile]
+The ``--families`` run times the graph-shaped models instead: ResNet-20 (32x32, batch 128) with
+coupled output gates, a 4-layer ViT with head and MLP gates, each against its plain step, and
+the export (``prune(shrink=True)``) of a ResNet-18-layout model with half of its units closed.
+
+    python benchmarks/step_overhead.py [--rounds 30] [--steps 5] [--compile] [--families]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from l0core import L0Regularizer
+from sweeps.zoo import ViT, cifar_resnet, resnet
 
 FOREACH = None
 
@@ -130,11 +135,64 @@ def measure(rounds: int, steps: int, compile_: bool) -> dict[str, dict[str, floa
     return results
 
 
+def _family_configs():
+    r20 = cifar_resnet(20, (3, 32, 32), 10)
+    yield "ResNet-20", "plain", copy.deepcopy(r20), None
+    yield (
+        "ResNet-20",
+        "L0 output (coupled groups)",
+        None,
+        L0Regularizer(copy.deepcopy(r20), 1e-6, granularity="output"),
+    )
+    vit = ViT((3, 32, 32), 10, patch=4, dim=128, depth=4, heads=4, mlp_ratio=2.0)
+    yield "ViT 4x128", "plain", copy.deepcopy(vit), None
+    yield (
+        "ViT 4x128",
+        "L0 head + MLP",
+        None,
+        L0Regularizer(copy.deepcopy(vit), 1e-6, granularity=["head", "output"]),
+    )
+
+
+def measure_families(rounds: int, steps: int) -> dict[str, dict[str, float]]:
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+    configs = list(_family_configs())
+    steppers = {(m, c): _stepper(net, reg, x, y) for m, c, net, reg in configs}
+    times = {key: [] for key in steppers}
+    for step in steppers.values():
+        for _ in range(2):
+            step()
+    for _ in range(rounds):
+        for key, step in steppers.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[key].append((time.perf_counter() - t0) / steps)
+    results: dict[str, dict[str, float]] = {}
+    for (m, c), ts in times.items():
+        results.setdefault(m, {})[c] = statistics.median(ts)
+    reg = L0Regularizer(resnet(18, (3, 32, 32), 10), 1e-6, granularity="output")
+    reg(x[:8])
+    with torch.no_grad():
+        la = reg.unit_log_alpha
+        la.copy_(torch.where(torch.rand(la.shape) < 0.5, -10.0, 10.0))
+    reg.eval()
+    exports = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        reg.prune(shrink=True)
+        exports.append(time.perf_counter() - t0)
+    results["ResNet-18 export"] = {"prune(shrink=True)": statistics.median(exports)}
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the wrapper")
+    ap.add_argument("--families", action="store_true", help="ResNet-20, ViT and the export")
     ap.add_argument("--mode", choices=["default", "tuned"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mode:
@@ -142,7 +200,10 @@ def main() -> None:
             from l0core.cpu import tune_allocator
 
             tune_allocator()
-        print(json.dumps(measure(args.rounds, args.steps, args.compile)))
+        if args.families:
+            print(json.dumps(measure_families(args.rounds, args.steps)))
+        else:
+            print(json.dumps(measure(args.rounds, args.steps, args.compile)))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 128, "
           f"median of {args.rounds} rounds x {args.steps} steps\n")  # fmt: skip
@@ -151,11 +212,12 @@ def main() -> None:
     for mode in ("default", "tuned"):
         cmd = [sys.executable, __file__, "--mode", mode, "--rounds", str(args.rounds),
                "--steps", str(args.steps)] + (["--compile"] if args.compile else [])  # fmt: skip
+        cmd += ["--families"] if args.families else []
         res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         for model_name, row in res.items():
             for name, t in row.items():
-                ratio = t / row["plain"]
-                print(f"| {model_name} | {name} | {mode} | {t * 1e3:.2f} | {ratio:.2f}x |")
+                ratio = f"{t / row['plain']:.2f}x" if "plain" in row else "-"
+                print(f"| {model_name} | {name} | {mode} | {t * 1e3:.2f} | {ratio} |")
 
 
 if __name__ == "__main__":

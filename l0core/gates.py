@@ -41,6 +41,7 @@ __all__ = [
 
 GRANULARITIES = ("weight", "output", "input")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -139,6 +140,8 @@ def _plan_structured(
     """Choose how the structured gates of one parameter are applied (see the module doc)."""
     p, mod = t.param, t.module
     dim = 0 if granularity == "output" else 1
+    if isinstance(mod, _CONVT) and t.attr == "weight":  # (in, out / groups, *kernel)
+        dim = 1 - dim
     n = p.shape[dim]
     site = GateSite(t.name, t, granularity, "weight", 0, n, p.numel() // n)
     layer = isinstance(mod, (nn.Linear, *_CONV)) and t.attr == "weight" and not t.aliases
@@ -174,8 +177,11 @@ def _uses_groups(model: nn.Module, granularity: object, per_sample: bool) -> boo
     def builtin(m: nn.Module) -> bool:
         return type(m).__module__.startswith("torch.nn")
 
+    def chain_layer(m: nn.Module) -> bool:  # what the per-layer plan gates exactly
+        return builtin(m) and getattr(m, "groups", 1) == 1 and not isinstance(m, _CONVT)
+
     if isinstance(model, nn.Sequential):
-        return False if all(builtin(m) for m in model.children()) else None
+        return False if all(chain_layer(m) for m in model.children()) else None
     return False if builtin(model) else None
 
 

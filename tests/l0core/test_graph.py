@@ -212,3 +212,52 @@ def test_bad_granularities_name_the_value():
         L0Regularizer(cifar_resnet(20, SHAPE, 10), 0.1, granularity="channel")
     with pytest.raises(ValueError, match="num_heads 5"):
         ViT(SHAPE, 10, dim=32, heads=5)
+
+
+@pytest.mark.parametrize("family", ["resnet18", "vit_heads_mlp"])
+def test_torch_export_accepts_the_shrunk_model(family):
+    build, granularity = FAMILIES[family]
+    torch.manual_seed(0)
+    reg = L0Regularizer(build(), 0.1, granularity=granularity)
+    _half_closed(reg, seed=2)
+    reg.eval()
+    x = torch.randn(2, *SHAPE)
+    small = reg.prune(shrink=True)
+    program = torch.export.export(small, (x,))
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), small(x), atol=1e-6)
+
+
+def test_output_gates_on_a_conv_transpose_close_its_output_channels():
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 2, stride=2), nn.ReLU(), nn.Conv2d(6, 3, 1))
+    reg = L0Regularizer(model, 0.1, granularity="output")
+    feats = {}
+    model[0].register_forward_hook(lambda m, i, o: feats.setdefault("up", o))
+    with torch.no_grad():
+        reg.unit_log_alpha.fill_(8.0)
+        reg.unit_log_alpha[:2] = -10.0  # the first two of the transposed conv's 6 outputs
+    reg.eval()
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        reg(x)
+        assert (feats["up"][:, :2] == 0).all() and (feats["up"][:, 2:] != 0).any()
+        small = reg.prune(shrink=True)
+        assert small[0].out_channels == 4 and torch.allclose(small(x), reg(x), atol=1e-6)
+
+
+def test_depthwise_conv_in_a_sequential_shares_its_producers_gates():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 5 * 5, 2),
+    )  # fmt: skip
+    reg = L0Regularizer(model, 0.1, granularity="output")
+    group = next(g for g in reg.group_summary() if "3.weight[depthwise]" in g["members"])
+    assert group["n_gates"] == 8 and "1.weight[norm]" in group["members"]
+    _half_closed(reg, seed=3)
+    x = torch.randn(4, 3, 5, 5)
+    _warm(reg, x)
+    with torch.no_grad():
+        small = reg.prune(shrink=True)
+        assert torch.allclose(small(x), reg(x), atol=1e-5)
+    assert small[3].groups == small[3].out_channels < 8
