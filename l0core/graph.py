@@ -494,6 +494,16 @@ class _Walker:
             return None
         k = len(x.cdims)
         trailing = x.cdims == tuple(range(-k, 0))
+        if pos is None and trailing:  # rank unknown: the trailing ints that hold the channels
+            n = x.ids.numel()
+            for lead in range(len(shape) - 1, -1, -1):
+                tail = shape[lead:]
+                if not all(isinstance(t, int) and t > 0 for t in tail):
+                    break
+                if math.prod(tail) == n:
+                    x = _Val(x.ids, x.cdims, lead + k, x.block)
+                    pos = _positive(x)
+                    break
         if pos is not None and trailing and len(shape) > x.ndim - k:
             lead, tail = shape[: x.ndim - k], shape[x.ndim - k :]
             if all(isinstance(s, int) for s in tail) and not any(

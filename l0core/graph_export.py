@@ -9,6 +9,7 @@ function unchanged. The shrunk model is a copy of the original class with smalle
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -158,7 +159,7 @@ def _n_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def shrink_graph(
-    model: nn.Module, plan: GroupPlan, closed: Tensor
+    model: nn.Module, plan: GroupPlan, closed: Tensor, example: tuple[tuple, dict] | None = None
 ) -> tuple[nn.Module, GraphShrinkReport]:
     """Remove the closed units from ``model`` (a plain copy with the eval gates baked in).
 
@@ -166,12 +167,49 @@ def shrink_graph(
         model: the copy; modified in place and returned.
         plan: the coupled groups of the wrapped model (the copy has the same module names).
         closed: per gate, whether its unit is closed.
+        example: ``(args, kwargs)`` of a forward; when given, the shrunk model is run on it and
+            must match the unshrunk one (a width hard-coded in the forward fails here, not later).
 
     Raises:
-        ShrinkError: a module that cannot lose the units it would lose, naming it.
+        ShrinkError: a module that cannot lose the units it would lose, or a shrunk model that
+            does not run or does not match, naming why.
     """
     before = _n_params(model)
+    reference = copy.deepcopy(model) if example is not None else None
     closed = _never_empty(plan, closed)
+    model = _shrunk(model, plan, closed)
+    if reference is not None:
+        _verify(reference, model, example)
+    groups = {
+        g.name: (len(g.roots), int((~closed[g.offset : g.offset + len(g.roots)]).sum()))
+        for g in plan.groups
+    }
+    return model, GraphShrinkReport(groups, before, _n_params(model))
+
+
+def _verify(reference: nn.Module, model: nn.Module, example: tuple[tuple, dict]) -> None:
+    args, kwargs = example
+    want = reference(*args, **kwargs)
+    try:
+        got = model(*args, **kwargs)
+    except Exception as exc:
+        raise ShrinkError(
+            f"the shrunk model fails on an input like the first one ({type(exc).__name__}: "
+            f"{exc}); a width or head count hard-coded in the forward? prune() without shrink "
+            "keeps the model exact"
+        ) from exc
+    if isinstance(want, Tensor) and (
+        not isinstance(got, Tensor)
+        or got.shape != want.shape
+        or not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6)
+    ):
+        raise ShrinkError(
+            "the shrunk model does not compute what the gated one does on an input like the "
+            "first one; prune() without shrink keeps the model exact"
+        )
+
+
+def _shrunk(model: nn.Module, plan: GroupPlan, closed: Tensor) -> nn.Module:
     cuts = _keep_masks(plan, closed)
     by_module: dict[str, dict[str, Tensor]] = {}
     for (mod_name, attr), dims in cuts.items():
@@ -199,14 +237,7 @@ def shrink_graph(
                 "'num_heads' attribute to lower"
             )
         m.num_heads = kept
-    groups = {
-        g.name: (
-            len(g.roots),
-            sum(1 for j in range(len(g.roots)) if not bool(closed[g.offset + j])),
-        )
-        for g in plan.groups
-    }
-    return model, GraphShrinkReport(groups, before, _n_params(model))
+    return model
 
 
 def _is_closed(plan: GroupPlan, closed: Tensor, channel: int) -> bool:

@@ -142,6 +142,7 @@ class L0Regularizer(nn.Module):
         )
         self._eval_cache: tuple[Any, Any] | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._example: tuple[tuple, dict] | None = None  # two rows of the first input
         self.last_shrink_report = None
 
     # ---- forward --------------------------------------------------------------------------
@@ -153,6 +154,8 @@ class L0Regularizer(nn.Module):
             az = self._sampled_units()
         else:
             wz, az = self._eval_weights_and_units()
+        if self._example is None:
+            self._example = _example_rows(args, kwargs)
         with self._swapped(wz), self._unit_hooks(az), self._shape_recorder():
             return self.module(*args, **kwargs)
 
@@ -399,7 +402,9 @@ class L0Regularizer(nn.Module):
                 self._group_plan.bake(model, zu[: self._group_plan.n_gates])
         if self._group_plan is not None and shrink:
             model.eval()
-            model, self.last_shrink_report = shrink_graph(model, self._group_plan, self._closed())
+            model, self.last_shrink_report = shrink_graph(
+                model, self._group_plan, self._closed(), self._example
+            )
             return model
         model, self.last_shrink_report = finish_export(model, shrink)
         return model
@@ -568,6 +573,15 @@ class _UnitGate:
             return self._scale(output)
         x, *rest = inputs
         return (self._scale(x), *rest)
+
+
+def _example_rows(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Two rows of each batched tensor argument: enough to check that an export runs."""
+
+    def rows(a: Any) -> Any:
+        return a[:2].detach().clone() if isinstance(a, Tensor) and a.dim() > 0 else a
+
+    return tuple(rows(a) for a in args), {k: rows(v) for k, v in kwargs.items()}
 
 
 def _group_dims(site: GateSite) -> tuple[int, ...]:

@@ -261,3 +261,46 @@ def test_depthwise_conv_in_a_sequential_shares_its_producers_gates():
         small = reg.prune(shrink=True)
         assert torch.allclose(small(x), reg(x), atol=1e-5)
     assert small[3].groups == small[3].out_channels < 8
+
+
+class _Attention(nn.Module):
+    """The hand-written pattern on a rank-3 input; ``literal`` hard-codes the head count."""
+
+    def __init__(self, literal: bool, num_heads: bool = True) -> None:
+        super().__init__()
+        if num_heads:
+            self.num_heads = 4
+        self.literal = literal
+        self.qkv, self.proj, self.head = nn.Linear(16, 48), nn.Linear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        heads = 4 if self.literal or not hasattr(self, "num_heads") else self.num_heads
+        q, k, v = self.qkv(x).reshape(b, n, 3, heads, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, heads * 4)
+        return self.head(self.proj(y).mean(1))
+
+
+@pytest.mark.parametrize(
+    ("literal", "num_heads", "problem"),
+    [(False, True, None), (True, True, "fails on an input"), (False, False, "num_heads")],
+)
+def test_head_shrink_lowers_num_heads_or_says_why_not(literal, num_heads, problem):
+    from l0core.export import ShrinkError
+
+    reg = L0Regularizer(_Attention(literal, num_heads), 0.1, granularity="head")
+    if not num_heads:
+        assert any("num_heads" in line for line in reg.check_export())
+    with torch.no_grad():
+        reg.unit_log_alpha.fill_(8.0)
+        reg.unit_log_alpha[1] = -10.0
+    x = torch.randn(2, 5, 16)
+    reg(x)
+    reg.eval()
+    if problem is None:
+        with torch.no_grad():
+            small = reg.prune(shrink=True)
+            assert small.num_heads == 3 and torch.allclose(small(x), reg(x), atol=1e-6)
+    else:
+        with pytest.raises(ShrinkError, match=problem):
+            reg.prune(shrink=True)
