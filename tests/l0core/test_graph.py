@@ -183,17 +183,34 @@ def test_heads_and_mlp_units_are_gated_together_and_shrink():
     assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 2 * 8
 
 
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+def test_encoder_layer_mlp_units_shrink():
+    torch.manual_seed(0)
+    reg = L0Regularizer(_Encoder(), 0.1, granularity="output")
+    assert reg.check_export() == []
+    with torch.no_grad():
+        reg.unit_log_alpha.fill_(8.0)
+        reg.unit_log_alpha[:10] = -10.0
+    x = torch.randn(2, 5, 16)
+    reg(x)
+    reg.eval()
+    with torch.no_grad():
+        small = reg.prune(shrink=True)
+        assert small.layer.linear1.out_features == 22
+        assert torch.allclose(small(x), reg(x), atol=1e-5)
+
+
 def test_multihead_attention_heads_act_and_check_export_says_they_do_not_shrink():
-    class Enc(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
-            self.head = nn.Linear(16, 3)
-
-        def forward(self, x):
-            return self.head(self.layer(x).mean(1))
-
-    reg = L0Regularizer(Enc(), 0.1, granularity=["head", "output"])
+    reg = L0Regularizer(_Encoder(), 0.1, granularity=["head", "output"])
     assert any("MultiheadAttention" in line for line in reg.check_export())
     x = torch.randn(2, 5, 16)
     reg.eval()
