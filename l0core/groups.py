@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from .graph import ChannelGraph, GraphError, Incidence, trace_channels
+from .masking import swapped_parameters
 from .selection import TargetParam
 
 __all__ = ["GROUP_GRANULARITIES", "GroupPlan", "plan_groups"]
@@ -88,20 +88,12 @@ class GroupPlan:
             out.append(t)
         return out
 
-    @contextlib.contextmanager
-    def swapped(self, z: Tensor) -> Iterator[None]:
-        """Put the gated tensors in place of the parameters for one forward."""
+    def swapped(self, z: Tensor) -> contextlib.AbstractContextManager:
+        """Put the tensors gated by ``z`` in place of the parameters for one forward."""
         tensors = self.gated_tensors(z)
-        saved = []
-        try:
-            for m, t in zip(self.masks, tensors, strict=True):
-                for mod, attr in ((m.module, m.attr), *m.aliases):
-                    saved.append((mod, attr, mod._parameters[attr]))
-                    mod._parameters[attr] = t
-            yield
-        finally:
-            for mod, attr, p in reversed(saved):
-                mod._parameters[attr] = p
+        return swapped_parameters(
+            (((m.module, m.attr), *m.aliases), t) for m, t in zip(self.masks, tensors, strict=True)
+        )
 
     @torch.no_grad()
     def bake(self, model: nn.Module, z: Tensor) -> None:

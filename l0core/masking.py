@@ -7,12 +7,15 @@ parameter straight into one fresh flat gradient, with no ``cat`` and no saved ``
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .functional import HardConcrete, _gate_grad_, _noise_to_gate_
 
-__all__ = ["masked_weights"]
+__all__ = ["masked_weights", "swapped_parameters"]
 
 
 class _MaskedWeights(torch.autograd.Function):
@@ -80,3 +83,21 @@ def masked_weights(
             may share a gate range (same offset and size); ranges are otherwise disjoint.
     """
     return _MaskedWeights.apply(log_alpha, hc, layout, *weights)
+
+
+@contextlib.contextmanager
+def swapped_parameters(
+    places: Iterable[tuple[tuple[tuple[nn.Module, str], ...], Tensor]],
+) -> Iterator[None]:
+    """Put each tensor in place of the parameter ``module.attr`` at all its holders (tied
+    aliases included) for the duration of the block, then restore the parameters."""
+    saved = []
+    try:
+        for holders, t in places:
+            for mod, attr in holders:
+                saved.append((mod, attr, mod._parameters[attr]))
+                mod._parameters[attr] = t
+        yield
+    finally:
+        for mod, attr, p in reversed(saved):
+            mod._parameters[attr] = p

@@ -33,7 +33,7 @@ from .functional import (
 from .gates import GateSite, init_logits, plan_sites, resolve_droprates
 from .graph import ChannelGraph, GraphError, trace_channels
 from .graph_export import export_blockers, group_members, shrink_graph
-from .masking import masked_weights
+from .masking import masked_weights, swapped_parameters
 from .selection import Selector, select_params
 
 __all__ = ["L0Regularizer"]
@@ -214,19 +214,12 @@ class L0Regularizer(nn.Module):
             self._eval_cache = (key, (wz, az))
         return wz, az
 
-    @contextlib.contextmanager
-    def _swapped(self, tensors: list[Tensor]) -> Iterator[None]:
+    def _swapped(self, tensors: list[Tensor]) -> contextlib.AbstractContextManager:
         """Put the gated tensors in place of the parameters for one forward."""
-        swapped = []
-        try:
-            for (_, m), t in zip(self._masked, tensors, strict=True):
-                for mod, attr in ((m.module, m.attr), *m.aliases):
-                    swapped.append((mod, attr, mod._parameters[attr]))
-                    mod._parameters[attr] = t
-            yield
-        finally:
-            for mod, attr, p in reversed(swapped):
-                mod._parameters[attr] = p
+        return swapped_parameters(
+            (((m.module, m.attr), *m.aliases), t)
+            for (_, m), t in zip(self._masked, tensors, strict=True)
+        )
 
     @contextlib.contextmanager
     def _unit_hooks(self, gates: list[Tensor | None]) -> Iterator[None]:
