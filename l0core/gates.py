@@ -247,8 +247,12 @@ def plan_sites(
     if plan is not None:
         group_sites = _group_sites(plan, targets)
         unknown = set(plan.graph.unknown_modules)
-        rest = [t for t in targets if t.name.rpartition(".")[0] in unknown]
-        for name in sorted(unknown & {t.name.rpartition(".")[0] for t in rest}):
+
+        def inside(t: TargetParam) -> str | None:
+            return next((u for u in unknown if t.name.startswith(f"{u}.")), None)
+
+        rest = [t for t in targets if inside(t) is not None]
+        for name in sorted({inside(t) for t in rest}):
             warnings.warn(
                 f"{name} ({plan.graph.unknown_modules[name]}) is not a module the graph walk "
                 "knows: its parameters are gated on their own (weight masks, exact)",

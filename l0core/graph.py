@@ -657,21 +657,58 @@ def _op_name(node: fx.Node) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer that also keeps the named submodules as leaves (called, not traced into)."""
+
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _failing_submodule(model: nn.Module, exc: BaseException) -> str | None:
+    """The innermost submodule of ``model`` whose forward raised ``exc`` (from the traceback)."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = names[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
 def trace_channels(model: nn.Module, heads: bool = False) -> ChannelGraph:
     """Trace ``model`` (torch.fx) and tie its channels.
 
+    A submodule fx cannot trace through (data-dependent control flow, say) is kept whole as a
+    leaf: the walk does not know it, so its channels stay and its parameters are gated on their
+    own (the caller warns, naming it).
+
     Args:
-        model: the module (traced on a copy of nothing: fx does not run it).
+        model: the module (fx does not run it).
         heads: tie each attention head into one unit (granularity ``"head"``); otherwise attention
             channels are fixed.
 
     Raises:
-        GraphError: fx cannot trace the model; the message names the failing op.
+        GraphError: fx cannot trace the model's own forward; the message names the failing op.
     """
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as exc:
-        raise GraphError(
-            f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}"
-        ) from exc
+    leaves: set[str] = set()
+    while True:
+        tracer = _Tracer(leaves)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as exc:
+            name = _failing_submodule(model, exc)
+            if name is None or name in leaves:
+                raise GraphError(
+                    f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: "
+                    f"{exc}"
+                ) from exc
+            leaves.add(name)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     return _Walker(gm, heads).run()

@@ -77,11 +77,13 @@ def export_blockers(plan: GroupPlan, group_sites: list, weight_sites: list) -> l
                 f"{owner or 'the model'}: scaled_dot_product_attention heads are gated, but the "
                 "module holds no int 'num_heads' attribute that shrink could lower"
             )
+    unknown = plan.graph.unknown_modules
     for s in [*group_sites, *weight_sites]:
         if s.plan is None:
+            owner = next((u for u in unknown if s.name.startswith(f"{u}.")), "")
             lines.append(
-                f"{s.name}: gated on its own ({type(s.target.module).__name__} is not a module "
-                "the graph walk knows), shrink leaves it at full size"
+                f"{s.name}: gated on its own (inside {owner} ({unknown.get(owner, '?')}), a "
+                "module the graph walk does not know), shrink leaves it at full size"
             )
     return lines
 

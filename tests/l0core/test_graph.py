@@ -321,3 +321,36 @@ def test_head_shrink_lowers_num_heads_or_says_why_not(literal, num_heads, proble
     else:
         with pytest.raises(ShrinkError, match=problem):
             reg.prune(shrink=True)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else x  # fx cannot trace this branch
+
+
+class _WithUntraceableBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.odd = _DataDependent()
+        self.c2, self.b2 = nn.Conv2d(8, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.odd(torch.relu(self.b1(self.c1(x))))
+        return self.fc(torch.relu(self.b2(self.c2(x))).mean((2, 3)))
+
+
+def test_a_block_fx_cannot_trace_is_kept_whole_and_named():
+    with pytest.warns(UserWarning, match=r"odd \(_DataDependent\)"):
+        reg = L0Regularizer(_WithUntraceableBlock(), 0.1, granularity="output")
+    assert [g["group"] for g in reg.group_summary()] == ["b2:channels"]
+    assert [s.name for s in reg._wsites] == ["odd.conv.weight"]
+    (line,) = reg.check_export()
+    assert line.startswith("odd.conv.weight") and "_DataDependent" in line
+    with pytest.raises(ValueError, match="cannot trace _DataDependent"):
+        L0Regularizer(_DataDependent(), 0.1, granularity="head")
