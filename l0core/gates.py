@@ -218,7 +218,7 @@ def _group_sites(plan: GroupPlan, targets: list[TargetParam]) -> list[GateSite]:
 def _member_param(plan: GroupPlan, member: str) -> torch.Tensor | None:
     path = member.partition("[")[0]
     mod_name, _, attr = path.rpartition(".")
-    return plan.graph.gm.get_submodule(mod_name)._parameters.get(attr)
+    return plan.model.get_submodule(mod_name)._parameters.get(attr)
 
 
 def plan_sites(

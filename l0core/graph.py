@@ -92,9 +92,9 @@ class _Val:
 
 @dataclass
 class ChannelGraph:
-    """The channels of a traced model and the parameter slices they tie together."""
+    """The channels of a traced model and the parameter slices they tie together (plain data:
+    no graph module, so a wrapper holding it pickles)."""
 
-    gm: fx.GraphModule
     parent: list[int] = field(default_factory=list)
     fixed: dict[int, str] = field(default_factory=dict)
     head: set[int] = field(default_factory=set)
@@ -167,7 +167,7 @@ def _positive(val: _Val) -> list[int] | None:
 
 class _Walker:
     def __init__(self, gm: fx.GraphModule, heads: bool) -> None:
-        self.g = ChannelGraph(gm)
+        self.g = ChannelGraph()
         self.gm = gm
         self.heads = heads
         self.vals: dict[fx.Node, Any] = {}

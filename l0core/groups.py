@@ -62,6 +62,7 @@ class GroupPlan:
     model: nn.Module | None = None
     masks: list[_Mask] = field(default_factory=list)
     not_gated: dict[str, str] = field(default_factory=dict)  # parameter -> why
+    _index: dict[tuple[str, str, int], Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def n_gates(self) -> int:
@@ -69,10 +70,14 @@ class GroupPlan:
 
     def gate_index(self, inc: Incidence) -> Tensor:
         """Per index of ``inc``: its gate, or ``n_gates`` (the always-open slot)."""
-        n = self.n_gates
-        return torch.tensor(
-            [self.unit_of.get(self.graph.find(i), n) for i in inc.ids.tolist()], dtype=torch.long
-        )
+        key = (inc.module, inc.attr, inc.dim)
+        if key not in self._index:
+            n = self.n_gates
+            self._index[key] = torch.tensor(
+                [self.unit_of.get(self.graph.find(i), n) for i in inc.ids.tolist()],
+                dtype=torch.long,
+            )
+        return self._index[key]
 
     def gated_tensors(self, z: Tensor) -> list[Tensor]:
         """The masked tensors for gates ``z`` (all groups, in order), differentiable."""
@@ -98,7 +103,7 @@ class GroupPlan:
     @torch.no_grad()
     def bake(self, model: nn.Module, z: Tensor) -> None:
         """Multiply a plain copy's parameters by eval gates ``z`` (the same names)."""
-        names = {id(m): n for n, m in self.graph.gm.named_modules()}
+        names = {id(m): n for n, m in self.model.named_modules()}
         zfull = torch.cat([z, z.new_ones(1)])
         for m in self.masks:
             t = getattr(model.get_submodule(names[id(m.module)]), m.attr)
@@ -109,19 +114,20 @@ class GroupPlan:
 
     def unit_sq_norms(self) -> Tensor:
         """Per gate, the squared norm of the parameters it owns (differentiable)."""
-        ref = next(iter(self.graph.gm.parameters()))
+        ref = next(iter(self.model.parameters()))
         out = torch.zeros(self.n_gates, dtype=torch.float32, device=ref.device)
         for inc in self.graph.incidences:
             if inc.role not in _OWNED:
                 continue
-            p = _param(self.graph.gm, inc)
+            p = _param(self.model, inc)
             if p is None:
                 continue
             idx = self.gate_index(inc).to(p.device)
             keep = idx < self.n_gates
             if not keep.any():
                 continue
-            sq = p.pow(2).sum([d for d in range(p.dim()) if d != inc.dim]).float()
+            dims = [d for d in range(p.dim()) if d != inc.dim]
+            sq = (p.pow(2).sum(dims) if dims else p.pow(2)).float()
             out = out.index_add(0, idx[keep], sq[keep])
         return out
 
@@ -161,7 +167,7 @@ def plan_groups(
     """
     kinds = _parse(granularity)
     graph = trace_channels(model, heads="head" in kinds)
-    gm = graph.gm
+    gm = model  # the traced graph's leaf modules are the model's own
     selected = {id(t.param) for t in targets}
     aliases = {id(t.param): t.aliases for t in targets}
     # the members of every root, and whether some incidence gates it

@@ -354,3 +354,26 @@ def test_a_block_fx_cannot_trace_is_kept_whole_and_named():
     assert line.startswith("odd.conv.weight") and "_DataDependent" in line
     with pytest.raises(ValueError, match="cannot trace _DataDependent"):
         L0Regularizer(_DataDependent(), 0.1, granularity="head")
+
+
+def test_group_wrapper_pickles_deepcopies_and_counts_l2_of_what_each_gate_owns():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    reg = L0Regularizer(cifar_resnet(20, (3, 8, 8), 10, width=0.5), 0.1, granularity="output",
+                        weight_decay=1e-4)  # fmt: skip
+    x = torch.randn(2, 3, 8, 8)
+    reg(x)
+    with torch.no_grad():
+        reg.unit_log_alpha.fill_(10.0)  # P(open) ~ 1: count_l2 is the owned parameters' norm
+    owned = {n for r in reg.summary() if r["gated"] for n in [r["name"]]}
+    params = reg.module.named_parameters()
+    expected = sum(float(p.detach().pow(2).sum()) for n, p in params if n in owned)
+    assert float(reg.count_l2()) == pytest.approx(expected, rel=1e-3)
+    reg.eval()
+    for clone in (copy.deepcopy(reg), pickle.loads(pickle.dumps(reg))):
+        clone.eval()
+        assert clone._group_plan.masks[0].module is clone.module.bn1
+        with torch.no_grad():
+            assert torch.equal(clone(x), reg(x))
