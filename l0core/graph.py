@@ -379,6 +379,8 @@ class _Walker:
             node.op == "call_method" and t in _TIE_METHODS
         ):
             return self.tie(node, t)
+        if t in (operator.truediv, torch.div, "div") and isinstance(args[1], (int, float)):
+            return x  # a scale: zero stays zero
         if (node.op == "call_function" and t in (torch.flatten,)) or (
             node.op == "call_method" and t == "flatten"
         ):
