@@ -190,7 +190,13 @@ def shrink_graph(
 
 
 def _verify(reference: nn.Module, model: nn.Module, example: tuple[tuple, dict]) -> None:
-    args, kwargs = example
+    device = next(iter(reference.parameters())).device
+
+    def moved(a):  # the model may have moved since the first forward
+        return a.to(device) if isinstance(a, Tensor) else a
+
+    args = tuple(moved(a) for a in example[0])
+    kwargs = {k: moved(v) for k, v in example[1].items()}
     want = reference(*args, **kwargs)
     try:
         got = model(*args, **kwargs)
