@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .graph import ChannelGraph, GraphError, Incidence, trace_channels
+from .graph import ChannelGraph, GraphError, Incidence
 from .masking import swapped_parameters
 from .selection import TargetParam
+from .trace import trace_channels
 
 __all__ = ["GROUP_GRANULARITIES", "GroupPlan", "plan_groups"]
 

@@ -31,10 +31,11 @@ from .functional import (
     sample_gates,
 )
 from .gates import GateSite, init_logits, plan_sites, resolve_droprates
-from .graph import ChannelGraph, GraphError, trace_channels
+from .graph import ChannelGraph, GraphError
 from .graph_export import export_blockers, group_members, shrink_graph
 from .masking import masked_weights, swapped_parameters
 from .selection import Selector, select_params
+from .trace import trace_channels
 
 __all__ = ["L0Regularizer"]
 

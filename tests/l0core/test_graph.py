@@ -227,7 +227,7 @@ def test_bad_granularities_name_the_value():
         L0Regularizer(cifar_resnet(20, SHAPE, 10), 0.1, granularity=["head", "rows"])
     with pytest.raises(ValueError, match="'channel'"):
         L0Regularizer(cifar_resnet(20, SHAPE, 10), 0.1, granularity="channel")
-    with pytest.raises(ValueError, match="num_heads 5"):
+    with pytest.raises(ValueError, match="heads 5 must divide dim 32"):
         ViT(SHAPE, 10, dim=32, heads=5)
 
 

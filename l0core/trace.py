@@ -1,0 +1,366 @@
+"""Tracing a model into its channel graph (see :mod:`l0core.graph`).
+
+``torch.fx`` traces the forward (a submodule it cannot trace through is kept whole as a leaf);
+the walk gives every value the ids of its channels: producers create them, per-channel ops keep
+them, residual adds tie them, attention heads group them. Modules are handled here, tensor ops
+in :mod:`l0core._values`.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from ._values import TensorOps, Val, arg_of, flat_vals, op_name, positive
+from .graph import ChannelGraph, GraphError
+
+__all__ = ["trace_channels"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# modules and functions that map a zero channel to zero and keep channels where they are
+_KEEP_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Mish,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+_KEEP_FUNCTIONS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F.silu, F.hardswish, F.leaky_relu,
+    F.elu, F.mish, torch.tanh, F.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+}  # fmt: skip
+_KEEP_METHODS = {"relu", "relu_", "tanh", "contiguous", "clone", "float", "to", "type_as", "detach"}
+_NONZERO_AT_ZERO = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+_TIE_OPS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+            torch.add, torch.sub, torch.mul}  # fmt: skip
+_TIE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
+_SHAPE_METHODS = {"size", "dim"}
+
+
+class _Walker(TensorOps):
+    def __init__(self, gm: fx.GraphModule, heads: bool) -> None:
+        self.g = ChannelGraph()
+        self.gm = gm
+        self.heads = heads
+        self.vals: dict[fx.Node, Any] = {}
+        self.modules = dict(gm.named_modules())
+
+    # ---- helpers --------------------------------------------------------------------------
+    def val(self, arg: Any) -> Any:
+        return self.vals.get(arg) if isinstance(arg, fx.Node) else None
+
+    def fix_all(self, node: fx.Node, why: str) -> None:
+        for arg in node.all_input_nodes:
+            for v in flat_vals(self.vals.get(arg)):
+                self.g.fix(v.ids, f"{why} at node {node.name!r} ({op_name(node)})")
+
+    def run(self) -> ChannelGraph:
+        for node in self.gm.graph.nodes:
+            try:
+                self.vals[node] = self.visit(node)
+            except GraphError:
+                raise
+            except Exception as exc:  # a pattern the walk misreads: keep its channels
+                self.fix_all(node, f"not understood ({type(exc).__name__}: {exc})")
+                self.vals[node] = None
+        return self.g
+
+    def visit(self, node: fx.Node) -> Any:
+        if node.op in ("placeholder", "get_attr"):
+            return None
+        if node.op == "output":
+            self.fix_all(node, "the model's output")
+            return None
+        if node.op == "call_module":
+            return self.module(node, self.modules[node.target])
+        return self.call(node)
+
+    # ---- modules --------------------------------------------------------------------------
+    def module(self, node: fx.Node, m: nn.Module) -> Any:
+        name = str(node.target)
+        x = self.val(node.args[0]) if node.args else None
+        if isinstance(m, _CONV + _CONVT):
+            return self.conv(node, name, m, x)
+        if isinstance(m, nn.Linear):
+            return self.linear(node, name, m, x)
+        if isinstance(m, _BN):
+            if x is not None and x.ids.dim() == 1 and positive(x) in ([1], None):
+                if not (m.affine and m.track_running_stats):
+                    self.g.fix(x.ids, f"{name} ({type(m).__name__}) has no affine or no "
+                                      "running statistics to gate")  # fmt: skip
+                self._norm(name, m, x.ids)
+            elif x is not None:
+                self.fix_all(node, "a BatchNorm not on the channel dimension")
+            return x
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+            self.fix_all(node, "normalized together")
+            out = self._fresh(node, x, m)
+            if out is not None and getattr(m, "weight", None) is not None:
+                self._norm(name, m, out.ids, fixed_reason=f"{name} ({type(m).__name__})")
+            return out
+        if isinstance(m, _KEEP_MODULES):
+            return x
+        if isinstance(m, nn.Flatten):
+            return self.flatten(node, x, m.start_dim, m.end_dim)
+        if isinstance(m, _NONZERO_AT_ZERO):
+            self.fix_all(node, "maps a closed (zero) channel to a non-zero value")
+            return x
+        if isinstance(m, nn.MultiheadAttention):
+            return self.mha(node, name, m, x)
+        if isinstance(m, nn.TransformerEncoderLayer):
+            return self.encoder_layer(node, name, m, x)
+        if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.parameters()):
+            self.g.unknown_modules[name] = type(m).__name__
+        self.fix_all(node, "an op the graph walk does not know")
+        return None
+
+    def _fresh(self, node: fx.Node, x: Val | None, m: nn.Module) -> Val | None:
+        if x is None:
+            return None
+        ids = self.g.new(x.ids.numel()).view(x.ids.shape)
+        self.g.fix(ids, f"normalized by {node.target} ({type(m).__name__})")
+        return Val(ids, x.cdims, x.ndim, x.block)
+
+    def _norm(self, name: str, m: nn.Module, ids: Tensor, fixed_reason: str = "") -> None:
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(m, attr, None) is not None:
+                gate = attr in ("weight", "bias") and not fixed_reason
+                self.g.touch(name, attr, 0, ids, "norm", gate)
+
+    def _only_bn_follows(self, node: fx.Node) -> bool:
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return False
+        m = self.modules[users[0].target]
+        return isinstance(m, _BN) and m.affine and m.track_running_stats
+
+    def conv(self, node: fx.Node, name: str, m: nn.Module, x: Val | None) -> Val:
+        transposed = isinstance(m, _CONVT)
+        k = len(m.kernel_size)
+        ndim = k + 2 if x is None or x.ndim is None else x.ndim
+        n_in, n_out, groups = m.in_channels, m.out_channels, m.groups
+        if x is not None and (x.ids.dim() != 1 or positive(x) not in ([1], None) or x.block):
+            self.fix_all(node, "a convolution that does not read the channel dimension")
+            x = None
+        if groups == 1:
+            if x is not None:
+                self.g.touch(name, "weight", 0 if transposed else 1, x.ids, "cols")
+            out = self.g.new(n_out)
+            gate = not self._only_bn_follows(node)
+            self.g.touch(name, "weight", 1 if transposed else 0, out, "rows", gate)
+            if m.bias is not None:
+                self.g.touch(name, "bias", 0, out, "rows", gate)
+            return Val(out, (-(k + 1),), ndim)
+        if groups == n_in == n_out and not transposed and x is not None:  # depthwise
+            self.g.touch(name, "weight", 0, x.ids, "depthwise")
+            if m.bias is not None:
+                self.g.touch(name, "bias", 0, x.ids, "depthwise", True)
+            return Val(x.ids, (-(k + 1),), ndim)
+        if x is not None:
+            self.g.fix(x.ids, f"read by the grouped convolution {name} (groups={groups})")
+        out = self.g.new(n_out)
+        self.g.fix(out, f"made by the grouped convolution {name} (groups={groups})")
+        return Val(out, (-(k + 1),), ndim)
+
+    def linear(self, node: fx.Node, name: str, m: nn.Linear, x: Val | None) -> Val:
+        ndim = None if x is None else x.ndim
+        if x is not None and (x.ids.dim() != 1 or x.cdims != (-1,)):
+            self.fix_all(node, "a Linear that does not read the channel dimension")
+            x = None
+        if x is not None:
+            n = x.ids.numel()
+            if m.in_features % n or (not x.block and m.in_features != n):
+                raise GraphError(f"{name} reads {m.in_features} features from {n} channels")
+            cols = x.ids.repeat_interleave(m.in_features // n)
+            self.g.touch(name, "weight", 1, cols, "cols")
+        out = self.g.new(m.out_features)
+        self.g.touch(name, "weight", 0, out, "rows", True)
+        if m.bias is not None:
+            self.g.touch(name, "bias", 0, out, "rows", True)
+        return Val(out, (-1,), ndim)
+
+    def mha(self, node: fx.Node, name: str, m: nn.MultiheadAttention, x: Val | None,
+            same: bool | None = None) -> Any:  # fmt: skip
+        """Self-attention: heads tie their q, k, v rows; out_proj reads v's channels."""
+        if not m._qkv_same_embed_dim:
+            self.fix_all(node, "an attention layout the walk does not know")
+            return None
+        e, h = m.embed_dim, m.num_heads
+        if same is None:
+            same = len(node.args) >= 3 and all(self.val(a) is x for a in node.args[:3])
+        if x is not None and same and x.cdims == (-1,) and x.ids.dim() == 1:
+            self.g.touch(name, "in_proj_weight", 1, x.ids, "cols")
+        else:
+            self.fix_all(node, "attention inputs")
+        qkv = self.g.new(3 * e)
+        self._tie_heads(qkv.view(3, h, e // h), f"{name} ({type(m).__name__})", name)
+        self.g.touch(name, "in_proj_weight", 0, qkv, "rows", True)
+        if m.in_proj_bias is not None:
+            self.g.touch(name, "in_proj_bias", 0, qkv, "rows", True)
+        self.g.touch(f"{name}.out_proj", "weight", 1, qkv[2 * e :], "cols")
+        out = self.g.new(e)
+        self.g.touch(f"{name}.out_proj", "weight", 0, out, "rows", True)
+        if m.out_proj.bias is not None:
+            self.g.touch(f"{name}.out_proj", "bias", 0, out, "rows", True)
+        return (Val(out, (-1,), None if x is None else x.ndim), None)
+
+    def encoder_layer(self, node: fx.Node, name: str, m: nn.Module, x: Val | None) -> Any:
+        """``nn.TransformerEncoderLayer``: its heads and its MLP's hidden units; the stream it
+        reads and writes is normalized by its LayerNorms, so it stays."""
+        if x is not None:
+            self.g.fix(x.ids, f"normalized inside {name} (TransformerEncoderLayer)")
+        inner = Val(self.g.new(m.self_attn.embed_dim), (-1,), None if x is None else x.ndim)
+        self.g.fix(inner.ids, f"normalized inside {name} (TransformerEncoderLayer)")
+        self.mha(node, f"{name}.self_attn", m.self_attn, inner, same=True)
+        self.g.fix(self.g._inc_at[(f"{name}.self_attn.out_proj", "weight", 0)].ids,
+                   f"normalized inside {name} (TransformerEncoderLayer)")  # fmt: skip
+        hidden = self.linear(node, f"{name}.linear1", m.linear1, inner)
+        self.g.touch(f"{name}.linear2", "weight", 1, hidden.ids, "cols")
+        out = self.g.new(m.linear2.out_features)
+        self.g.fix(out, f"normalized inside {name} (TransformerEncoderLayer)")
+        return Val(out, (-1,), inner.ndim)
+
+    def _tie_heads(self, ids: Tensor, where: str, owner: str) -> None:
+        """``ids``: (..., heads, head_dim) channel ids; one unit per head (``granularity
+        'head'``), or fixed channels when heads are not gated."""
+        heads = ids.movedim(-2, 0).reshape(ids.shape[-2], -1)
+        if not self.heads:
+            self.g.fix(heads, f"attention heads of {where} (granularity 'head' gates them)")
+            return
+        for row in heads:
+            self.g.union(row[:1].expand_as(row), row)
+            self.g.head.add(self.g.find(int(row[0])))
+        self.g.heads[owner] = [int(row[0]) for row in heads]
+
+    # ---- functions and methods ------------------------------------------------------------
+    def call(self, node: fx.Node) -> Any:
+        t = node.target
+        args = node.args
+        x = self.val(args[0]) if args else None
+        if node.op == "call_method" and t in _SHAPE_METHODS:
+            return None
+        if node.op == "call_function" and t is getattr:
+            return None
+        if node.op == "call_function" and t is operator.getitem:
+            return self.getitem(node, args[0], args[1])
+        if (node.op == "call_function" and t in _KEEP_FUNCTIONS) or (
+            node.op == "call_method" and t in _KEEP_METHODS
+        ):
+            return x
+        if (node.op == "call_function" and t in _TIE_OPS) or (
+            node.op == "call_method" and t in _TIE_METHODS
+        ):
+            return self.tie(node, t)
+        if t in (operator.truediv, torch.div, "div") and isinstance(args[1], (int, float)):
+            return x  # a scale: zero stays zero
+        if (node.op == "call_function" and t in (torch.flatten,)) or (
+            node.op == "call_method" and t == "flatten"
+        ):
+            return self.flatten(
+                node, x, arg_of(node, 1, "start_dim", 0), arg_of(node, 2, "end_dim", -1)
+            )
+        if node.op == "call_function" and t in (torch.cat, torch.concat):
+            return self.cat(node)
+        if (node.op == "call_method" and t in ("view", "reshape")) or t is torch.reshape:
+            return self.reshape(node, x)
+        if (node.op == "call_method" and t in ("transpose", "permute")) or t in (
+            torch.transpose,
+            torch.permute,
+        ):
+            return self.permute(node, x)
+        if (node.op == "call_method" and t in ("mean", "sum", "amax")) or t in (
+            torch.mean,
+            torch.sum,
+        ):
+            return self.reduce(node, x)
+        if (node.op == "call_method" and t in ("unbind", "chunk", "split")) or t in (
+            torch.unbind,
+            torch.chunk,
+            torch.split,
+        ):
+            return self.split(node, x, t if isinstance(t, str) else t.__name__)
+        if t is F.scaled_dot_product_attention:
+            return self.sdpa(node)
+        if any(flat_vals(self.val(a)) for a in node.all_input_nodes):
+            self.fix_all(node, "an op the graph walk does not know")
+        return None
+
+    def sdpa(self, node: fx.Node) -> Val | None:
+        q, k, v = (self.val(a) for a in node.args[:3])
+        if q is None or k is None or v is None or q.ids.dim() != 2 or q.cdims != (-3, -1):
+            self.fix_all(node, "attention inputs the walk cannot follow")
+            return None
+        if k.ids.shape != q.ids.shape or v.ids.shape[0] != q.ids.shape[0]:
+            self.fix_all(node, "attention inputs the walk cannot follow")
+            return None
+        heads = torch.cat([q.ids, k.ids, v.ids], dim=1)
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        owner = stack[-1][0] if stack else ""
+        self._tie_heads(heads.view(heads.shape[0], 1, -1).transpose(0, 1), node.name, owner)
+        return v
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer that also keeps the named submodules as leaves (called, not traced into)."""
+
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _failing_submodule(model: nn.Module, exc: BaseException) -> str | None:
+    """The innermost submodule of ``model`` whose forward raised ``exc`` (from the traceback)."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            found = names[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
+def trace_channels(model: nn.Module, heads: bool = False) -> ChannelGraph:
+    """Trace ``model`` (torch.fx) and tie its channels.
+
+    A submodule fx cannot trace through (data-dependent control flow, say) is kept whole as a
+    leaf: the walk does not know it, so its channels stay and its parameters are gated on their
+    own (the caller warns, naming it).
+
+    Args:
+        model: the module (fx does not run it).
+        heads: tie each attention head into one unit (granularity ``"head"``); otherwise attention
+            channels are fixed.
+
+    Raises:
+        GraphError: fx cannot trace the model's own forward; the message names the failing op.
+    """
+    leaves: set[str] = set()
+    while True:
+        tracer = _Tracer(leaves)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as exc:
+            name = _failing_submodule(model, exc)
+            if name is None or name in leaves:
+                raise GraphError(
+                    f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: "
+                    f"{exc}"
+                ) from exc
+            leaves.add(name)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return _Walker(gm, heads).run()
