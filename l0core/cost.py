@@ -10,13 +10,20 @@ network (a half-closed conv feeding another one).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
+from ._chain import ShrinkError
 from .flops import COUNTED, layer_macs
-from .graph import ChannelGraph
+from .graph import ChannelGraph, GraphError
+from .trace import trace_channels
 
-__all__ = ["cascaded_macs"]
+if TYPE_CHECKING:
+    from .regularizer import L0Regularizer
+
+__all__ = ["cascaded_macs", "expected_macs", "export_cost"]
 
 
 def _channel_p(graph: ChannelGraph, p_root: dict[int, Tensor], ids: Tensor) -> Tensor:
@@ -59,3 +66,81 @@ def cascaded_macs(
         kept *= weight_density.get(name, 1.0)
         total += layer_macs(mod, shapes[name], kept)
     return total
+
+
+def expected_macs(reg: L0Regularizer) -> float:
+    """``reg.expected_flops()``: the cascade over the channel graph (the plan's, or a trace of a
+    chain), each layer on its own when the model does not trace."""
+    graph = _flops_graph(reg)
+    if graph is None:
+        return _layer_macs(reg)
+    pw, pu = reg._prob_nonzero()
+    p_root: dict[int, Tensor] = {}
+    density: dict[str, float] = {}
+    plan = reg._group_plan
+    if plan is not None:
+        p_unit = pu[: plan.n_gates].detach().float().cpu()
+        p_root = {r: p_unit[u] for r, u in plan.unit_of.items()}
+    for sites, p in ((reg._wsites, pw), (reg._asites, pu)):
+        for s in sites:
+            if s.plan is not None:
+                continue
+            layer = s.name.rpartition(".")[0]
+            rows = graph._inc_at.get((layer, "weight", 0))
+            ps = p[s.slice].detach().float().cpu()
+            if s.granularity == "output" and rows is not None and rows.role == "rows":
+                for r, q in zip(graph.roots(rows.ids), ps, strict=True):
+                    p_root[r] = q
+            else:
+                density[layer] = float(ps.sum()) * s.group_size / s.numel
+    return cascaded_macs(graph, reg.module, reg._shapes, p_root, density)
+
+
+def _flops_graph(reg: L0Regularizer) -> ChannelGraph | None:
+    if reg._group_plan is not None:
+        return reg._group_plan.graph
+    if not hasattr(reg, "_chain_graph"):  # traced once, at the first count
+        try:
+            reg._chain_graph = trace_channels(reg.module)
+        except GraphError:
+            reg._chain_graph = None
+    return reg._chain_graph
+
+
+def _layer_macs(reg: L0Regularizer) -> float:
+    """Each layer on its own: its expected non-zero weights times its output positions."""
+    pw, pu = reg._prob_nonzero()
+    density = {s.name: (pw[s.slice], s) for s in reg._wsites}
+    density.update({s.name: (pu[s.slice], s) for s in reg._asites})
+    total = 0.0
+    for name, mod in reg.module.named_modules():
+        if name not in reg._shapes:
+            continue
+        wname = f"{name}.weight" if name else "weight"
+        nnz = float(mod.weight.numel())
+        if wname in density:
+            p, site = density[wname]
+            nnz = float(p.detach().sum()) * site.group_size
+        total += layer_macs(mod, reg._shapes[name], nnz)
+    return total
+
+
+def export_cost(reg: L0Regularizer) -> dict[str, float]:
+    """``reg.export_cost()``: parameters and multiply-adds of the model the export gives."""
+    if not reg._shapes:
+        raise RuntimeError("export_cost() needs one forward first")
+    try:
+        model = reg.prune(shrink=True)
+    except ShrinkError:
+        model = reg.prune()
+    macs = sum(
+        layer_macs(mod, reg._shapes[name], float((mod.weight != 0).sum()))
+        for name, mod in model.named_modules()
+        if name in reg._shapes
+    )
+    params = list(model.parameters())
+    return {
+        "params": float(sum(p.numel() for p in params)),
+        "nonzero_params": float(sum(int((p != 0).sum()) for p in params)),
+        "macs": float(macs),
+    }

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from .controller import SparsityController
-from .cost import cascaded_macs
-from .export import ShrinkError, chain_export_blockers, finish_export
-from .flops import layer_macs, record_shapes
+from .cost import expected_macs, export_cost
+from .export import chain_export_blockers, finish_export
+from .flops import record_shapes
 from .functional import (
     LOG_ALPHA_BOUND,
     HardConcrete,
@@ -31,11 +31,9 @@ from .functional import (
     sample_gates,
 )
 from .gates import GateSite, init_logits, plan_sites, resolve_droprates
-from .graph import ChannelGraph, GraphError
 from .graph_export import export_blockers, group_members, shrink_graph
 from .masking import masked_weights, swapped_parameters
 from .selection import Selector, select_params
-from .trace import trace_channels
 
 __all__ = ["L0Regularizer"]
 
@@ -455,79 +453,13 @@ class L0Regularizer(nn.Module):
             self.train(was)
         if not self._shapes:
             raise RuntimeError("expected_flops() needs one forward first, or an example input")
-        graph = self._flops_graph()
-        if graph is None:
-            return self._layer_flops()
-        pw, pu = self._prob_nonzero()
-        p_root: dict[int, Tensor] = {}
-        density: dict[str, float] = {}
-        plan = self._group_plan
-        if plan is not None:
-            p_unit = pu[: plan.n_gates].detach().float().cpu()
-            p_root = {r: p_unit[u] for r, u in plan.unit_of.items()}
-        for sites, p in ((self._wsites, pw), (self._asites, pu)):
-            for s in sites:
-                if s.plan is not None:
-                    continue
-                layer = s.name.rpartition(".")[0]
-                rows = graph._inc_at.get((layer, "weight", 0))
-                ps = p[s.slice].detach().float().cpu()
-                if s.granularity == "output" and rows is not None and rows.role == "rows":
-                    for r, q in zip(graph.roots(rows.ids), ps, strict=True):
-                        p_root[r] = q
-                else:
-                    density[layer] = float(ps.sum()) * s.group_size / s.numel
-        return cascaded_macs(graph, self.module, self._shapes, p_root, density)
-
-    def _flops_graph(self) -> ChannelGraph | None:
-        """The channel graph for the cascade (the plan's, or a trace of a chain); ``None`` when
-        the model does not trace (each layer is then counted on its own)."""
-        if self._group_plan is not None:
-            return self._group_plan.graph
-        if not hasattr(self, "_chain_graph"):
-            try:
-                self._chain_graph = trace_channels(self.module)
-            except GraphError:
-                self._chain_graph = None
-        return self._chain_graph
-
-    def _layer_flops(self) -> float:
-        pw, pu = self._prob_nonzero()
-        density = {s.name: (pw[s.slice], s) for s in self._wsites}
-        density.update({s.name: (pu[s.slice], s) for s in self._asites})
-        total = 0.0
-        for name, mod in self.module.named_modules():
-            if name not in self._shapes:
-                continue
-            wname = f"{name}.weight" if name else "weight"
-            nnz = float(mod.weight.numel())
-            if wname in density:
-                p, site = density[wname]
-                nnz = float(p.detach().sum()) * site.group_size
-            total += layer_macs(mod, self._shapes[name], nnz)
-        return total
+        return expected_macs(self)
 
     def export_cost(self) -> dict[str, float]:
         """The exact cost of the model ``prune(shrink=True)`` produces (``prune()`` where it
         cannot shrink): ``params`` (its parameters), ``nonzero_params`` and ``macs`` (multiply-
         adds per example over its non-zero weights, from the shapes of the first forward)."""
-        if not self._shapes:
-            raise RuntimeError("export_cost() needs one forward first")
-        try:
-            model = self.prune(shrink=True)
-        except ShrinkError:
-            model = self.prune()
-        macs = sum(
-            layer_macs(mod, self._shapes[name], float((mod.weight != 0).sum()))
-            for name, mod in model.named_modules()
-            if name in self._shapes
-        )
-        params = list(model.parameters())
-        return {
-            "params": float(sum(p.numel() for p in params)),
-            "nonzero_params": float(sum(int((p != 0).sum()) for p in params)),
-            "macs": float(macs),
-        }
+        return export_cost(self)
 
     def extra_repr(self) -> str:
         return (
