@@ -203,9 +203,12 @@ class L0Regularizer(nn.Module):
     def _cached_eval_gates(self) -> tuple[Tensor | None, Tensor | None]:
         logits = tuple(self.gate_parameters())
         cache = self._eval_cache
-        if cache is not None and len(cache[0]) == len(logits):
-            if all(_same_bits(la, snap) for la, snap in zip(logits, cache[0], strict=True)):
-                return cache[1]
+        if (
+            cache is not None
+            and len(cache[0]) == len(logits)
+            and all(_same_bits(la, snap) for la, snap in zip(logits, cache[0], strict=True))
+        ):
+            return cache[1]
         gates = self.eval_gates()
         self._eval_cache = (tuple(la.detach().clone() for la in logits), gates)
         return gates
