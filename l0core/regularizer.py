@@ -68,8 +68,10 @@ class L0Regularizer(nn.Module):
         test_gate: the eval-mode gate, ``"mean"`` (paper Eq. 13) or ``"median"``.
         target_sparsity: if set, add a Lagrangian term that drives the expected sparsity to it
             (see ``SparsityController``); ``lam`` may then be 0.
-        dual_lr: the multipliers' dual-ascent step (per training step) for ``target_sparsity``;
-            the step is driven by the measured eval sparsity, see ``SparsityController``.
+        dual_lr: the multipliers' dual-ascent step for ``target_sparsity``, taken by the first
+            training forward after the gate logits change: once per optimizer step, whatever
+            the number of micro-batches; ``regularization()`` never moves the multipliers. The
+            step is driven by the measured eval sparsity, see ``SparsityController``.
         init: ``"random"`` (the authors' N(logit, 0.01)) or ``"magnitude"`` (gates of the
             largest pretrained weights start most open, to fine-tune a trained model).
     """
@@ -137,6 +139,7 @@ class L0Regularizer(nn.Module):
             SparsityController(target_sparsity, dual_lr) if target_sparsity is not None else None
         )
         self._eval_cache: tuple[Any, Any] | None = None
+        self._dual_versions: tuple[tuple[int, int], ...] | None = None  # None: a step is due
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self.last_shrink_report = None
 
@@ -145,6 +148,7 @@ class L0Regularizer(nn.Module):
         """Run the wrapped module with gated parameters (sampled in train, deterministic in eval)."""
         if self.training:
             self._clamp_logits()
+            self._dual_step()
             wz = self._sampled_weights()
             az = self._sampled_units()
         else:
@@ -153,10 +157,27 @@ class L0Regularizer(nn.Module):
             return self.module(*args, **kwargs)
 
     def _clamp_logits(self) -> None:
+        """Keep the logits in bounds; the version counters after it mark them as seen, so the
+        clamp itself never counts as an update for :meth:`_dual_step`."""
+        moved = self._logit_versions() != self._dual_versions
         with torch.no_grad():
             for la in (self.weight_log_alpha, self.unit_log_alpha):
                 if la is not None:
                     la.clamp_(-LOG_ALPHA_BOUND, LOG_ALPHA_BOUND)
+        self._dual_versions = None if moved else self._logit_versions()
+
+    def _logit_versions(self) -> tuple[tuple[int, int], ...]:
+        return tuple((id(la), la._version) for la in self.gate_parameters())
+
+    def _dual_step(self) -> None:
+        """The controller's dual step, in the first training forward after the gate logits
+        changed (an optimizer step, a load): once per optimizer step, whatever the number of
+        micro-batches, and ``regularization()`` stays free of side effects (log it at will)."""
+        if self.controller is None or not self.controller.training:
+            return
+        if self._dual_versions is None:
+            self.controller.step(self._eval_sparsity())
+            self._dual_versions = self._logit_versions()
 
     @staticmethod
     def _compute(la: Tensor) -> Tensor:
@@ -296,8 +317,7 @@ class L0Regularizer(nn.Module):
         if self.weight_decay:
             reg = reg + self.weight_decay * self.count_l2()
         if self.controller is not None:
-            measured = self._eval_sparsity() if self.controller.training else None
-            reg = reg + self.controller(1.0 - l0 / self.n_gated, measured)
+            reg = reg + self.controller(1.0 - l0 / self.n_gated)
         return reg
 
     def _eval_sparsity(self) -> Tensor:
