@@ -23,6 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "HardConcrete",
+    "draw_gates",
     "eval_gate",
     "eval_zero_logit",
     "expected_count",
@@ -170,25 +171,35 @@ class _SampleGates(torch.autograd.Function):
     """Sampled gates with a hand-written backward that keeps only ``z`` (not ``s``, not ``u``)."""
 
     @staticmethod
-    def forward(ctx, log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...]) -> Tensor:
-        u = torch.empty(size, dtype=log_alpha.dtype, device=log_alpha.device)
-        u.uniform_(hc.epsilon, 1.0 - hc.epsilon)
-        z = _noise_to_gate_(u, log_alpha, hc)
+    def forward(
+        ctx, log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...], gates: Tensor | None
+    ) -> Tensor:
+        if gates is None:
+            u = torch.empty(size, dtype=log_alpha.dtype, device=log_alpha.device)
+            u.uniform_(hc.epsilon, 1.0 - hc.epsilon)
+            z = _noise_to_gate_(u, log_alpha, hc)
+        else:  # a replay: the same gates, a new node
+            z = gates.clone()
         ctx.save_for_backward(z)
         ctx.hc = hc
         ctx.expanded = tuple(size) != tuple(log_alpha.shape)
         return z
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         (z,) = ctx.saved_tensors
         g = _gate_grad_(grad.clone(), z, ctx.hc)
         if ctx.expanded:  # per-sample gates: (B, n) -> (n,)
             g = g.sum(0)
-        return g, None, None
+        return g, None, None, None
 
 
-def sample_gates(log_alpha: Tensor, hc: HardConcrete, batch_size: int | None = None) -> Tensor:
+def sample_gates(
+    log_alpha: Tensor,
+    hc: HardConcrete,
+    batch_size: int | None = None,
+    gates: Tensor | None = None,
+) -> Tensor:
     """Draw hard-concrete gates with the reparametrization trick.
 
     Args:
@@ -196,9 +207,20 @@ def sample_gates(log_alpha: Tensor, hc: HardConcrete, batch_size: int | None = N
         hc: the distribution's constants.
         batch_size: draw ``(batch_size, n)`` independent gates (one set per example) instead of one
             set shared by the whole batch.
+        gates: the values of gates drawn before (no gradient): return them again, differentiable
+            with respect to ``log_alpha`` as when they were drawn (replaying a forward).
 
     Returns:
         Gates in [0, 1], differentiable with respect to ``log_alpha``.
     """
     size = tuple(log_alpha.shape) if batch_size is None else (batch_size, *log_alpha.shape)
-    return _SampleGates.apply(log_alpha, hc, size)
+    if gates is not None and tuple(gates.shape) != size:
+        raise ValueError(f"gates of shape {tuple(gates.shape)} given for gates of shape {size}")
+    return _SampleGates.apply(log_alpha, hc, size, gates)
+
+
+def draw_gates(log_alpha: Tensor, hc: HardConcrete) -> Tensor:
+    """Hard-concrete gates drawn without gradient, one per logit (see ``masked_weights``)."""
+    with torch.no_grad():
+        z = torch.empty_like(log_alpha).uniform_(hc.epsilon, 1.0 - hc.epsilon)
+        return _noise_to_gate_(z, log_alpha.detach(), hc)
