@@ -269,6 +269,7 @@ class _Replays:
         for a in reversed(armed):
             a.exit()
             a.gating.values = None  # the gate values may be large: free them with the backward
+            a.gating.per_sample = {}
         if handle is not None:
             handle.remove()
 
