@@ -170,32 +170,31 @@ class L0Regularizer(nn.Module):
         else:
             gating = self._eval_gating()
         if self._hooked is None:
-            return self._probe_forward(gating, args, kwargs)
-        self._in_forward = True
-        try:
-            with gating, self._shape_recorder():
+            out = self._probe_forward(gating, args, kwargs)
+        else:
+            with self._running(), gating, self._shape_recorder():
                 out = self.module(*args, **kwargs)
-        finally:
-            self._in_forward = False
         if torch.is_grad_enabled():
             arm_replay(self, gating, out)
         return out
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        """Marks the module calls of this wrapper's own forward (not recomputations)."""
+        self._in_forward = True
+        try:
+            yield
+        finally:
+            self._in_forward = False
 
     @torch.compiler.disable
     def _probe_forward(self, gating: ForwardGating, args: tuple, kwargs: dict) -> Any:
         """The first forward, with every gate on the weights (exact wherever they are read;
         per-sample gates excepted), finding the layers whose hooks would not see every use of
         their weights (see ``l0core.probe``): those get their gates on the weights from now on."""
-        self._in_forward = True
-        try:
-            with (
-                gating,
-                count_reads([s.hook_module for s in self._asites]) as usage,
-                self._shape_recorder(),
-            ):
-                out = self.module(*args, **kwargs)
-        finally:
-            self._in_forward = False
+        hooked = [s.hook_module for s in self._asites]
+        with self._running(), gating, count_reads(hooked) as usage, self._shape_recorder():
+            out = self.module(*args, **kwargs)
         self._hooked = []
         for site, masks in zip(self._asites, self._unit_masks, strict=True):
             hookable = usage[id(site.hook_module)].hookable
@@ -212,8 +211,6 @@ class L0Regularizer(nn.Module):
                     )
                 site.applied, site.masked = "weight", masks
             self._hooked.append(hookable)
-        if torch.is_grad_enabled():
-            arm_replay(self, gating, out)
         return out
 
     def _train_gating(self, replay: tuple | None = None) -> ForwardGating:
