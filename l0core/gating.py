@@ -289,6 +289,10 @@ def _same(t: Tensor) -> Tensor:
 def arm_replay(reg: L0Regularizer, gating: ForwardGating, output: Any) -> None:
     """Arm the outputs of a forward that recorded a graph (see the module docstring)."""
     gating.swaps, gating.unit_gates = [], []  # the graph keeps what it needs
+    if isinstance(output, Tensor):
+        if output.grad_fn is not None:
+            output.register_hook(_Armed(reg, gating))
+        return
     hook: Callable[[Tensor], None] | None = None
     for t in pytree.tree_leaves(output):
         if isinstance(t, Tensor) and t.grad_fn is not None:

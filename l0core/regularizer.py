@@ -178,14 +178,9 @@ class L0Regularizer(nn.Module):
             arm_replay(self, gating, out)
         return out
 
-    @contextlib.contextmanager
-    def _running(self) -> Iterator[None]:
+    def _running(self) -> _Running:
         """Marks the module calls of this wrapper's own forward (not recomputations)."""
-        self._in_forward = True
-        try:
-            yield
-        finally:
-            self._in_forward = False
+        return _Running(self.__dict__)
 
     @torch.compiler.disable
     def _probe_forward(self, gating: ForwardGating, args: tuple, kwargs: dict) -> Any:
@@ -280,12 +275,13 @@ class L0Regularizer(nn.Module):
     def _clamp_logits(self) -> None:
         """Keep the logits in bounds; the version counters after it mark them as seen, so the
         clamp itself never counts as an update for :meth:`_dual_step`."""
-        moved = self._logit_versions() != self._dual_versions
+        moved = self.controller is not None and self._logit_versions() != self._dual_versions
         with torch.no_grad():
             for la in (self.weight_log_alpha, self.unit_log_alpha):
                 if la is not None:
                     la.clamp_(-LOG_ALPHA_BOUND, LOG_ALPHA_BOUND)
-        self._dual_versions = None if moved else self._logit_versions()
+        if self.controller is not None:
+            self.__dict__["_dual_versions"] = None if moved else self._logit_versions()
 
     def _logit_versions(self) -> tuple[tuple[int, int], ...]:
         return tuple((id(la), la._version) for la in self.gate_parameters())
@@ -298,7 +294,7 @@ class L0Regularizer(nn.Module):
             return
         if self._dual_versions is None:
             self.controller.step(self._eval_sparsity())
-            self._dual_versions = self._logit_versions()
+            self.__dict__["_dual_versions"] = self._logit_versions()
 
     @staticmethod
     def _compute(la: Tensor) -> Tensor:
@@ -514,6 +510,22 @@ class L0Regularizer(nn.Module):
         state["_eval_cache"] = None
         state["_module_id_set"] = None
         return state
+
+
+class _Running:
+    """Sets ``_in_forward`` for the block (in ``__dict__``: ``nn.Module.__setattr__`` and
+    generator-based context managers cost microseconds per step)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def __enter__(self) -> None:
+        self.state["_in_forward"] = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.state["_in_forward"] = False
 
 
 def _same_bits(a: Tensor, b: Tensor) -> bool:
