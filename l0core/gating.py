@@ -30,7 +30,14 @@ from .gates import GateSite, Masked
 if TYPE_CHECKING:
     from .regularizer import L0Regularizer
 
-__all__ = ["ForwardGating", "arm_replay", "release_replays", "site_batch_dims", "unit_masks"]
+__all__ = [
+    "ForwardGating",
+    "Running",
+    "arm_replay",
+    "release_replays",
+    "site_batch_dims",
+    "unit_masks",
+]
 
 
 def unit_masks(site: GateSite) -> list[Masked]:
@@ -138,6 +145,22 @@ class ForwardGating:
         for mod, attr, p in reversed(self._undo):
             mod._parameters[attr] = p
         self._handles, self._undo = [], []
+
+
+class Running:
+    """Sets ``_in_forward`` for the block (in ``__dict__``: ``nn.Module.__setattr__`` and
+    generator-based context managers cost microseconds per step)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def __enter__(self) -> None:
+        self.state["_in_forward"] = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.state["_in_forward"] = False
 
 
 class _UnitGate:

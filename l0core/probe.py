@@ -12,12 +12,15 @@ layers found read outside (or never called) keep their gates on the weights.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Usage", "count_reads"]
+from .gates import GateSite, Masked
+
+__all__ = ["Usage", "count_reads", "settle_hooks"]
 
 
 @dataclass
@@ -84,3 +87,28 @@ def _leave(usage: Usage):
         usage.active -= 1
 
     return hook
+
+
+def settle_hooks(
+    sites: list[GateSite], masks: list[list[Masked]], usage: dict[int, Usage], per_sample: bool
+) -> list[bool]:
+    """Which activation sites may act by hooks; the others are switched, in place, to gates on
+    their weights (``masks``). Per-sample gates cannot act on weights: such a site falls back to
+    one sample per forward, with a warning."""
+    hooked = []
+    for site, site_masks in zip(sites, masks, strict=True):
+        hookable = usage[id(site.hook_module)].hookable
+        if not hookable:
+            if per_sample:
+                warnings.warn(
+                    f"l0core: {site.name}: the forward of {site.hook_name or 'its layer'} is not "
+                    "called (its weights are read by another module or through the functional "
+                    "API), so per-sample gates cannot act on its activations; from the next "
+                    "forward on it gets one gate sample per forward, on the weights (this first "
+                    "forward did not gate every use of them)",
+                    UserWarning,
+                    stacklevel=5,
+                )
+            site.applied, site.masked = "weight", site_masks
+        hooked.append(hookable)
+    return hooked

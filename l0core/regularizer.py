@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .controller import SparsityController
+from .eval_cache import EvalGateCache
 from .export import finish_export
 from .flops import layer_macs, record_shapes
 from .functional import (
@@ -32,9 +32,16 @@ from .functional import (
     sample_gates,
 )
 from .gates import GateSite, Masked, init_logits, plan_sites, resolve_droprates
-from .gating import ForwardGating, arm_replay, release_replays, site_batch_dims, unit_masks
+from .gating import (
+    ForwardGating,
+    Running,
+    arm_replay,
+    release_replays,
+    site_batch_dims,
+    unit_masks,
+)
 from .masking import masked_weights
-from .probe import count_reads
+from .probe import count_reads, settle_hooks
 from .selection import Selector, select_params
 
 __all__ = ["L0Regularizer"]
@@ -149,7 +156,7 @@ class L0Regularizer(nn.Module):
         self.controller = (
             SparsityController(target_sparsity, dual_lr) if target_sparsity is not None else None
         )
-        self._eval_cache: tuple[Any, Any] | None = None
+        self._eval_cache = EvalGateCache()
         self._unit_masks = [unit_masks(s) for s in self._asites]
         self._batch_dims = site_batch_dims(model, self._asites, batch_dim)
         self._hooked: list[bool] | None = None if self._asites else []  # set by the 1st forward
@@ -178,9 +185,9 @@ class L0Regularizer(nn.Module):
             arm_replay(self, gating, out)
         return out
 
-    def _running(self) -> _Running:
+    def _running(self) -> Running:
         """Marks the module calls of this wrapper's own forward (not recomputations)."""
-        return _Running(self.__dict__)
+        return Running(self.__dict__)
 
     @torch.compiler.disable
     def _probe_forward(self, gating: ForwardGating, args: tuple, kwargs: dict) -> Any:
@@ -190,22 +197,7 @@ class L0Regularizer(nn.Module):
         hooked = [s.hook_module for s in self._asites]
         with self._running(), gating, count_reads(hooked) as usage, self._shape_recorder():
             out = self.module(*args, **kwargs)
-        self._hooked = []
-        for site, masks in zip(self._asites, self._unit_masks, strict=True):
-            hookable = usage[id(site.hook_module)].hookable
-            if not hookable:
-                if self.per_sample:
-                    warnings.warn(
-                        f"l0core: {site.name}: the forward of {site.hook_name or 'its layer'} "
-                        "is not called (its weights are read by another module or through the "
-                        "functional API), so per-sample gates cannot act on its activations; "
-                        "from the next forward on it gets one gate sample per forward, on the "
-                        "weights (this first forward did not gate every use of them)",
-                        UserWarning,
-                        stacklevel=3,
-                    )
-                site.applied, site.masked = "weight", masks
-            self._hooked.append(hookable)
+        self._hooked = settle_hooks(self._asites, self._unit_masks, usage, self.per_sample)
         return out
 
     def _train_gating(self, replay: tuple | None = None) -> ForwardGating:
@@ -318,23 +310,10 @@ class L0Regularizer(nn.Module):
                 for la in (self.weight_log_alpha, self.unit_log_alpha)
             )
         else:
-            zw, zu = self._cached_eval_gates()
+            zw, zu = self._eval_cache.get(tuple(self.gate_parameters()), self.eval_gates)
         wz = [m.param * zw[s.slice].view(m.view_shape).to(m.param.dtype) for s, m in self._masked]
         az = list(zu.split([s.n_gates for s in self._asites])) if zu is not None else []
         return wz, az
-
-    def _cached_eval_gates(self) -> tuple[Tensor | None, Tensor | None]:
-        logits = tuple(self.gate_parameters())
-        cache = self._eval_cache
-        if (
-            cache is not None
-            and len(cache[0]) == len(logits)
-            and all(_same_bits(la, snap) for la, snap in zip(logits, cache[0], strict=True))
-        ):
-            return cache[1]
-        gates = self.eval_gates()
-        self._eval_cache = (tuple(la.detach().clone() for la in logits), gates)
-        return gates
 
     def _shape_recorder(self) -> contextlib.AbstractContextManager:
         if self._shapes is not None:
@@ -507,37 +486,9 @@ class L0Regularizer(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_eval_cache"] = None
+        state["_eval_cache"] = EvalGateCache()
         state["_module_id_set"] = None
         return state
-
-
-class _Running:
-    """Sets ``_in_forward`` for the block (in ``__dict__``: ``nn.Module.__setattr__`` and
-    generator-based context managers cost microseconds per step)."""
-
-    __slots__ = ("state",)
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self.state = state
-
-    def __enter__(self) -> None:
-        self.state["_in_forward"] = True
-
-    def __exit__(self, *exc: object) -> None:
-        self.state["_in_forward"] = False
-
-
-def _same_bits(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors hold the same bytes (compared as wide integers: several times faster
-    than ``torch.equal`` on floats, and NaN-safe)."""
-    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
-        return False
-    raw_a, raw_b = a.detach().reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
-    for wide in (torch.int64, torch.int32):
-        if raw_a.numel() % wide.itemsize == 0:
-            return torch.equal(raw_a.view(wide), raw_b.view(wide))
-    return torch.equal(raw_a, raw_b)
 
 
 def _group_dims(site: GateSite) -> tuple[int, ...]:
