@@ -95,7 +95,7 @@ class _ExpectedCount(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         p, group_sizes = ctx.saved_tensors
-        g = torch.mul(p, p).neg_().add_(p).mul_(grad)  # p * (1 - p) * grad
+        g = torch.addcmul(p, p, p, value=-1.0).mul_(grad)  # p * (1 - p) * grad
         return (g if group_sizes is None else g.mul_(group_sizes)), None, None
 
 
@@ -154,17 +154,18 @@ def _gate_grad_(grad: Tensor, z: Tensor, hc: HardConcrete) -> Tensor:
     """Multiply ``grad`` (a fresh buffer) in place by ``dz/dlog_alpha``, computed from ``z`` alone.
 
     Inside (0, 1), ``z = s * span + gamma`` so ``s = (z - gamma) / span`` and
-    ``dz/dlog_alpha = span * s * (1 - s) / beta = t * (span - t) / (span * beta)`` with
-    ``t = z - gamma``, and ``t * (span - t) = span^2 / 4 - (t - span / 2)^2``. Where the clamp is
-    active (z == 0 or z == 1) the derivative is 0: ``sign(z - z^2)`` is that indicator, since
-    ``z - z^2 > 0`` exactly inside (0, 1). One temporary buffer in all.
+    ``dz/dlog_alpha = span * s * (1 - s) / beta = (z - gamma) * (zeta - z) * c`` with
+    ``c = 1 / (span * beta)``, which is ``c * (z * (gamma + zeta - z) - gamma * zeta)``: three
+    passes from ``rsub`` with ``alpha``. Where the clamp is active (z == 0 or z == 1) the
+    derivative is 0: ``sign(z - z^2)`` is that indicator, since ``z - z^2 > 0`` exactly inside
+    (0, 1), one ``addcmul`` and one ``sign_``. One temporary buffer in all.
     """
-    half = hc.span / 2
-    tmp = torch.sub(z, hc.limit_a + half)
-    tmp.square_().neg_().add_(half * half)
-    grad.mul_(tmp).mul_(1.0 / (hc.span * hc.temperature))
-    torch.mul(z, z, out=tmp)
-    return grad.mul_(tmp.neg_().add_(z).sign_())
+    a, b = hc.limit_a, hc.limit_b
+    c = 1.0 / (hc.span * hc.temperature)
+    tmp = torch.rsub(z, (a + b) * c, alpha=c)  # c * (a + b - z)
+    grad.mul_(tmp.mul_(z).sub_(a * b * c))
+    torch.addcmul(z, z, z, value=-1.0, out=tmp)
+    return grad.mul_(tmp.sign_())
 
 
 class _SampleGates(torch.autograd.Function):
