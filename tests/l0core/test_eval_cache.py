@@ -54,3 +54,16 @@ def test_load_state_dict_with_assign_reaches_every_path(granularity):
     reg.train()
     reg(x).sum().backward()
     assert model[0].weight.grad is not None  # the new parameters are the ones trained
+
+
+def test_eval_gates_are_computed_once_while_the_logits_hold_their_bits():
+    reg = L0Regularizer(mlp((12, 10, 3)), 0.01).eval()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        reg(x)
+        cached = reg._eval_cache.get(tuple(reg.gate_parameters()), lambda: None)
+        assert cached is not None  # the gates of the first forward, not recomputed
+        reg(x)
+        assert reg._eval_cache.get(tuple(reg.gate_parameters()), lambda: None) is cached
+        reg.weight_log_alpha.data[5] += 1.0
+        assert reg._eval_cache.get(tuple(reg.gate_parameters()), lambda: None) is None
