@@ -86,7 +86,7 @@ class L1Regularizer(CountedMethod):
         self.last_shrink_report = None
 
     def _params(self) -> list[Tensor]:
-        return [t.param for t in self._targets]
+        return [t.live for t in self._targets]
 
     def regularization(self) -> Tensor:
         """``lam * sum |theta|`` over the selected parameters."""

@@ -5,8 +5,10 @@ The constraint ``s = t`` enters the loss as the Lagrangian term
 ``s_hat = 1 - E[L0] / n`` (as in Wang et al. 2020, "Structured Pruning of Large Language Models",
 and CoFi, Xia et al. 2022), which is differentiable in the gate logits. The multipliers follow
 explicit dual ascent, ``lambda1 += lr * (s - t)`` and ``lambda2 += lr * (s - t)^2``, updated in
-place on the device each training step (no host synchronisation, no negative-learning-rate trick
-in the user's optimizer).
+place on the device (no host synchronisation, no negative-learning-rate trick in the user's
+optimizer) once per optimizer step: ``L0Regularizer`` takes the step in the first training forward
+after the gate logits change, so gradient accumulation over micro-batches does not speed up the
+ascent, and ``regularization()`` (the term) can be called for logging at will.
 
 Which ``s`` drives the dual ascent matters. What users ask for, and what ``sparsity()`` reports, is
 the fraction of gates that are exactly 0 at eval time. Gates that sit half open count towards
@@ -33,7 +35,7 @@ class SparsityController(nn.Module):
 
     Args:
         target: the sparsity to reach, in (0, 1).
-        dual_lr: the dual-ascent step size (per training step).
+        dual_lr: the dual-ascent step size (per optimizer step).
         damping: fixed weight of ``(s_hat - t)^2`` added to ``lambda2``.
     """
 
@@ -53,24 +55,28 @@ class SparsityController(nn.Module):
         self.register_buffer("lambda1", torch.zeros(()))
         self.register_buffer("lambda2", torch.zeros(()))
 
-    def forward(self, expected_sparsity: Tensor, measured_sparsity: Tensor | None = None) -> Tensor:
-        """The Lagrangian term; in training mode also one dual-ascent step on the multipliers.
+    def forward(self, expected_sparsity: Tensor) -> Tensor:
+        """The Lagrangian term at the current multipliers (it does not move them: see ``step``).
 
         Args:
             expected_sparsity: ``s_hat``, differentiable in the gate logits.
-            measured_sparsity: the eval sparsity (no gradient) that drives the dual step;
-                ``s_hat`` if not given.
         """
         gap = expected_sparsity - self.target
-        # the multipliers are updated in place below: the term uses copies of their values
-        term = self.lambda1.clone() * gap + (self.lambda2.clone() + self.damping) * gap * gap
-        if self.training:
-            with torch.no_grad():
-                measured = expected_sparsity if measured_sparsity is None else measured_sparsity
-                g = (measured.detach() - self.target).to(self.lambda1.dtype)
-                self.lambda1.add_(g, alpha=self.dual_lr)
-                self.lambda2.add_(g * g, alpha=self.dual_lr)
-        return term
+        # step() updates the multipliers in place: the term uses copies of their values
+        return self.lambda1.clone() * gap + (self.lambda2.clone() + self.damping) * gap * gap
+
+    @torch.no_grad()
+    def step(self, measured_sparsity: Tensor) -> None:
+        """One dual-ascent step, in place on the device: ``lambda1 += lr * (s - t)``,
+        ``lambda2 += lr * (s - t)^2``.
+
+        Args:
+            measured_sparsity: the sparsity that drives the step (``L0Regularizer`` passes the
+                eval sparsity; no gradient).
+        """
+        g = (measured_sparsity.detach() - self.target).to(self.lambda1.dtype)
+        self.lambda1.add_(g, alpha=self.dual_lr)
+        self.lambda2.add_(g * g, alpha=self.dual_lr)
 
     def extra_repr(self) -> str:
         return f"target={self.target}, dual_lr={self.dual_lr}, damping={self.damping}"

@@ -23,6 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "HardConcrete",
+    "draw_gates",
     "eval_gate",
     "eval_zero_logit",
     "expected_count",
@@ -94,7 +95,7 @@ class _ExpectedCount(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         p, group_sizes = ctx.saved_tensors
-        g = torch.mul(p, p).neg_().add_(p).mul_(grad)  # p * (1 - p) * grad
+        g = torch.addcmul(p, p, p, value=-1.0).mul_(grad)  # p * (1 - p) * grad
         return (g if group_sizes is None else g.mul_(group_sizes)), None, None
 
 
@@ -153,42 +154,53 @@ def _gate_grad_(grad: Tensor, z: Tensor, hc: HardConcrete) -> Tensor:
     """Multiply ``grad`` (a fresh buffer) in place by ``dz/dlog_alpha``, computed from ``z`` alone.
 
     Inside (0, 1), ``z = s * span + gamma`` so ``s = (z - gamma) / span`` and
-    ``dz/dlog_alpha = span * s * (1 - s) / beta = t * (span - t) / (span * beta)`` with
-    ``t = z - gamma``, and ``t * (span - t) = span^2 / 4 - (t - span / 2)^2``. Where the clamp is
-    active (z == 0 or z == 1) the derivative is 0: ``sign(z - z^2)`` is that indicator, since
-    ``z - z^2 > 0`` exactly inside (0, 1). One temporary buffer in all.
+    ``dz/dlog_alpha = span * s * (1 - s) / beta = (z - gamma) * (zeta - z) * c`` with
+    ``c = 1 / (span * beta)``, which is ``c * (z * (gamma + zeta - z) - gamma * zeta)``: three
+    passes from ``rsub`` with ``alpha``. Where the clamp is active (z == 0 or z == 1) the
+    derivative is 0: ``sign(z - z^2)`` is that indicator, since ``z - z^2 > 0`` exactly inside
+    (0, 1), one ``addcmul`` and one ``sign_``. One temporary buffer in all.
     """
-    half = hc.span / 2
-    tmp = torch.sub(z, hc.limit_a + half)
-    tmp.square_().neg_().add_(half * half)
-    grad.mul_(tmp).mul_(1.0 / (hc.span * hc.temperature))
-    torch.mul(z, z, out=tmp)
-    return grad.mul_(tmp.neg_().add_(z).sign_())
+    a, b = hc.limit_a, hc.limit_b
+    c = 1.0 / (hc.span * hc.temperature)
+    tmp = torch.rsub(z, (a + b) * c, alpha=c)  # c * (a + b - z)
+    grad.mul_(tmp.mul_(z).sub_(a * b * c))
+    torch.addcmul(z, z, z, value=-1.0, out=tmp)
+    return grad.mul_(tmp.sign_())
 
 
 class _SampleGates(torch.autograd.Function):
     """Sampled gates with a hand-written backward that keeps only ``z`` (not ``s``, not ``u``)."""
 
     @staticmethod
-    def forward(ctx, log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...]) -> Tensor:
-        u = torch.empty(size, dtype=log_alpha.dtype, device=log_alpha.device)
-        u.uniform_(hc.epsilon, 1.0 - hc.epsilon)
-        z = _noise_to_gate_(u, log_alpha, hc)
+    def forward(
+        ctx, log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...], gates: Tensor | None
+    ) -> Tensor:
+        if gates is None:
+            u = torch.empty(size, dtype=log_alpha.dtype, device=log_alpha.device)
+            u.uniform_(hc.epsilon, 1.0 - hc.epsilon)
+            z = _noise_to_gate_(u, log_alpha, hc)
+        else:  # a replay: the same gates, a new node
+            z = gates.clone()
         ctx.save_for_backward(z)
         ctx.hc = hc
         ctx.expanded = tuple(size) != tuple(log_alpha.shape)
         return z
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         (z,) = ctx.saved_tensors
         g = _gate_grad_(grad.clone(), z, ctx.hc)
         if ctx.expanded:  # per-sample gates: (B, n) -> (n,)
             g = g.sum(0)
-        return g, None, None
+        return g, None, None, None
 
 
-def sample_gates(log_alpha: Tensor, hc: HardConcrete, batch_size: int | None = None) -> Tensor:
+def sample_gates(
+    log_alpha: Tensor,
+    hc: HardConcrete,
+    batch_size: int | None = None,
+    gates: Tensor | None = None,
+) -> Tensor:
     """Draw hard-concrete gates with the reparametrization trick.
 
     Args:
@@ -196,9 +208,20 @@ def sample_gates(log_alpha: Tensor, hc: HardConcrete, batch_size: int | None = N
         hc: the distribution's constants.
         batch_size: draw ``(batch_size, n)`` independent gates (one set per example) instead of one
             set shared by the whole batch.
+        gates: the values of gates drawn before (no gradient): return them again, differentiable
+            with respect to ``log_alpha`` as when they were drawn (replaying a forward).
 
     Returns:
         Gates in [0, 1], differentiable with respect to ``log_alpha``.
     """
     size = tuple(log_alpha.shape) if batch_size is None else (batch_size, *log_alpha.shape)
-    return _SampleGates.apply(log_alpha, hc, size)
+    if gates is not None and tuple(gates.shape) != size:
+        raise ValueError(f"gates of shape {tuple(gates.shape)} given for gates of shape {size}")
+    return _SampleGates.apply(log_alpha, hc, size, gates)
+
+
+def draw_gates(log_alpha: Tensor, hc: HardConcrete) -> Tensor:
+    """Hard-concrete gates drawn without gradient, one per logit (see ``masked_weights``)."""
+    with torch.no_grad():
+        z = torch.empty_like(log_alpha).uniform_(hc.epsilon, 1.0 - hc.epsilon)
+        return _noise_to_gate_(z, log_alpha.detach(), hc)

@@ -146,6 +146,14 @@ def _plan_structured(
     site = GateSite(t.name, t, granularity, "weight", 0, n, p.numel() // n)
     layer = isinstance(mod, (nn.Linear, *_CONV)) and t.attr == "weight" and not t.aliases
     if not layer:  # any other parameter: mask its rows / columns
+        what = "rows (dim 0)" if dim == 0 else "columns (dim 1)"
+        warnings.warn(
+            f"l0core: {type(mod).__name__} ({t.name}) is not a layer type the gate planner "
+            f"knows; its {granularity!r} gates mask the {what} of the parameter on the weight "
+            "(exact; export does not shrink it)",
+            UserWarning,
+            stacklevel=4,
+        )
         site.masked = [Masked(t.name, mod, t.attr, t.aliases, _unit_view(p, dim))]
         return site
     prefix = names[id(mod)]

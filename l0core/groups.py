@@ -13,7 +13,6 @@ Units with the same members form a *group*: one ``GateSite`` per group, so ``sum
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -21,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from .graph import ChannelGraph, GraphError, Incidence
-from .masking import swapped_parameters
 from .selection import TargetParam
 from .trace import trace_channels
 
@@ -93,13 +91,6 @@ class GroupPlan:
                 t = t * g.view(shape)
             out.append(t)
         return out
-
-    def swapped(self, z: Tensor) -> contextlib.AbstractContextManager:
-        """Put the tensors gated by ``z`` in place of the parameters for one forward."""
-        tensors = self.gated_tensors(z)
-        return swapped_parameters(
-            (((m.module, m.attr), *m.aliases), t) for m, t in zip(self.masks, tensors, strict=True)
-        )
 
     @torch.no_grad()
     def bake(self, model: nn.Module, z: Tensor) -> None:

@@ -7,24 +7,24 @@ parameter straight into one fresh flat gradient, with no ``cat`` and no saved ``
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .functional import HardConcrete, _gate_grad_, _noise_to_gate_
 
-__all__ = ["masked_weights", "swapped_parameters"]
+__all__ = ["masked_weights"]
 
 
 class _MaskedWeights(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, log_alpha: Tensor, hc: HardConcrete, layout, *weights: Tensor):
-        # layout: per weight, (offset, n_gates, view_shape, reduce_dims)
-        z = torch.empty_like(log_alpha)
-        z.uniform_(hc.epsilon, 1.0 - hc.epsilon)
-        _noise_to_gate_(z, log_alpha, hc)
+    def forward(ctx, log_alpha: Tensor, hc: HardConcrete, layout, gates, *weights: Tensor):
+        # layout: per weight, (offset, n_gates, view_shape, reduce_dims); gates: z or None
+        if gates is None:
+            z = torch.empty_like(log_alpha)
+            z.uniform_(hc.epsilon, 1.0 - hc.epsilon)
+            _noise_to_gate_(z, log_alpha, hc)
+        else:
+            z = gates
         outs = tuple(
             w * z[off : off + n].view(shape).to(w.dtype)
             for w, (off, n, shape, _) in zip(weights, layout, strict=True)
@@ -57,12 +57,12 @@ class _MaskedWeights(torch.autograd.Function):
             else:
                 torch.mul(g, w, out=dst.view(shape))
             written.add(off)
-            grad_ws.append(g * zi.to(g.dtype) if ctx.needs_input_grad[3 + i] else None)
+            grad_ws.append(g * zi.to(g.dtype) if ctx.needs_input_grad[4 + i] else None)
         for off, n, _, _ in ctx.layout:
             if off not in written:
                 gz[off : off + n].zero_()
                 written.add(off)
-        return (_gate_grad_(gz, z, ctx.hc), None, None, *grad_ws)
+        return (_gate_grad_(gz, z, ctx.hc), None, None, None, *grad_ws)
 
 
 def masked_weights(
@@ -70,6 +70,7 @@ def masked_weights(
     hc: HardConcrete,
     weights: list[Tensor],
     layout: tuple[tuple[int, int, tuple[int, ...], tuple[int, ...]], ...],
+    gates: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """``weights[i] * z[i]`` with fresh hard-concrete gates ``z`` drawn for every weight.
 
@@ -81,23 +82,8 @@ def masked_weights(
             ``log_alpha[offset:offset + n_gates].view(view_shape)``, broadcast against the weight;
             ``reduce_dims`` are the broadcast dimensions (empty for one gate per weight). Weights
             may share a gate range (same offset and size); ranges are otherwise disjoint.
+        gates: gates drawn before (:func:`l0core.functional.draw_gates`, no gradient) to use
+            instead of a fresh draw: replaying a forward (activation checkpointing) rebuilds
+            the same masked weights, with their gradient, from them.
     """
-    return _MaskedWeights.apply(log_alpha, hc, layout, *weights)
-
-
-@contextlib.contextmanager
-def swapped_parameters(
-    places: Iterable[tuple[tuple[tuple[nn.Module, str], ...], Tensor]],
-) -> Iterator[None]:
-    """Put each tensor in place of the parameter ``module.attr`` at all its holders (tied
-    aliases included) for the duration of the block, then restore the parameters."""
-    saved = []
-    try:
-        for holders, t in places:
-            for mod, attr in holders:
-                saved.append((mod, attr, mod._parameters[attr]))
-                mod._parameters[attr] = t
-        yield
-    finally:
-        for mod, attr, p in reversed(saved):
-            mod._parameters[attr] = p
+    return _MaskedWeights.apply(log_alpha, hc, layout, gates, *weights)

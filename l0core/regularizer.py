@@ -19,20 +19,31 @@ from torch import Tensor, nn
 
 from .controller import SparsityController
 from .cost import expected_macs, export_cost
+from .eval_cache import EvalGateCache
 from .export import chain_export_blockers, finish_export
 from .flops import record_shapes
 from .functional import (
     LOG_ALPHA_BOUND,
     HardConcrete,
+    draw_gates,
     eval_gate,
     eval_zero_logit,
     expected_count,
     prob_nonzero,
     sample_gates,
 )
-from .gates import GateSite, init_logits, plan_sites, resolve_droprates
+from .gates import GateSite, Masked, init_logits, plan_sites, resolve_droprates
+from .gating import (
+    ForwardGating,
+    Running,
+    arm_replay,
+    release_replays,
+    site_batch_dims,
+    unit_masks,
+)
 from .graph_export import export_blockers, group_members, shrink_graph
-from .masking import masked_weights, swapped_parameters
+from .masking import masked_weights
+from .probe import count_reads, settle_hooks
 from .selection import Selector, select_params
 
 __all__ = ["L0Regularizer"]
@@ -66,12 +77,18 @@ class L0Regularizer(nn.Module):
         include, exclude: globs on parameter names or module types, or a callable
             ``(name, param, module) -> bool``. By default every parameter with two or more
             dimensions is gated; ``include="*"`` gates everything.
-        per_sample: independent gates per example for structured gates applied on activations.
+        per_sample: independent gates per example for structured gates applied on activations,
+            drawn once per forward (a layer called twice in one forward sees the same ones).
+        batch_dim: the dim of the examples in the activations of gated Linear layers, for
+            ``per_sample`` (1 for sequence-first ``(T, B, C)``); layers inside a module with a
+            ``batch_first`` flag (attention, transformer layers, RNNs) follow that flag.
         test_gate: the eval-mode gate, ``"mean"`` (paper Eq. 13) or ``"median"``.
         target_sparsity: if set, add a Lagrangian term that drives the expected sparsity to it
             (see ``SparsityController``); ``lam`` may then be 0.
-        dual_lr: the multipliers' dual-ascent step (per training step) for ``target_sparsity``;
-            the step is driven by the measured eval sparsity, see ``SparsityController``.
+        dual_lr: the multipliers' dual-ascent step for ``target_sparsity``, taken by the first
+            training forward after the gate logits change: once per optimizer step, whatever
+            the number of micro-batches; ``regularization()`` never moves the multipliers. The
+            step is driven by the measured eval sparsity, see ``SparsityController``.
         init: ``"random"`` (the authors' N(logit, 0.01)) or ``"magnitude"`` (gates of the
             largest pretrained weights start most open, to fine-tune a trained model).
     """
@@ -91,6 +108,7 @@ class L0Regularizer(nn.Module):
         include: Selector = None,
         exclude: Selector = None,
         per_sample: bool = False,
+        batch_dim: int = 0,
         test_gate: str = "mean",
         target_sparsity: float | None = None,
         dual_lr: float = 0.005,
@@ -103,6 +121,8 @@ class L0Regularizer(nn.Module):
             raise ValueError(f"test_gate must be 'mean' or 'median', got {test_gate!r}")
         if not isinstance(per_sample, bool):
             raise TypeError(f"per_sample must be a bool, got {per_sample!r}")
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
+            raise ValueError(f"batch_dim must be an integer >= 0, got {batch_dim!r}")
         if per_sample and granularity == "weight":
             raise ValueError(
                 "per_sample=True needs structured gates (granularity 'output' or 'input'); "
@@ -139,7 +159,14 @@ class L0Regularizer(nn.Module):
         self.controller = (
             SparsityController(target_sparsity, dual_lr) if target_sparsity is not None else None
         )
-        self._eval_cache: tuple[Any, Any] | None = None
+        self._eval_cache = EvalGateCache()
+        self._unit_masks = [unit_masks(s) if s.plan is None else [] for s in self._asites]
+        self._n_group_sites = sum(1 for s in self._asites if s.plan is not None)  # first in line
+        self._batch_dims = site_batch_dims(model, self._asites, batch_dim)
+        self._hooked: list[bool] | None = None if self._asites else []  # set by the 1st forward
+        self._in_forward = False
+        self._module_id_set: set[int] | None = None
+        self._dual_versions: tuple[tuple[int, int], ...] | None = None  # None: a step is due
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._example: tuple[tuple, dict] | None = None  # two rows of the first input
         self.last_shrink_report = None
@@ -147,41 +174,138 @@ class L0Regularizer(nn.Module):
     # ---- forward --------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped module with gated parameters (sampled in train, deterministic in eval)."""
-        if self.training:
-            self._clamp_logits()
-            wz = self._sampled_weights()
-            az = self._sampled_units()
-        else:
-            wz, az = self._eval_weights_and_units()
+        release_replays(self)
         if self._example is None:
             self._example = _example_rows(args, kwargs)
-        with self._swapped(wz), self._unit_hooks(az), self._shape_recorder():
-            return self.module(*args, **kwargs)
+        if self.training:
+            self._clamp_logits()
+            self._dual_step()
+            gating = self._train_gating()
+        else:
+            gating = self._eval_gating()
+        if self._hooked is None:
+            out = self._probe_forward(gating, args, kwargs)
+        else:
+            with self._running(), gating, self._shape_recorder():
+                out = self.module(*args, **kwargs)
+        if torch.is_grad_enabled():
+            arm_replay(self, gating, out)
+        return out
+
+    def _running(self) -> Running:
+        """Marks the module calls of this wrapper's own forward (not recomputations)."""
+        return Running(self.__dict__)
+
+    @torch.compiler.disable
+    def _probe_forward(self, gating: ForwardGating, args: tuple, kwargs: dict) -> Any:
+        """The first forward, with every gate on the weights (exact wherever they are read;
+        per-sample gates excepted), finding the layers whose hooks would not see every use of
+        their weights (see ``l0core.probe``): those get their gates on the weights from now on."""
+        ng = self._n_group_sites  # coupled groups act on their tensors, never by hooks
+        hooked = [s.hook_module for s in self._asites[ng:]]
+        with self._running(), gating, count_reads(hooked) as usage, self._shape_recorder():
+            out = self.module(*args, **kwargs)
+        settled = settle_hooks(self._asites[ng:], self._unit_masks[ng:], usage, self.per_sample)
+        self._hooked = [False] * ng + settled
+        return out
+
+    def _train_gating(self, replay: tuple | None = None) -> ForwardGating:
+        """Sampled gates for one training forward, or those of a past one rebuilt from what it
+        drew: ``replay = (weight gates, shared unit gates, hooked sites, per-sample gates)``."""
+        hooked = self._hooked_now()
+        wz, uz, per_sample = None, None, {}
+        if replay is not None:
+            wz, uz, hooked, per_sample = replay
+        swaps: list[tuple[Masked, Tensor]] = []
+        if self._wsites:
+            la = self._compute(self.weight_log_alpha)
+            wz = draw_gates(la, self.hc) if wz is None else wz
+            weights = [m.param for _, m in self._masked]
+            gated = masked_weights(la, self.hc, weights, self._layout, gates=wz)
+            swaps.extend(zip((m for _, m in self._masked), gated, strict=True))
+        units: list[Tensor | None] = [None] * len(self._asites)
+        if self._asites and (not self.per_sample or not all(hooked)):
+            z = sample_gates(self._compute(self.unit_log_alpha), self.hc, gates=uz)
+            uz = z.detach()
+            units = list(z.split([s.n_gates for s in self._asites]))
+            if self.per_sample:  # hooked sites draw theirs on the examples of the first call
+                units = [None if h else z for h, z in zip(hooked, units, strict=True)]
+        swaps.extend(self._unit_swaps(units, hooked))
+        return ForwardGating(self, swaps, units, hooked, ("train", wz, uz), per_sample)
+
+    def _eval_gating(self, hooked: list[bool] | None = None) -> ForwardGating:
+        hooked = self._hooked_now() if hooked is None else hooked
+        wz, az = self._eval_weights_and_units()
+        swaps = list(zip((m for _, m in self._masked), wz, strict=True))
+        swaps.extend(self._unit_swaps(az, hooked))
+        return ForwardGating(self, swaps, az, hooked, ("eval", None, None))
+
+    def _hooked_now(self) -> list[bool]:
+        """Which activation sites act by hooks: in the first forward (``_probe_forward``) none
+        but per-sample ones (which cannot act on weights)."""
+        if self._hooked is None:
+            return [self.per_sample] * len(self._asites)
+        return self._hooked
+
+    def _unit_swaps(
+        self, units: list[Tensor | None], hooked: list[bool]
+    ) -> list[tuple[Masked, Tensor]]:
+        """Activation sites whose gates act on the weights (not hooked), and the coupled groups
+        (``l0core.groups``): the gated tensors."""
+        swaps = [
+            (m, m.param * z.view(m.view_shape).to(m.param.dtype))
+            for h, z, masks in zip(hooked, units, self._unit_masks, strict=True)
+            if not h
+            for m in masks
+        ]
+        if self._group_plan is not None:
+            z = torch.cat(units[: self._n_group_sites])
+            plan = self._group_plan
+            swaps.extend(zip(plan.masks, plan.gated_tensors(z), strict=True))
+        return swaps
+
+    def _replayed(self, gating: ForwardGating) -> ForwardGating:
+        """The gating of a past forward, rebuilt (differentiable) for a recomputation."""
+        kind, wz, uz = gating.values
+        with torch.enable_grad():
+            if kind == "eval":
+                return self._eval_gating(gating.hooked)
+            per_sample = {i: z.detach() for i, z in gating.per_sample.items()}
+            return self._train_gating((wz, uz, gating.hooked, per_sample))
+
+    @property
+    def _module_ids(self) -> set[int]:
+        if self._module_id_set is None:
+            self._module_id_set = {id(m) for m in self.module.modules()}
+        return self._module_id_set
 
     def _clamp_logits(self) -> None:
+        """Keep the logits in bounds; the version counters after it mark them as seen, so the
+        clamp itself never counts as an update for :meth:`_dual_step`."""
+        moved = self.controller is not None and self._logit_versions() != self._dual_versions
         with torch.no_grad():
             for la in (self.weight_log_alpha, self.unit_log_alpha):
                 if la is not None:
                     la.clamp_(-LOG_ALPHA_BOUND, LOG_ALPHA_BOUND)
+        if self.controller is not None:
+            self.__dict__["_dual_versions"] = None if moved else self._logit_versions()
+
+    def _logit_versions(self) -> tuple[tuple[int, int], ...]:
+        return tuple((id(la), la._version) for la in self.gate_parameters())
+
+    def _dual_step(self) -> None:
+        """The controller's dual step, in the first training forward after the gate logits
+        changed (an optimizer step, a load): once per optimizer step, whatever the number of
+        micro-batches, and ``regularization()`` stays free of side effects (log it at will)."""
+        if self.controller is None or not self.controller.training:
+            return
+        if self._dual_versions is None:
+            self.controller.step(self._eval_sparsity())
+            self.__dict__["_dual_versions"] = self._logit_versions()
 
     @staticmethod
     def _compute(la: Tensor) -> Tensor:
         return la.float() if la.dtype in _LOW_PRECISION else la
-
-    def _sampled_weights(self) -> list[Tensor]:
-        if not self._wsites:
-            return []
-        weights = [m.param for _, m in self._masked]
-        la = self._compute(self.weight_log_alpha)
-        return list(masked_weights(la, self.hc, weights, self._layout))
-
-    def _sampled_units(self) -> list[Tensor | None]:
-        if not self._asites:
-            return []
-        if self.per_sample:  # drawn in the hooks, once the batch size is known
-            return [None] * len(self._asites)
-        z = sample_gates(self._compute(self.unit_log_alpha), self.hc)
-        return list(z.split([s.n_gates for s in self._asites]))
 
     def eval_gates(self) -> tuple[Tensor | None, Tensor | None]:
         """The deterministic gates ``(weight_gates, unit_gates)`` as flat tensors (no grad)."""
@@ -192,54 +316,19 @@ class L0Regularizer(nn.Module):
             )
 
     def _eval_weights_and_units(self) -> tuple[list[Tensor], list[Tensor]]:
-        grad = torch.is_grad_enabled()
-        key = tuple(
-            (la._version, la.data_ptr(), la.dtype)
-            for la in (self.weight_log_alpha, self.unit_log_alpha)
-            if la is not None
-        ) + tuple((m.param._version, m.param.data_ptr()) for _, m in self._masked)
-        if not grad and self._eval_cache is not None and self._eval_cache[0] == key:
-            return self._eval_cache[1]
-        if grad:  # differentiable deterministic gates (e.g. for gate saliency analysis)
+        """The eval-gated tensors. The gates are cached while the logits hold the same bits;
+        the products with the weights are formed on every call, so writes that the version
+        counter does not see (through ``.data``) always reach the output."""
+        if torch.is_grad_enabled():  # differentiable deterministic gates (gate saliency analysis)
             zw, zu = (
                 None if la is None else eval_gate(self._compute(la), self.hc, self.test_gate)
                 for la in (self.weight_log_alpha, self.unit_log_alpha)
             )
         else:
-            zw, zu = self.eval_gates()
+            zw, zu = self._eval_cache.get(tuple(self.gate_parameters()), self.eval_gates)
         wz = [m.param * zw[s.slice].view(m.view_shape).to(m.param.dtype) for s, m in self._masked]
         az = list(zu.split([s.n_gates for s in self._asites])) if zu is not None else []
-        if not grad:
-            self._eval_cache = (key, (wz, az))
         return wz, az
-
-    def _swapped(self, tensors: list[Tensor]) -> contextlib.AbstractContextManager:
-        """Put the gated tensors in place of the parameters for one forward."""
-        return swapped_parameters(
-            (((m.module, m.attr), *m.aliases), t)
-            for (_, m), t in zip(self._masked, tensors, strict=True)
-        )
-
-    @contextlib.contextmanager
-    def _unit_hooks(self, gates: list[Tensor | None]) -> Iterator[None]:
-        handles = []
-        groups = [z for site, z in zip(self._asites, gates, strict=True) if site.plan is not None]
-        swap = self._group_plan.swapped(torch.cat(groups)) if groups else contextlib.nullcontext()
-        try:
-            swap.__enter__()
-            for site, z in zip(self._asites, gates, strict=True):
-                if site.plan is not None:
-                    continue
-                hook = _UnitGate(self, site, z)
-                if site.granularity == "output":
-                    handles.append(site.hook_module.register_forward_hook(hook))
-                else:
-                    handles.append(site.hook_module.register_forward_pre_hook(hook))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            swap.__exit__(None, None, None)
 
     def _shape_recorder(self) -> contextlib.AbstractContextManager:
         if self._shapes is not None:
@@ -282,7 +371,7 @@ class L0Regularizer(nn.Module):
             for s in sites:
                 if s.plan is not None:
                     continue
-                w = s.target.param
+                w = s.target.live
                 dims = _group_dims(s)
                 sq = w.pow(2).sum(dims) if dims else w.pow(2)
                 term = torch.dot(p[s.slice], sq.flatten().to(p.dtype))
@@ -300,8 +389,7 @@ class L0Regularizer(nn.Module):
         if self.weight_decay:
             reg = reg + self.weight_decay * self.count_l2()
         if self.controller is not None:
-            measured = self._eval_sparsity() if self.controller.training else None
-            reg = reg + self.controller(1.0 - l0 / self.n_gated, measured)
+            reg = reg + self.controller(1.0 - l0 / self.n_gated)
         return reg
 
     def _eval_sparsity(self) -> Tensor:
@@ -469,36 +557,9 @@ class L0Regularizer(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_eval_cache"] = None
+        state["_eval_cache"] = EvalGateCache()
+        state["_module_id_set"] = None
         return state
-
-
-class _UnitGate:
-    """A forward (pre-)hook that scales a layer's units by their gates for one forward."""
-
-    __slots__ = ("reg", "site", "z")
-
-    def __init__(self, reg: L0Regularizer, site: GateSite, z: Tensor | None) -> None:
-        self.reg, self.site, self.z = reg, site, z
-
-    def _scale(self, x: Tensor) -> Tensor:
-        site, z = self.site, self.z
-        if z is None:  # per-sample gates, (B, n)
-            la = self.reg._compute(self.reg.unit_log_alpha)[site.slice]
-            z = sample_gates(la, self.reg.hc, batch_size=x.shape[0])
-            if site.unit_dim == 1:  # (B, C, *spatial)
-                z = z.view(*z.shape, *([1] * (x.dim() - 2)))
-            elif x.dim() > 2:  # (B, ..., F)
-                z = z.view(z.shape[0], *([1] * (x.dim() - 2)), z.shape[1])
-        elif site.unit_dim == 1 and x.dim() > 2:
-            z = z.view(-1, *([1] * (x.dim() - 2)))
-        return x * (z if z.dtype == x.dtype else z.to(x.dtype))
-
-    def __call__(self, module: nn.Module, inputs: Any, output: Any = None) -> Any:
-        if self.site.granularity == "output":
-            return self._scale(output)
-        x, *rest = inputs
-        return (self._scale(x), *rest)
 
 
 def _example_rows(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

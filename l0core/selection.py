@@ -30,6 +30,12 @@ class TargetParam:
     attr: str
     aliases: tuple[tuple[nn.Module, str], ...]
 
+    @property
+    def live(self) -> nn.Parameter:
+        """The parameter the owner holds now: ``load_state_dict(..., assign=True)`` and plain
+        attribute assignment replace the object that ``param`` recorded at selection time."""
+        return self.module._parameters[self.attr]
+
 
 def iter_params(model: nn.Module) -> Iterator[TargetParam]:
     """Every distinct parameter of ``model`` once, with its owner and its tied aliases."""

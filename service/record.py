@@ -1,4 +1,4 @@
-"""Sweeps as MLflow parent runs: the service's only record (ARCHITECTURE.md, "MLflow is the record").
+"""Sweeps as MLflow parent runs: the service's only record (docs/ARCHITECTURE.md, "MLflow is the record").
 
 `SweepStore` is the MLflow adapter: it creates and updates sweeps through `sweeps.tracking` and
 reads them back with `MlflowClient`, turning MLflow failures into `NotFound`, `Conflict`,

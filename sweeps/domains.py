@@ -17,7 +17,6 @@ __all__ = [
     "Grid",
     "LogUniform",
     "RandInt",
-    "SearchFloat",
     "SearchInt",
     "Uniform",
     "lone_surrogate",
@@ -109,10 +108,8 @@ def _searchable(tp: Any, ranges: tuple[type, ...] = ()) -> Any:
     ]
 
 
-SearchFloat = _searchable(float, (Uniform, LogUniform))
 SearchInt = _searchable(PositiveInt, (RandInt,))
 Fraction = Annotated[float, Field(gt=0, lt=1)]
-_Domain = (Grid, Choice, Uniform, LogUniform, RandInt)
 
 
 def _is_domain(value: Any) -> bool:

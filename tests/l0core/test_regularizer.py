@@ -3,6 +3,7 @@
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -241,6 +242,9 @@ def test_magnitude_init_opens_gates_of_large_weights():
         ),
         ({"lam": 0.1, "droprate_init": {"nope.*": 0.2}}, "'nope.\\*' matches no gated parameter"),
         ({"lam": 0.1, "exclude": "conv*"}, "exclude pattern 'conv\\*' matches no parameter"),
+        ({"lam": 0.1, "include": ["*.weight", "enc.*"]}, r"include pattern 'enc\.\*' matches no"),
+        ({"lam": 0.1, "granularity": None}, r"granularity must be one of .*'output'.* got None"),
+        ({"lam": 0.1, "granularity": "Output"}, r"granularity must be one of .* got 'Output'"),
         ({"lam": 0.1, "include": "*.bias", "exclude": "*.bias"}, "nothing to regularize"),
         (
             {"lam": 0.1, "target_sparsity": 1.0},
@@ -281,3 +285,35 @@ def test_summary_and_expected_flops():
     assert reg.expected_flops(torch.randn(1, 3, 24, 24)) > reg.expected_flops(
         torch.randn(1, 3, 12, 12)
     )
+
+
+class Mixer(nn.Module):
+    """A layer type the gate planner does not know: a matrix used through ``@``."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):
+        return x @ self.mix.t()
+
+
+def test_an_unknown_layer_type_is_gated_on_its_weight_with_a_warning():
+    model = nn.Sequential(nn.Linear(5, 4), Mixer())
+    with pytest.warns(UserWarning, match=r"^l0core: Mixer \(1\.mix\) .* on the weight") as seen:
+        reg = L0Regularizer(model, 0.0, granularity="output")
+    assert len(seen) == 1 and "\n" not in str(seen[0].message)
+    with torch.no_grad():
+        for la in reg.gate_parameters():
+            la.fill_(10.0)
+        site = next(s for s in reg._wsites if s.name == "1.mix")
+        reg.weight_log_alpha[site.offset] = -10.0  # one closed row of mix
+    reg.eval()
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        out = reg(x)
+        assert torch.equal(out[:, 0], torch.zeros(3)) and out[:, 1:].abs().sum() > 0
+        torch.testing.assert_close(out, reg.prune()(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L0Regularizer(model, 0.0)  # weight gates suit any parameter: no warning

@@ -113,6 +113,9 @@ def test_interrupted_sweep_resumes_without_duplicate_runs(ray_local, tracking_ur
         if trials and trials[0]["metrics"].get("epoch", 0) >= 2:
             break
         time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"no trial of sweep {sweep_id} reached epoch 2 within 120 s: {trials}")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 130
     assert tracking.sweep_status(sweep_id, tracking_uri) == "CANCELLED"
