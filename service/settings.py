@@ -77,8 +77,9 @@ class Settings(BaseSettings):
         if self.storage_path:
             return self.storage_path
         sweep = get_sweep_settings()
-        path = sweep.storage_path if "storage_path" in sweep.model_fields_set else None
-        return str(Path(path or self.home / "ray_results").expanduser().resolve())
+        given = sweep.storage_path != sweep.home / "ray_results"  # not just its home's default
+        path = sweep.storage_path if given else self.home / "ray_results"
+        return str(Path(path).expanduser().resolve())
 
     def mlflow_ui_base(self) -> str | None:
         """Base URL for links into the MLflow UI, or None when the store has no UI."""
