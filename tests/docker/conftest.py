@@ -1,7 +1,8 @@
 """Fixtures for the lab cluster (docker/): the compose tool, and the cluster's processes on loopback.
 
-There is no Docker engine here, so the compose files are checked by Docker Compose v2 itself
-(`config`, no engine needed) and the cluster runs as processes: a real PostgreSQL server, then
+The compose files are checked by Docker Compose v2 itself (`config`, no engine needed) and, for
+machines without a Docker engine, the cluster also runs as processes (test_cluster.py; the real
+containers are test_real_cluster.py's, with engine.py and lab.py): a real PostgreSQL server, then
 the very entrypoint scripts the containers run (mlflow.sh, ray-head.sh, ray-worker.sh, api.sh),
 judged healthy by the containers' own health check script. Every process started here carries a
 marker in its environment; teardown stops them in reverse order and then kills whatever still
