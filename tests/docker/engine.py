@@ -203,7 +203,11 @@ def docker_engine(compose: list[str], cache: Path = CACHE) -> Iterator[Engine]:
     for host in filter(None, (os.environ.get("DOCKER_HOST"), "unix:///var/run/docker.sock")):
         if _answers(docker, host):
             with cache_lock(cache):
-                yield Engine(docker, compose, host)
+                engine = Engine(docker, compose, host)
+                try:
+                    yield engine
+                finally:
+                    shutil.rmtree(engine.config_dir, ignore_errors=True)
             return
     if os.geteuid() != 0:
         raise EngineUnavailable("no Docker engine answers, and starting one needs root")
@@ -213,6 +217,7 @@ def docker_engine(compose: list[str], cache: Path = CACHE) -> Iterator[Engine]:
     if dockerd is None:
         raise EngineUnavailable("no dockerd: scripts/setup.sh installs Debian's docker.io")
     with cache_lock(cache):
+        _stop_orphan(cache)
         # The exec root holds containerd's sockets: a short path.
         run_dir = Path(
             tempfile.mkdtemp(prefix="l0t-d-", dir="/run" if os.access("/run", os.W_OK) else None)
@@ -236,6 +241,7 @@ def docker_engine(compose: list[str], cache: Path = CACHE) -> Iterator[Engine]:
                 argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )  # fmt: skip
+        (cache / "dockerd.pid").write_text(str(process.pid))
         try:
             deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
             while not _answers(docker, engine.host):
@@ -251,8 +257,33 @@ def docker_engine(compose: list[str], cache: Path = CACHE) -> Iterator[Engine]:
             yield engine
         finally:
             _stop(process)
+            (cache / "dockerd.pid").unlink(missing_ok=True)
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.rmtree(engine.config_dir, ignore_errors=True)
+
+
+def _stop_orphan(cache: Path) -> None:
+    """Stop the dockerd a killed earlier run left on this cache's data root (by the pid it
+    recorded, and only if that process is still a dockerd on this data root)."""
+    pidfile = cache / "dockerd.pid"
+    if not pidfile.is_file():
+        return
+    pid = int(pidfile.read_text() or 0)
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if (
+        not cmdline[0].endswith(b"dockerd")
+        or f"--data-root={cache / 'engine'}".encode() not in cmdline
+    ):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def _stop(process: subprocess.Popen, timeout_s: float = 60) -> None:

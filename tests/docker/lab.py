@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from service.stack import free_port
+from tests.docker.conftest import ray_dashboard_get
 from tests.docker.engine import (
     PROJECT_IMAGE,
     PROJECT_PREFIX,
@@ -148,14 +149,8 @@ class Stack:
 
     def ray_get(self, path: str, **params: str) -> Any:
         """The Ray dashboard's REST API, with the cluster's token."""
-        response = httpx.get(
-            f"http://127.0.0.1:{self.settings['RAY_DASHBOARD_UI_PORT']}{path}",
-            params=params,
-            headers={"Authorization": f"Bearer {self.settings['RAY_AUTH_TOKEN']}"},
-            timeout=30,
-        )
-        response.raise_for_status()
-        return response.json()
+        url = f"http://127.0.0.1:{self.settings['RAY_DASHBOARD_UI_PORT']}"
+        return ray_dashboard_get(url, self.settings["RAY_AUTH_TOKEN"], path, **params)
 
     def node_ips(self) -> dict[str, str]:
         """Ray node id -> the node's address, for the cluster's live nodes."""

@@ -66,7 +66,7 @@ def engine(compose: list[str]) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="module")
-def postgres(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> str:
+def images(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> str:
     """Every image the stack needs, built (or found in the engine's cache); the PostgreSQL
     image's name."""
     started = time.monotonic()
@@ -84,10 +84,8 @@ def postgres(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(
-    engine: Engine, postgres: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
-    lab = Stack.create(engine, tmp_path_factory.mktemp("lab"), postgres)
+def stack(engine: Engine, images: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    lab = Stack.create(engine, tmp_path_factory.mktemp("lab"), images)
     started = time.monotonic()
     try:
         lab.up("--scale", "ray-worker=2")
@@ -267,7 +265,7 @@ def test_sweep_goes_on_through_an_api_restart(lab: Stack) -> None:
 
 
 def test_backup_restores_into_a_fresh_stack_and_down_leaves_nothing(
-    lab: Stack, postgres: str, tmp_path: Path
+    lab: Stack, images: str, tmp_path: Path
 ) -> None:
     sweep = _submit(lab, _spec("backed-up", epochs=1, lam=[0.01, 0.1]))
     assert _wait_done(lab, sweep["id"])["status"] == "FINISHED"
@@ -291,7 +289,7 @@ def test_backup_restores_into_a_fresh_stack_and_down_leaves_nothing(
         )  # fmt: skip
     assert done.returncode == 0 and dump.stat().st_size > 0, done.stderr
 
-    fresh = Stack.create(lab.engine, tmp_path, postgres)
+    fresh = Stack.create(lab.engine, tmp_path, images)
     try:
         fresh.up("postgres")
         with open(dump, "rb") as data:
