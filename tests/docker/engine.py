@@ -46,6 +46,11 @@ PROJECT_IMAGE = "l0sweep-test/l0sweep:cpu"
 # Compose projects of these tests are named with this prefix (stale ones are removed).
 PROJECT_PREFIX = "l0t-"
 
+# Where the local wheels are served to the build: always the same URL, since a build argument
+# that changes (PIP_FIND_LINKS) invalidates BuildKit's cache of every step after it. An address
+# of loopback's own /8 that nothing else here uses.
+WHEEL_SERVER = ("127.76.48.1", 8765)
+
 ENGINE_START_TIMEOUT_S = 90
 LOCK_TIMEOUT_S = 1200
 DEBOOTSTRAP_TIMEOUT_S = 900
@@ -406,11 +411,14 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def serve_directory(directory: Path) -> Iterator[str]:
     """Serve ``directory``'s listing and files on loopback (pip reads the listing as find-links)."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:
+        server = http.server.ThreadingHTTPServer(WHEEL_SERVER, handler)
+    except OSError:  # taken: any port will do, at the price of the build's cache
+        server = http.server.ThreadingHTTPServer((WHEEL_SERVER[0], 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        yield f"http://{WHEEL_SERVER[0]}:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()
