@@ -17,13 +17,9 @@ from typing import Any
 import httpx
 
 from service.stack import free_port
+from tests.docker.build import PROJECT_IMAGE
 from tests.docker.conftest import ray_dashboard_get
-from tests.docker.engine import (
-    PROJECT_IMAGE,
-    PROJECT_PREFIX,
-    REPO,
-    Engine,
-)
+from tests.docker.engine import PROJECT_PREFIX, REPO, Engine
 
 UP_TIMEOUT_S = 420
 DOWN_TIMEOUT_S = 180

@@ -30,15 +30,8 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.docker.engine import (
-    Engine,
-    EngineUnavailable,
-    base_image,
-    docker_engine,
-    postgres_image,
-    project_image,
-    site_image,
-)
+from tests.docker.build import base_image, postgres_image, project_image, site_image
+from tests.docker.engine import Engine, EngineUnavailable, docker_engine
 from tests.docker.lab import Stack, wait_for, write_env
 from tests.service.conftest import TINY_SPEC
 
