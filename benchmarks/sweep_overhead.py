@@ -42,13 +42,8 @@ def _spec(trials: int, parallel: int, epochs: int, limit: int) -> SweepSpec:
 
 
 def _configs(spec: SweepSpec) -> list[dict]:
-    d = spec.model_dump(mode="json")
-    out = []
-    for lam in spec.regularizer.lam.grid:
-        cfg = {k: d[k] for k in ("model", "dataset", "regularizer", "train")} | {"seed": 0}
-        cfg["regularizer"] = {**cfg["regularizer"], "lam": lam}
-        out.append(concrete_config(cfg))
-    return out
+    """The trials the sweep runs, for the plain loop."""
+    return [concrete_config(trial) for trial in spec.expansion().trials]
 
 
 def _plain(cfg: dict) -> float:

@@ -221,7 +221,7 @@ def sample_gates(
 
 
 def draw_gates(log_alpha: Tensor, hc: HardConcrete) -> Tensor:
-    """Hard-concrete gates drawn without gradient, one per logit (see ``masked_weights``)."""
-    with torch.no_grad():
-        z = torch.empty_like(log_alpha).uniform_(hc.epsilon, 1.0 - hc.epsilon)
-        return _noise_to_gate_(z, log_alpha.detach(), hc)
+    """Hard-concrete gates drawn without gradient, one per logit (see ``masked_weights``).
+    No ``no_grad`` block needed: nothing here requires grad, so autograd records nothing."""
+    z = torch.empty_like(log_alpha, requires_grad=False).uniform_(hc.epsilon, 1.0 - hc.epsilon)
+    return _noise_to_gate_(z, log_alpha.detach(), hc)

@@ -3,7 +3,10 @@
 Louizos, Welling & Kingma (2017), "Learning Sparse Neural Networks through L0 Regularization".
 The wrapped module is left intact: its parameters stay where they are (so its ``state_dict`` keys
 and checkpoints are unchanged), and gated tensors are swapped in only for the duration of a
-forward, once per forward, so a module that reads its weight twice sees one mask.
+forward, once per forward, so a module that reads its weight twice sees one mask (and again for
+an activation-checkpoint recomputation of that forward, see ``l0core.gating``). Structured gates
+on a layer act on its activations through hooks where that is exact and cheaper, on its weights
+where the layer's weights are used outside its own forward (see ``l0core.probe``).
 """
 
 from __future__ import annotations

@@ -35,6 +35,11 @@ if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bi
     apt_install postgresql "the lab cluster's smoke test will be skipped"
 fi
 
+# Headless Chromium: the test that opens a sweep's page of the MLflow UI in a real browser.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    apt_install chromium "the MLflow UI browser test will be skipped"
+fi
+
 if [ ! -x .venv/bin/python ]; then
     if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
         echo "setup: reusing the base interpreter's torch ($("$PYTHON" -c 'import torch; print(torch.__version__)'))"

@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         storage_path=settings.resolved_storage_path(),
         stop_grace_s=settings.stop_grace_s,
         dashboard=settings.ray_dashboard_url,
+        timeout_s=settings.backend_timeout_s,
     )
     control = SweepControl(
         store,
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         SweepCache(store),
         max_concurrent_sweeps=settings.max_concurrent_sweeps,
         max_resubmits=settings.max_resubmits,
+        local_run_timeout_s=settings.local_run_timeout_s,
     )
 
     @contextlib.asynccontextmanager

@@ -3,7 +3,8 @@
     l0sweep serve                      Ray + MLflow + API on this machine (Ctrl-C stops all)
     l0sweep submit SPEC [--wait]       POST a YAML/JSON spec; --wait shows live progress
     l0sweep list | status ID | cancel ID | pareto ID | logs ID
-    l0sweep run SPEC                   a sweep in this process's Ray, no service
+    l0sweep run SPEC                   a sweep in this process's Ray, no service, recorded in
+                                       the embedded MLflow store that `l0sweep serve` shows
     l0sweep report ID [ID ...]         Markdown tables and plots of sweeps, from MLflow
     l0sweep report --name fashion-mlp  ... of the finished sweeps whose name contains it
     l0sweep schema                     the JSON Schema of a spec
@@ -15,6 +16,7 @@ from the command line, where other users' ``ps`` would show it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -99,8 +101,15 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a sweep locally, without the service")
     run.add_argument("spec", type=Path)
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
-    run.add_argument("--storage-path", help="Tune storage path")
+    run.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the embedded store under "
+        "L0SWEEP_HOME, the one `l0sweep serve` uses)",
+    )
+    run.add_argument(
+        "--storage-path",
+        help="Tune storage path (default: L0SWEEP_STORAGE_PATH or <home>/ray_results)",
+    )
     run.set_defaults(func=_run)
 
     report = sub.add_parser("report", help="Markdown tables and PNG plots of sweeps, from MLflow")
@@ -145,6 +154,8 @@ def _serve(args: argparse.Namespace) -> int:
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     settings.check_bind()
+    if args.home is not None:  # the drivers and trials the stack starts read it from here
+        os.environ["L0SWEEP_HOME"] = str(args.home.expanduser().resolve())
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -184,7 +195,8 @@ def _submit(args: argparse.Namespace) -> int:
     spec = _load_spec(args.spec)
     with _client(args) as api:
         sweep = api.submit(spec, idempotency_key=args.idempotency_key)
-        print(f"submitted sweep {sweep.id} ({sweep.name}): {sweep.progress.total} trials")
+        trials = _trials_text(sweep.progress.total, sweep.duplicate_trials)
+        print(f"submitted sweep {sweep.id} ({sweep.name}): {trials}")
         if sweep.links.mlflow:
             print(f"  MLflow: {sweep.links.mlflow}")
         if not args.wait:
@@ -259,22 +271,37 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from service.stack import embedded_mlflow, mlflow_home
+    from sweeps import tracking
+    from sweeps.config import get_settings
     from sweeps.driver import run_sweep
     from sweeps.pareto import pareto_front
     from sweeps.spec import SweepSpec
 
     spec = SweepSpec.model_validate(_load_spec(args.spec))
+    print(f"sweep {spec.name}: {_trials_text(spec.num_trials(), spec.duplicate_trials())}")
     tty = sys.stdout.isatty()
 
     def show(progress) -> None:
         print(("\r" if tty else "") + progress.line(), end="" if tty else "\n", flush=True)
 
-    result = run_sweep(
-        spec, tracking_uri=args.tracking_uri, storage_path=args.storage_path, progress=show
-    )
+    uri = args.tracking_uri or get_settings().tracking_uri
+    with contextlib.ExitStack() as stack:
+        store, ui = None, uri if uri and uri.startswith(("http://", "https://")) else None
+        if uri is None:
+            store = mlflow_home(get_settings().home)
+            print(f"recording in the MLflow store {store}", flush=True)
+            uri, shared = stack.enter_context(embedded_mlflow(store))
+            ui = uri if shared else None
+        result = run_sweep(spec, tracking_uri=uri, storage_path=args.storage_path, progress=show)
+        experiment_id = tracking.client(uri).get_run(result.sweep_id).info.experiment_id
     if tty:
         print()
-    print(f"sweep {result.sweep_id} {result.status} (experiment at {result.experiment_path})")
+    print(f"sweep {result.sweep_id} {result.status} (Tune experiment at {result.experiment_path})")
+    if ui:
+        print(f"  MLflow: {ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{result.sweep_id}")
+    elif store is not None:
+        print(f"  MLflow: in {store}; `l0sweep serve` shows it in the MLflow UI")
     objectives = [o.model_dump() for o in spec.objectives]
     front = [_trial_out(t) for t in pareto_front(result.trials, objectives)]
     _print_pareto(
@@ -305,6 +332,16 @@ def _report(args: argparse.Namespace) -> int:
     path = write_report(args.sweep_ids, out, uri, name_contains=args.name)
     print(f"wrote {path} and {len(list(out.glob('*.png')))} plots (from MLflow at {uri})")
     return 0
+
+
+def _trials_text(total: int, duplicates: int) -> str:
+    """``6 trials (2 duplicates removed: ...)``: what validation made of the spec's expansion."""
+    if not duplicates:
+        return f"{total} trials"
+    return (
+        f"{total} trials ({duplicates} duplicate{'s' if duplicates > 1 else ''} removed: equal to "
+        "another trial once the fields their method ignores are dropped)"
+    )
 
 
 def _trial_out(trial: dict[str, Any]) -> TrialOut:

@@ -5,12 +5,19 @@ failure of either leaves nothing half-done: a sweep whose job cannot be submitte
 before the 503 goes out. Reconciliation makes the service restartable: a sweep recorded as active
 whose driver is gone is resubmitted (the driver resumes the Tune experiment), one whose driver is
 alive is followed.
+
+A sweep run outside the service (``l0sweep run`` against the service's MLflow) has no Ray job
+the service can follow; its driver writes a heartbeat instead (``l0sweep.heartbeat``). One whose
+heartbeat is older than ``local_run_timeout_s`` was killed (its trials died with it): the
+reconciliation ends it FAILED, and a cancel marks it ended at once, so that it stops counting
+against the concurrent-sweep limit and can be deleted.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime, timezone
 
 from service.cache import SweepCache, SweepView
 from service.errors import BackendUnavailable, Conflict, TooManySweeps
@@ -41,6 +48,7 @@ class SweepControl:
         cache: the in-memory view the API reads from.
         max_concurrent_sweeps: active (PENDING or RUNNING) sweeps before `create` refuses.
         max_resubmits: how many times a driver that died is resubmitted before the sweep FAILS.
+        local_run_timeout_s: how long a local run's heartbeat may be silent before it is ended.
     """
 
     def __init__(
@@ -51,12 +59,14 @@ class SweepControl:
         *,
         max_concurrent_sweeps: int,
         max_resubmits: int,
+        local_run_timeout_s: float = 300.0,
     ) -> None:
         self.store = store
         self.jobs = jobs
         self.cache = cache
         self.max_concurrent_sweeps = max_concurrent_sweeps
         self.max_resubmits = max_resubmits
+        self.local_run_timeout_s = local_run_timeout_s
         # One creation at a time: the concurrency limit and Idempotency-Key stay exact.
         self._create_lock = threading.Lock()
 
@@ -104,9 +114,13 @@ class SweepControl:
     def cancel(self, sweep_id: str) -> SweepView:
         """Ask the sweep's driver to stop gracefully; the driver records CANCELLED.
 
+        A sweep run outside the service (``l0sweep run``) cannot be stopped from here; once its
+        heartbeat is older than ``local_run_timeout_s`` (its driver was killed), a cancel marks
+        it ended (CANCELLED) and closes its trials' runs.
+
         Raises:
             NotFound: no such sweep.
-            Conflict: the sweep has already ended, or runs outside the service.
+            Conflict: the sweep has already ended, or runs outside the service and is alive.
         """
         record = self.store.get(sweep_id)
         if record.terminal:
@@ -114,9 +128,17 @@ class SweepControl:
                 f"sweep {sweep_id} is {record.status}; only active sweeps can be cancelled"
             )
         if not record.managed:
-            raise Conflict(
-                f"sweep {sweep_id} runs outside the service (`l0sweep run`); stop it where it runs"
+            silent = record.silent_for(datetime.now(timezone.utc))
+            if silent <= self.local_run_timeout_s:
+                raise Conflict(
+                    f"sweep {sweep_id} runs outside the service (`l0sweep run`) and its driver "
+                    f"was alive {silent:.0f} s ago: stop it where it runs (Ctrl-C); a cancel "
+                    f"marks it ended once it has been silent for {self.local_run_timeout_s:g} s"
+                )
+            self.store.end(
+                sweep_id, "CANCELLED", f"marked ended by a cancel: {_silence(record, silent)}"
             )
+            return self._put(self.store.get(sweep_id))
         self.store.set_tags(sweep_id, {TAG_CANCEL: "true"})
         stopped = record.job_id is not None and self.jobs.stop(record.job_id)
         if not stopped:
@@ -147,12 +169,28 @@ class SweepControl:
     def reconcile(self) -> None:
         """Follow, resubmit or close every sweep recorded as active (see the module docstring)."""
         for view in self.cache.all():
-            # Sweeps run by `l0sweep run` share the store but are not the service's to drive.
-            if view.record.status in ACTIVE and view.record.managed:
-                try:
+            if view.record.status not in ACTIVE:
+                continue
+            try:
+                if view.record.managed:
                     self._reconcile_one(view.record)
-                except BackendUnavailable as exc:
-                    logger.warning("reconciling sweep %s: %s", view.record.id, exc.message)
+                else:
+                    self._reconcile_local(view.record)
+            except BackendUnavailable as exc:
+                logger.warning("reconciling sweep %s: %s", view.record.id, exc.message)
+
+    def _reconcile_local(self, cached: SweepRecord) -> None:
+        """End a local run (`l0sweep run`) whose heartbeat stopped: FAILED, with the reason."""
+        if cached.silent_for(datetime.now(timezone.utc)) <= self.local_run_timeout_s:
+            return
+        record = self.store.get(cached.id)  # the cache may lag behind a heartbeat or an end
+        silent = record.silent_for(datetime.now(timezone.utc))
+        if record.terminal or silent <= self.local_run_timeout_s:
+            self._put(record)
+            return
+        self.store.end(record.id, "FAILED", _silence(record, silent))
+        logger.info("sweep %s: local run silent for %.0f s; ended FAILED", record.id, silent)
+        self._put(self.store.get(record.id))
 
     def _reconcile_one(self, cached: SweepRecord) -> None:
         job_id = cached.job_id or self.jobs.submission_id(cached.id, cached.job_attempt)
@@ -169,10 +207,10 @@ class SweepControl:
             self.store.set_tags(record.id, {TAG_JOB_ID: job_id})
             logger.info("sweep %s: submitted its driver as job %s", record.id, job_id)
         elif record.cancel_requested:
-            self.store.set_status(record.id, "CANCELLED", "cancelled; its driver stopped")
+            self.store.end(record.id, "CANCELLED", "cancelled; its driver stopped")
         elif record.job_attempt >= self.max_resubmits:
             reason = state.message if state is not None else "the Ray job is gone"
-            self.store.set_status(
+            self.store.end(
                 record.id,
                 "FAILED",
                 f"driver ended {record.job_attempt + 1} times without finishing: {reason}",
@@ -211,3 +249,14 @@ class SweepControl:
             logger.error(
                 "sweep %s was recorded but not submitted, and could not be deleted", sweep_id
             )
+
+
+def _silence(record: SweepRecord, silent: float) -> str:
+    """Why a local run is taken for dead, for its status message."""
+    last = record.last_heartbeat or record.created_at
+    what = "heartbeat" if record.last_heartbeat else "sign of life (its start; no heartbeat)"
+    when = last.strftime("%Y-%m-%d %H:%M:%S UTC") if last else "never"
+    return (
+        f"its local driver (`l0sweep run`) stopped: no heartbeat for {silent:.0f} s "
+        f"(last {what} at {when}); its running trials were killed"
+    )

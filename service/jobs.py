@@ -16,9 +16,13 @@ import logging
 import shlex
 from dataclasses import dataclass
 
+import httpx
 import requests
 from ray._private.authentication.authentication_token_setup import (
     maybe_enable_token_auth_if_token_available,
+)
+from ray._private.authentication.http_token_authentication import (
+    get_auth_headers_if_auth_enabled,
 )
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
@@ -63,6 +67,7 @@ class JobRunner:
         stop_grace_s: seconds Ray waits after SIGTERM before it kills the driver.
         mlflow_retry_window_s: how long the driver and trials ride out an MLflow outage; default:
             ``L0SWEEP_MLFLOW_RETRY_WINDOW_S`` as this process sees it when a job is submitted.
+        timeout_s: how long :meth:`ping` waits for the job server's answer.
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class JobRunner:
         stop_grace_s: int = 60,
         dashboard: str | None = None,
         mlflow_retry_window_s: float | None = None,
+        timeout_s: float = 5.0,
     ) -> None:
         self.address = address.rstrip("/")
         # where users' browsers reach the dashboard (behind compose: not the internal address)
@@ -84,6 +90,7 @@ class JobRunner:
         self.storage_path = storage_path
         self.stop_grace_s = stop_grace_s
         self.mlflow_retry_window_s = mlflow_retry_window_s
+        self.timeout_s = timeout_s
         self._client: JobSubmissionClient | None = None
 
     @staticmethod
@@ -113,8 +120,21 @@ class JobRunner:
         return {"env_vars": env}
 
     def ping(self) -> None:
-        """Raise `BackendUnavailable` unless the Ray job server answers now."""
-        self._call("reach the Ray job server", lambda c: None)
+        """Raise `BackendUnavailable` unless the Ray job server answers a request now, within
+        ``timeout_s`` (the job client, once built, sends nothing until it is used)."""
+        base = self.address if "://" in self.address else f"http://{self.address}"
+        url = f"{base}/api/version"
+        try:
+            enable_ray_token_auth()
+            response = httpx.get(
+                url, headers=get_auth_headers_if_auth_enabled({}), timeout=self.timeout_s
+            )
+        except httpx.HTTPError as exc:
+            self._client = None
+            raise BackendUnavailable("Ray", f"{url}: {exc.__class__.__name__}") from exc
+        if response.status_code != 200:
+            self._client = None
+            raise BackendUnavailable("Ray", f"{url} answered {response.status_code}")
 
     def submit(self, sweep_id: str, attempt: int) -> str:
         """Submit the sweep's driver; a second submission of the same attempt is a no-op.

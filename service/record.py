@@ -7,7 +7,6 @@ reads them back with `MlflowClient`, turning MLflow failures into `NotFound`, `C
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -27,7 +26,9 @@ from mlflow.tracking import MlflowClient
 from service.errors import BackendUnavailable, Conflict, NotFound, ServiceError, Unprocessable
 from service.schemas import ACTIVE, TERMINAL
 from sweeps import tracking
+from sweeps.note import write_sweep_note
 from sweeps.spec import SweepSpec
+from sweeps.tracking import spec_digest
 
 __all__ = ["SweepRecord", "SweepStore", "spec_digest"]
 
@@ -37,7 +38,10 @@ TAG_KIND = "l0sweep.kind"
 TAG_NAME = "l0sweep.name"
 TAG_STATUS = "l0sweep.status"
 TAG_MESSAGE = "l0sweep.status_message"
-TAG_SPEC = "l0sweep.spec"
+TAG_OBJECTIVES = "l0sweep.objectives"
+TAG_LEGACY_SPEC = "l0sweep.spec"  # the spec as a tag, written before l0sweep.objectives existed
+TAG_DUPLICATES = "l0sweep.duplicate_trials"
+TAG_HEARTBEAT = "l0sweep.heartbeat"
 TAG_JOB_ID = "l0sweep.job_id"
 TAG_JOB_ATTEMPT = "l0sweep.job_attempt"
 TAG_CANCEL = "l0sweep.cancel_requested"
@@ -55,12 +59,6 @@ _MLFLOW_REFUSALS = {
 }
 
 _MLFLOW_ERRORS = (MlflowException, requests.RequestException, httpx.HTTPError, OSError)
-
-
-def spec_digest(spec: SweepSpec) -> str:
-    """A stable digest of a spec, to tell a replayed POST from a different one."""
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -82,11 +80,16 @@ class SweepRecord:
     spec_sha256: str | None
     num_trials: int
     objectives: list[dict[str, Any]]
+    duplicate_trials: int = 0
+    last_heartbeat: datetime | None = None
 
     @classmethod
     def from_run(cls, run: Run) -> SweepRecord:
         tags = run.data.tags
-        spec = _parse_json(tags.get(TAG_SPEC))
+        objectives = _parse_json(tags.get(TAG_OBJECTIVES))
+        legacy = _parse_json(tags.get(TAG_LEGACY_SPEC))
+        if objectives is None and isinstance(legacy, dict):
+            objectives = legacy.get("objectives")
         return cls(
             id=run.info.run_id,
             name=tags.get(TAG_NAME) or run.info.run_name or run.info.run_id,
@@ -102,12 +105,19 @@ class SweepRecord:
             idempotency_key=tags.get(TAG_IDEMPOTENCY) or None,
             spec_sha256=tags.get(TAG_SPEC_SHA) or None,
             num_trials=_to_int(tags.get(TAG_NUM_TRIALS), 0),
-            objectives=_objectives(spec),
+            objectives=_objectives(objectives),
+            duplicate_trials=_to_int(tags.get(TAG_DUPLICATES), 0),
+            last_heartbeat=_seconds_to_datetime(tags.get(TAG_HEARTBEAT)),
         )
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    def silent_for(self, now: datetime) -> float:
+        """Seconds since the driver's last sign of life: its heartbeat, else the run's start."""
+        last = self.last_heartbeat or self.created_at
+        return (now - last).total_seconds() if last is not None else math.inf
 
 
 class SweepStore:
@@ -146,7 +156,6 @@ class SweepStore:
         """
         request_id = uuid.uuid4().hex
         tags = {
-            TAG_SPEC_SHA: spec_digest(spec),
             TAG_JOB_ATTEMPT: "0",
             TAG_REQUEST: request_id,
             TAG_MANAGED: "service",
@@ -230,6 +239,20 @@ class SweepStore:
     def set_status(self, sweep_id: str, status: str, message: str | None = None) -> None:
         with self._mlflow(f"set the status of sweep {sweep_id}"):
             tracking.set_sweep_status(sweep_id, status, message, self.tracking_uri)
+
+    def end(self, sweep_id: str, status: str, message: str) -> None:
+        """End a sweep whose driver cannot (it is gone): its status, its trials' runs still
+        open (KILLED), and its description in the MLflow UI (best effort)."""
+        with self._mlflow(f"end sweep {sweep_id}"):
+            tracking.set_sweep_status(sweep_id, status, message, self.tracking_uri)
+            tracking.close_open_trials(sweep_id, "KILLED", self.tracking_uri)
+        try:
+            with self._mlflow(f"describe sweep {sweep_id}"):
+                spec = tracking.load_sweep_spec(sweep_id, self.tracking_uri)
+                write_sweep_note(spec, sweep_id, status, message, self.tracking_uri)
+        except (ServiceError, ValueError) as exc:
+            logger.warning("sweep %s ended %s; its description is not updated: %s",
+                           sweep_id, status, exc)  # fmt: skip
 
     def set_tags(self, sweep_id: str, tags: dict[str, str]) -> None:
         with self._mlflow(f"tag sweep {sweep_id}"):
@@ -319,11 +342,9 @@ def _status(tag: str | None) -> str:
     return tag if tag in ACTIVE or tag in TERMINAL else "PENDING"
 
 
-def _objectives(spec: dict[str, Any] | None) -> list[dict[str, Any]]:
-    if not spec:
-        return []
+def _objectives(objectives: Any) -> list[dict[str, Any]]:
     out = []
-    for objective in spec.get("objectives") or []:
+    for objective in objectives if isinstance(objectives, list) else []:
         if isinstance(objective, dict) and "metric" in objective:
             out.append({"metric": str(objective["metric"]), "mode": objective.get("mode", "max")})
     return out
@@ -339,18 +360,24 @@ def finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def _parse_json(text: str | None) -> dict[str, Any] | None:
+def _parse_json(text: str | None) -> Any:
     if not text:
         return None
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except ValueError:
         return None
-    return value if isinstance(value, dict) else None
 
 
 def _ms_to_datetime(ms: int | None) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
+
+
+def _seconds_to_datetime(text: str | None) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(float(text), tz=timezone.utc) if text else None
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _to_int(text: str | None, default: int) -> int:

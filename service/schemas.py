@@ -60,6 +60,11 @@ class SweepOut(BaseModel):
         None, description="The best trial so far on the first objective: its id and metrics."
     )
     objectives: list[dict[str, Any]] = Field(default_factory=list)
+    duplicate_trials: int = Field(
+        0,
+        description="Trials of the spec's expansion not run: each equal to another trial once "
+        "the fields its method ignores are dropped (progress.total counts the distinct ones).",
+    )
     links: SweepLinks
 
 

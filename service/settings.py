@@ -48,11 +48,11 @@ class Settings(BaseSettings):
         None, description="Base URL of the Ray dashboard for links (default: ray_address)."
     )
     home: Path = Field(
-        Path.home() / ".l0sweep",
-        description="Embedded stack state: MLflow store and artifacts, logs.",
+        default_factory=lambda: get_sweep_settings().home,
+        description="Embedded stack state: MLflow store and artifacts, logs, Tune experiments.",
     )
     storage_path: str | None = Field(
-        None, description="Tune storage shared by all nodes (default: the sweeps setting)."
+        None, description="Tune storage shared by all nodes (default: <home>/ray_results)."
     )
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of an embedded Ray head.")
     max_concurrent_sweeps: int = Field(4, ge=1, description="Active sweeps before POST gets 429.")
@@ -64,11 +64,22 @@ class Settings(BaseSettings):
     backend_timeout_s: float = Field(5.0, gt=0, description="Timeout of health probes.")
     driver_python: str = Field(sys.executable, description="Python that runs the sweeps driver.")
 
+    local_run_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="A local run (`l0sweep run`) whose heartbeat is older than this is ended "
+        "FAILED by the reconciliation, and can be cancelled (marked ended) through the API.",
+    )
+
     def resolved_storage_path(self) -> str:
-        """The Tune storage path, absolute."""
+        """The Tune storage path, absolute: this setting, else ``L0SWEEP_STORAGE_PATH``, else
+        ``<home>/ray_results``."""
         if self.storage_path:
             return self.storage_path
-        return str(Path(get_sweep_settings().storage_path).expanduser().resolve())
+        sweep = get_sweep_settings()
+        given = sweep.storage_path != sweep.home / "ray_results"  # not just its home's default
+        path = sweep.storage_path if given else self.home / "ray_results"
+        return str(Path(path).expanduser().resolve())
 
     def mlflow_ui_base(self) -> str | None:
         """Base URL for links into the MLflow UI, or None when the store has no UI."""

@@ -5,10 +5,17 @@ dashboard (``ray start --head --block``), an MLflow server with a SQLite store a
 under ``Settings.home`` (its job runner off: about 0.3 GB resident instead of 2.1 GB), then the
 API under uvicorn. The children run in their own process groups, so a Ctrl-C reaches the API
 only, and the stack then stops MLflow and Ray in order (Ray drains gracefully on SIGTERM).
+
+The embedded MLflow store (``<home>/mlflow``, :func:`mlflow_home`) is shared with ``l0sweep run``:
+while ``l0sweep serve`` runs, its server's address is in ``<home>/mlflow/server.json`` and a local
+run records through it; otherwise the run starts a server of its own on the same store for as long
+as it runs (:func:`embedded_mlflow`). Every process of a sweep then writes through one server,
+and a later ``l0sweep serve`` shows the runs with their artifacts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -29,7 +38,16 @@ from ray._private.authentication.http_token_authentication import (
 from service.jobs import enable_ray_token_auth
 from service.settings import Settings, is_loopback
 
-__all__ = ["EmbeddedStack", "ManagedProcess", "free_port", "start_mlflow", "start_ray_head"]
+__all__ = [
+    "EmbeddedStack",
+    "ManagedProcess",
+    "embedded_mlflow",
+    "free_port",
+    "mlflow_home",
+    "running_mlflow",
+    "start_mlflow",
+    "start_ray_head",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +251,50 @@ def start_mlflow(
     return process, uri
 
 
+_SERVER_FILE = "server.json"
+
+
+def mlflow_home(home: Path) -> Path:
+    """The embedded MLflow store under ``home``: SQLite database, artifacts, log, server.json."""
+    return home.expanduser().resolve() / "mlflow"
+
+
+def _advertise(store: Path, process: ManagedProcess, uri: str) -> None:
+    """Say in ``store`` which server serves it, for ``l0sweep run`` to record through."""
+    assert process.popen is not None
+    (store / _SERVER_FILE).write_text(json.dumps({"uri": uri, "pid": process.popen.pid}))
+
+
+def running_mlflow(store: Path) -> str | None:
+    """The URI of the live server ``l0sweep serve`` runs on ``store``, if there is one."""
+    try:
+        info = json.loads((store / _SERVER_FILE).read_text())
+        os.kill(int(info["pid"]), 0)  # a file left by a server that died names no server
+        uri = str(info["uri"])
+        return uri if httpx.get(f"{uri}/health", timeout=2).status_code == 200 else None
+    except (OSError, ValueError, KeyError, TypeError, httpx.HTTPError):
+        return None
+
+
+@contextmanager
+def embedded_mlflow(store: Path, timeout_s: float = 120) -> Iterator[tuple[str, bool]]:
+    """The MLflow server of the embedded ``store`` for the block: the one ``l0sweep serve`` runs
+    on it, else one started now (on a free port) and stopped when the block ends.
+
+    Yields:
+        The server's URI, and whether it is shared (``l0sweep serve``'s, whose UI stays up).
+    """
+    uri = running_mlflow(store)
+    if uri is not None:
+        yield uri, True
+        return
+    process, uri = start_mlflow(store, port=free_port(), timeout_s=timeout_s)
+    try:
+        yield uri, False
+    finally:
+        process.stop()
+
+
 class EmbeddedStack:
     """Start what ``settings`` leaves unset; ``with EmbeddedStack(s) as ready:`` gives the settings
     with ``ray_address`` and ``tracking_uri`` filled in, and stops the started processes on exit.
@@ -242,6 +304,7 @@ class EmbeddedStack:
         self.settings = settings
         self.ray_temp_dir = ray_temp_dir
         self.processes: list[ManagedProcess] = []
+        self.advertised: Path | None = None
 
     def __enter__(self) -> Settings:
         try:
@@ -266,8 +329,11 @@ class EmbeddedStack:
                     "other nodes cannot reach it; pass --mlflow-uri with a server every node reaches",
                     settings.ray_address,
                 )
-            process, uri = start_mlflow(home / "mlflow")
+            store = mlflow_home(home)
+            process, uri = start_mlflow(store)
             self.processes.append(process)
+            _advertise(store, process, uri)
+            self.advertised = store / _SERVER_FILE
             update["tracking_uri"] = uri
         if not settings.ray_address:
             process, url = start_ray_head(
@@ -279,5 +345,8 @@ class EmbeddedStack:
 
     def stop(self) -> None:
         """Stop the started processes, the last started first."""
+        if self.advertised is not None:
+            self.advertised.unlink(missing_ok=True)
+            self.advertised = None
         while self.processes:
             self.processes.pop().stop()

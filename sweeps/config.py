@@ -5,6 +5,11 @@ The MLflow tracking URI also honours ``MLFLOW_TRACKING_URI``, as MLflow users ex
 read afresh on every call to :func:`get_settings`, so a test (or a service) that changes the
 environment sees the change without a restart.
 
+``L0SWEEP_HOME`` (default ``~/.l0sweep``) is where a user's l0sweep keeps its state: the embedded
+MLflow store that ``l0sweep serve`` and ``l0sweep run`` share (``<home>/mlflow``), Tune's
+experiments (``<home>/ray_results``) and downloaded data (``<home>/data``), unless
+``L0SWEEP_STORAGE_PATH`` or ``L0SWEEP_DATA_DIR`` say otherwise.
+
 ``L0SWEEP_MLFLOW_RETRY_WINDOW_S`` is how long a sweep rides out an MLflow outage: every request a
 driver or a trial makes is retried for that long (``sweeps.retry``) before it fails. The service
 passes the setting, with the MLflow client settings that let it govern (:func:`mlflow_client_env`),
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -32,9 +37,14 @@ class SweepSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="L0SWEEP_", extra="ignore")
 
-    data_dir: Path = Field(
-        default=Path.home() / ".l0sweep" / "data",
-        description="Root of every dataset file a spec names (npz files, downloaded IDX files).",
+    home: Path = Field(
+        default_factory=lambda: Path.home() / ".l0sweep",
+        description="l0sweep's state: the embedded MLflow store, Tune experiments, data.",
+    )
+    data_dir: Path | None = Field(
+        default=None,  # always a Path once validated (default: under home)
+        description="Root of every dataset file a spec names (npz files, downloaded IDX files); "
+        "default: <home>/data.",
     )
     fashion_mnist_dir: Path = Field(
         default=Path("/usr/share/datasets/fashion-mnist"),
@@ -43,9 +53,10 @@ class SweepSettings(BaseSettings):
     mnist_dir: Path | None = Field(
         default=None, description="MNIST IDX files; default: <data_dir>/mnist."
     )
-    storage_path: Path = Field(
-        default=Path.home() / ".l0sweep" / "ray_results",
-        description="Tune experiments, one directory per sweep id; shared by all nodes.",
+    storage_path: Path | None = Field(
+        default=None,  # always a Path once validated (default: under home)
+        description="Tune experiments, one directory per sweep id; shared by all nodes; "
+        "default: <home>/ray_results.",
     )
     tracking_uri: str | None = Field(
         default=None,
@@ -54,6 +65,14 @@ class SweepSettings(BaseSettings):
     )
     max_trials: int = Field(default=512, ge=1, description="Most trials one sweep may expand to.")
     max_epochs: int = Field(default=200, ge=1, description="Most epochs one trial may train.")
+    heartbeat_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "How often a sweep's driver writes its heartbeat (the l0sweep.heartbeat tag of the "
+            "parent run): the service ends a local run (`l0sweep run`) whose heartbeat stops."
+        ),
+    )
     mlflow_retry_window_s: float = Field(
         default=300.0,
         ge=0,
@@ -64,6 +83,14 @@ class SweepSettings(BaseSettings):
             "MLflow, its URL and the time waited. 0: no retries."
         ),
     )
+
+    @model_validator(mode="after")
+    def _under_home(self) -> SweepSettings:
+        if self.data_dir is None:
+            self.data_dir = self.home / "data"
+        if self.storage_path is None:
+            self.storage_path = self.home / "ray_results"
+        return self
 
 
 def get_settings() -> SweepSettings:

@@ -3,7 +3,9 @@
 ``python -m sweeps.driver --sweep-id RUN_ID`` is what the service submits as a Ray Job: it reads
 the spec from the sweep's MLflow parent run, connects to Ray (``RAY_ADDRESS`` or the running
 cluster), runs or resumes the Tune experiment at ``<storage_path>/<sweep id>``, keeps the
-``l0sweep.status`` tag current and writes the parent's artifacts at the end. SIGINT or SIGTERM
+``l0sweep.status`` tag, the heartbeat (``l0sweep.heartbeat``, every
+``L0SWEEP_HEARTBEAT_INTERVAL_S``) and the run's description (`sweeps.note`) current, and writes
+the parent's artifacts at the end. SIGINT or SIGTERM
 stop it gracefully: Tune saves the experiment, the trials stop, their runs end KILLED and the
 sweep ends CANCELLED (resumable).
 """
@@ -27,9 +29,10 @@ from ray import tune
 
 from . import tracking
 from .config import get_settings, mlflow_client_env
+from .note import write_sweep_note
 from .progress import SweepCallback, SweepProgress
 from .report import finalize_sweep
-from .space import param_space, scheduler, search_algorithm
+from .space import param_space, scheduler, search_algorithm, tune_num_samples
 from .spec import SweepSpec
 from .trainable import SweepContext, train_trial
 
@@ -51,7 +54,9 @@ class SweepResult:
 
 
 def _trainable(spec: SweepSpec, sweep_id: str, tracking_uri: str | None) -> Any:
-    context = SweepContext(sweep_id, tracking_uri, spec.resources.cpus_per_trial)
+    context = SweepContext(
+        sweep_id, tracking_uri, spec.resources.cpus_per_trial, tuple(spec.searched_fields())
+    )
     resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
     return tune.with_resources(tune.with_parameters(train_trial, context=context), resources)
 
@@ -77,7 +82,7 @@ def _tuner(
     tune_config = tune.TuneConfig(
         search_alg=search_algorithm(spec),
         scheduler=scheduler(spec),
-        num_samples=spec.search.num_samples,
+        num_samples=tune_num_samples(spec),
         max_concurrent_trials=(
             spec.resources.max_concurrent_trials if spec.search.algorithm == "optuna" else None
         ),
@@ -88,6 +93,35 @@ def _tuner(
     return tune.Tuner(
         trainable, param_space=param_space(spec), tune_config=tune_config, run_config=run_config
     ), False
+
+
+class _Heartbeat:
+    """Writes the sweep's heartbeat every ``interval_s`` from a daemon thread while the block
+    runs: the service ends a local run whose heartbeat stops (its driver was killed)."""
+
+    def __init__(self, sweep_id: str, tracking_uri: str, interval_s: float) -> None:
+        self.sweep_id = sweep_id
+        self.tracking_uri = tracking_uri
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="l0sweep-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                tracking.heartbeat(self.sweep_id, self.tracking_uri)
+            except Exception as err:  # MLflow unreachable: the next beat tries again
+                log.debug("heartbeat of sweep %s not written: %s", self.sweep_id, err)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class _Stop:
@@ -131,18 +165,33 @@ def run_sweep(
         The final status (FINISHED, FAILED or CANCELLED), the trials and the Pareto report.
     """
     settings = get_settings()
-    tracking_uri = tracking_uri or settings.tracking_uri
+    # One store for every process of the sweep: a relative default (MLflow's sqlite:///mlflow.db)
+    # would be another store in each Ray worker's working directory.
+    tracking_uri = tracking.absolute_uri(tracking_uri or settings.tracking_uri)
     storage = Path(storage_path or settings.storage_path).resolve()
     # A driver submitted by the service has these already; `l0sweep run` and library callers get
     # the same MLflow retry behaviour, for this process and the local Ray workers it starts.
     for key, value in mlflow_client_env().items():
         os.environ.setdefault(key, value)
     sweep_id = sweep_id or tracking.create_sweep_run(spec, tracking_uri)
+    with _Heartbeat(sweep_id, tracking_uri, settings.heartbeat_interval_s):
+        return _run(spec, sweep_id, tracking_uri, storage, progress)
+
+
+def _run(
+    spec: SweepSpec,
+    sweep_id: str,
+    tracking_uri: str,
+    storage: Path,
+    progress: Callable[[SweepProgress], None] | None,
+) -> SweepResult:
     if not ray.is_initialized():
         ray.init()
     callback = SweepCallback(sweep_id, tracking_uri, spec, progress)
     tuner, restored = _tuner(spec, sweep_id, tracking_uri, storage, callback)
-    tracking.set_sweep_status(sweep_id, "RUNNING", "restored" if restored else None, tracking_uri)
+    message = "restored" if restored else None
+    tracking.set_sweep_status(sweep_id, "RUNNING", message, tracking_uri)
+    write_sweep_note(spec, sweep_id, "RUNNING", message, tracking_uri)
     started = time.monotonic()
     with _Stop() as stop:
         try:
@@ -151,9 +200,9 @@ def run_sweep(
             stop.asked = True
         except Exception as err:
             tracking.close_open_trials(sweep_id, "KILLED", tracking_uri)
-            tracking.set_sweep_status(
-                sweep_id, "FAILED", f"{type(err).__name__}: {err}", tracking_uri
-            )
+            message = f"{type(err).__name__}: {err}"
+            tracking.set_sweep_status(sweep_id, "FAILED", message, tracking_uri)
+            write_sweep_note(spec, sweep_id, "FAILED", message, tracking_uri)
             raise
     callback.flush()
     budget = spec.resources.time_budget_s
@@ -174,6 +223,7 @@ def run_sweep(
             + (", time budget reached" if out_of_time else ""),
         )
     tracking.set_sweep_status(sweep_id, status, message, tracking_uri)
+    write_sweep_note(spec, sweep_id, status, message, tracking_uri)
     return SweepResult(sweep_id, status, str(storage / sweep_id), restored, trials, report)
 
 

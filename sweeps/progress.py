@@ -28,7 +28,9 @@ from ray.exceptions import RayTaskError
 from ray.tune import Callback
 
 from . import tracking
+from .space import trial_config
 from .spec import SweepSpec
+from .variants import run_name
 
 __all__ = ["SweepCallback", "SweepProgress"]
 
@@ -70,6 +72,7 @@ class SweepCallback(Callback):
         self.objectives = [(o.metric, o.mode) for o in spec.objectives]
         self.epochs = spec.train.epochs
         self.total = spec.num_trials()
+        self.searched = tuple(spec.searched_fields())
         self.sink = sink
         self._trials: list[Any] = []
         self._stopped: set[str] = set()
@@ -142,8 +145,11 @@ class SweepCallback(Callback):
         with self._recording(trial):
             run = self._run(trial)
             if run is None:  # it died before it created its run: the sweep still records it
+                config = trial_config(trial.config)
+                name = run_name(config, trial.trial_id, self.searched)
+                params = {k: v for k, v in config.items() if k != "name"}
                 run_id = tracking.start_trial_run(
-                    self.sweep_id, trial.trial_id, trial.config, self.tracking_uri
+                    self.sweep_id, trial.trial_id, params, self.tracking_uri, name=name
                 )
                 run = tracking.client(self.tracking_uri).get_run(run_id)
             reason = self._record_failure(run, trial, retries=max(0, trial.num_failures - 1))

@@ -1,8 +1,10 @@
 """The spec as Ray Tune sees it: search space, search algorithm and scheduler.
 
-A trial's config is the spec's trial sections (``model``, ``dataset``, ``regularizer``,
-``train``) with every search domain replaced by a Tune domain, plus ``seed``. Seeds are a grid
-dimension, so every sampled configuration runs once per seed.
+A random/grid search hands Tune the spec's distinct trials (`sweeps.variants.expand`) as one grid
+over whole configs, ``{"trial": grid_search([...])}``: Tune runs each once, and never a duplicate.
+An optuna search hands Tune the spec's trial sections (``model``, ``dataset``, ``regularizer``,
+``train``) with every search domain replaced by a Tune domain, plus ``seed``, for Optuna to
+propose from. :func:`trial_config` reads a trial's config out of either.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 from .domains import _domain_tag, _is_domain
 from .spec import SweepSpec
 
-__all__ = ["TRIAL_SECTIONS", "concrete_config", "param_space", "scheduler", "search_algorithm"]
+__all__ = [
+    "TRIAL_SECTIONS",
+    "concrete_config",
+    "param_space",
+    "scheduler",
+    "search_algorithm",
+    "trial_config",
+    "tune_num_samples",
+]
 
 TRIAL_SECTIONS = ("model", "dataset", "regularizer", "train")
 
@@ -37,6 +47,8 @@ def _tune_domain(domain: Any) -> Any:
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     """Tune's ``param_space`` for ``spec``."""
+    if spec.search.algorithm != "optuna":
+        return {"trial": tune.grid_search(spec.expansion().trials)}
     dumped = spec.model_dump(mode="json")
     space: dict[str, Any] = {s: dumped[s] for s in TRIAL_SECTIONS}
     for section in ("regularizer", "train"):
@@ -46,6 +58,17 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     seeds = spec.search.seeds
     space["seed"] = tune.grid_search(seeds) if len(seeds) > 1 else seeds[0]
     return space
+
+
+def tune_num_samples(spec: SweepSpec) -> int:
+    """Tune's ``num_samples``: the expansion already holds every sample of a random search."""
+    return spec.search.num_samples if spec.search.algorithm == "optuna" else 1
+
+
+def trial_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's own config (sections, ``seed``, and ``name`` when the expansion named it) out of
+    the config Tune gives the trial."""
+    return config.get("trial", config)
 
 
 def concrete_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from .domains import (
     lone_surrogate,
 )
 from .registry import DATASETS, MODELS
+from .variants import Expansion, ExpansionTooLarge, expand
 
 __all__ = [
     "DOMAIN_KINDS",
@@ -334,9 +335,24 @@ class SweepSpec(_Strict):
             len(d.grid) for d in self.searched_fields().values() if isinstance(d, Grid)
         )
 
+    def expansion(self) -> Expansion:
+        """The distinct trials of a random/grid search (:func:`sweeps.variants.expand`).
+
+        Raises:
+            ExpansionTooLarge: the spec multiplies out past what is expanded.
+        """
+        return expand(self, get_settings().max_trials)
+
     def num_trials(self) -> int:
-        """Trials this spec expands to: grid size x num_samples x seeds."""
-        return self.grid_size() * self.search.num_samples * len(self.search.seeds)
+        """The distinct trials this spec runs: the grid x num_samples x seeds, less the trials
+        equal to another once the fields their method ignores are dropped (optuna: num_samples)."""
+        if self.search.algorithm == "optuna":
+            return self.search.num_samples * len(self.search.seeds)
+        return len(self.expansion().trials)
+
+    def duplicate_trials(self) -> int:
+        """How many configurations of the expansion repeated another and are not run."""
+        return 0 if self.search.algorithm == "optuna" else self.expansion().duplicates
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
@@ -368,12 +384,17 @@ class SweepSpec(_Strict):
             problems.append(
                 f"train.epochs {self.train.epochs} exceeds the limit {settings.max_epochs} (L0SWEEP_MAX_EPOCHS)"
             )
-        if self.num_trials() > settings.max_trials:
-            problems.append(
-                f"the spec expands to {self.num_trials()} trials (grid {self.grid_size()} x "
-                f"num_samples {self.search.num_samples} x seeds {len(self.search.seeds)}), over the "
-                f"limit {settings.max_trials} (L0SWEEP_MAX_TRIALS)"
-            )
+        try:
+            trials, duplicates = self.num_trials(), self.duplicate_trials()
+        except ExpansionTooLarge as err:
+            problems.append(str(err))
+        else:
+            if trials > settings.max_trials:
+                problems.append(
+                    f"the spec expands to {trials} trials (grid {self.grid_size()} x num_samples "
+                    f"{self.search.num_samples} x seeds {len(self.search.seeds)}, {duplicates} "
+                    f"duplicates removed), over the limit {settings.max_trials} (L0SWEEP_MAX_TRIALS)"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self

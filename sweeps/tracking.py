@@ -1,11 +1,15 @@
 """MLflow records of sweeps and trials: the parent run is the record of a sweep.
 
-A sweep is a parent run (tags ``l0sweep.kind=sweep``, ``l0sweep.name``, ``l0sweep.status``; the
-spec as the artifact ``spec.json`` and, when it fits, the tag ``l0sweep.spec``). Each trial is a
-child run created from inside the trial (tags ``l0sweep.kind=trial``, ``l0sweep.sweep_id``,
-``l0sweep.trial_id``, ``mlflow.parentRunId``), found again by those tags when the trial is retried
-or restored, so a trial never gets two runs. The ``l0sweep.status`` tag is the truth about a
-sweep: PENDING | RUNNING | FINISHED | FAILED | CANCELLED.
+A sweep is a parent run (tags ``l0sweep.kind=sweep``, ``l0sweep.name``, ``l0sweep.status``,
+``l0sweep.objectives``; the spec whole as the artifact ``spec.json``, which may be larger than any
+tag, and its digest as the tag ``l0sweep.spec_sha256``). Each trial is a child run created from
+inside the trial (tags ``l0sweep.kind=trial``, ``l0sweep.sweep_id``, ``l0sweep.trial_id``,
+``mlflow.parentRunId``), named by what it trains (``l0 weight lam=0.05 seed=0``), found again by
+its tags when the trial is retried or restored, so a trial never gets two runs. The
+``l0sweep.status`` tag is the truth about a sweep: PENDING | RUNNING | FINISHED | FAILED |
+CANCELLED; a running driver refreshes ``l0sweep.heartbeat`` (Unix time) so that the service can
+tell a local run that died from one that runs. Experiments are created as model-training
+experiments (MLflow 3's ``mlflow.experimentKind``), so the MLflow UI opens on their runs.
 
 MLflow outages (``sweeps.retry``). Every request made through :func:`client` (and so every
 function here) is retried while MLflow cannot serve it, for ``L0SWEEP_MLFLOW_RETRY_WINDOW_S``, then
@@ -18,6 +22,7 @@ calls with :func:`retry_window`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -25,6 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
@@ -34,19 +40,23 @@ from .retry import MlflowUnavailable, RetryingClient, retry_window, until_answer
 from .spec import SweepSpec
 
 __all__ = [
+    "EXPERIMENT_KIND",
     "SWEEP_STATUSES",
     "TRIAL_STATUSES",
     "MlflowUnavailable",
+    "absolute_uri",
     "client",
     "close_open_trials",
     "create_sweep_run",
     "end_trial_run",
     "find_trial_run",
     "flatten",
+    "heartbeat",
     "load_sweep_spec",
     "log_epoch",
     "retry_window",
     "set_sweep_status",
+    "spec_digest",
     "start_trial_run",
     "sweep_status",
     "sweep_trials",
@@ -58,6 +68,29 @@ TRIAL_STATUSES = {"RUNNING": "RUNNING", "FINISHED": "FINISHED", "STOPPED": "FINI
                   "FAILED": "FAILED", "KILLED": "KILLED"}  # fmt: skip
 _MLFLOW_SWEEP_STATUS = {"FINISHED": "FINISHED", "FAILED": "FAILED", "CANCELLED": "KILLED"}
 _MAX_PARAM = 6000
+# MLflow 3's experiment kind: "custom_model_development" is the UI's "Machine learning" (training
+# runs) view; without the tag the UI may open a sweep's experiment in its GenAI view.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+SPEC_ARTIFACT = "spec.json"
+
+
+def absolute_uri(tracking_uri: str | None) -> str:
+    """``tracking_uri`` (default: MLflow's, e.g. ``sqlite:///mlflow.db`` in the working directory)
+    with a local path made absolute, so that processes in other directories (Ray workers) reach
+    the same store."""
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            path = uri[len(scheme) :]
+            return uri if path.startswith("/") else scheme + str(Path(path).resolve())
+    return uri if "://" in uri or uri.startswith("/") else str(Path(uri).resolve())
+
+
+def spec_digest(spec: SweepSpec) -> str:
+    """A stable digest of a spec: tells a replayed POST from a different one, and checks the
+    ``spec.json`` artifact read back."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def client(tracking_uri: str | None = None) -> MlflowClient:
@@ -103,27 +136,35 @@ def create_sweep_run(
 ) -> str:
     """Create the parent run of a sweep (and its experiment if missing); returns its run id.
 
-    The run is left in MLflow status RUNNING with ``l0sweep.status=PENDING``.
+    The run is left in MLflow status RUNNING with ``l0sweep.status=PENDING``. An experiment
+    created here, or found without a kind, is marked a model-training experiment.
     """
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(spec.experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(spec.experiment)
+    kind, value = EXPERIMENT_KIND
+    if exp is None:
+        exp_id = c.create_experiment(spec.experiment, tags={kind: value})
+    else:
+        exp_id = exp.experiment_id
+        if kind not in exp.tags:
+            c.set_experiment_tag(exp_id, kind, value)
     dumped = spec.model_dump(mode="json")
-    spec_json = json.dumps(dumped, sort_keys=True)
+    objectives = [o.model_dump(mode="json") for o in spec.objectives]
     tags = {
         "l0sweep.kind": "sweep",
         "l0sweep.name": spec.name,
         "l0sweep.status": "PENDING",
         "l0sweep.num_trials": str(spec.num_trials()),
+        "l0sweep.duplicate_trials": str(spec.duplicate_trials()),
+        "l0sweep.objectives": json.dumps(objectives, separators=(",", ":")),
+        "l0sweep.spec_sha256": spec_digest(spec),
         "mlflow.runName": spec.name,
         **{f"user.{k}": v for k, v in spec.tags.items()},
         **(extra_tags or {}),
     }
-    if len(spec_json) <= MAX_TAG_VAL_LENGTH:
-        tags["l0sweep.spec"] = spec_json
     run = c.create_run(exp_id, tags=tags, run_name=spec.name)
     run_id = run.info.run_id
-    c.log_dict(run_id, dumped, "spec.json")
+    c.log_dict(run_id, dumped, SPEC_ARTIFACT)
     _log_params(c, run_id, flatten(dumped))
     return run_id
 
@@ -158,16 +199,31 @@ def sweep_status(run_id: str, tracking_uri: str | None = None) -> str:
 
 
 def load_sweep_spec(run_id: str, tracking_uri: str | None = None) -> SweepSpec:
-    """The spec of a sweep, from its tag, else from its ``spec.json`` artifact."""
+    """The spec of a sweep, from its ``spec.json`` artifact, checked against its digest tag.
+
+    Raises:
+        ValueError: the run is not a sweep, or its artifact does not match its digest.
+    """
     c = client(tracking_uri)
     tags = c.get_run(run_id).data.tags
     if tags.get("l0sweep.kind") != "sweep":
         raise ValueError(f"run {run_id} is not an l0sweep sweep (no l0sweep.kind=sweep tag)")
-    if "l0sweep.spec" in tags:
-        return SweepSpec.model_validate_json(tags["l0sweep.spec"])
     with tempfile.TemporaryDirectory() as tmp:
-        path = c.download_artifacts(run_id, "spec.json", tmp)
-        return SweepSpec.model_validate_json(Path(path).read_text())
+        path = c.download_artifacts(run_id, SPEC_ARTIFACT, tmp)
+        spec = SweepSpec.model_validate_json(Path(path).read_text())
+    expected = tags.get("l0sweep.spec_sha256")
+    if expected is not None and spec_digest(spec) != expected:
+        raise ValueError(
+            f"the {SPEC_ARTIFACT} artifact of sweep {run_id} does not match its digest "
+            f"(l0sweep.spec_sha256={expected}): it was changed or only partly written"
+        )
+    return spec
+
+
+def heartbeat(run_id: str, tracking_uri: str | None = None) -> None:
+    """Write the sweep's heartbeat now (``l0sweep.heartbeat``, Unix time in seconds); one try."""
+    raw = _plain_client(tracking_uri or get_settings().tracking_uri)
+    raw.set_tag(run_id, "l0sweep.heartbeat", f"{time.time():.0f}")
 
 
 def _search_children(c: MlflowClient, sweep_id: str, extra: str = "") -> list[Any]:
@@ -194,17 +250,19 @@ def start_trial_run(
     config: dict[str, Any],
     tracking_uri: str | None = None,
     run_id: str | None = None,
+    name: str | None = None,
 ) -> str:
     """Create the child run of a trial, or continue the one it already has.
 
     Args:
         run_id: the child run id stored in the trial's checkpoint, if it has one; otherwise the
             run is looked up by its tags, and created only if there is none.
+        name: the run's name (what the trial trains); default: the trial id.
     """
     c = client(tracking_uri)
     if run_id is None:
         raw = _plain_client(tracking_uri or get_settings().tracking_uri)
-        run_id, created = _find_or_create_trial_run(raw, sweep_id, trial_id)
+        run_id, created = _find_or_create_trial_run(raw, sweep_id, trial_id, name or trial_id)
         if created:
             _log_params(c, run_id, flatten(config))
             return run_id
@@ -213,7 +271,9 @@ def start_trial_run(
     return run_id
 
 
-def _find_or_create_trial_run(raw: MlflowClient, sweep_id: str, trial_id: str) -> tuple[str, bool]:
+def _find_or_create_trial_run(
+    raw: MlflowClient, sweep_id: str, trial_id: str, name: str
+) -> tuple[str, bool]:
     """The trial's run and whether it was created now. Find and create are retried as one unit:
     a creation whose answer an outage cut off is found again instead of made twice."""
 
@@ -229,7 +289,7 @@ def _find_or_create_trial_run(raw: MlflowClient, sweep_id: str, trial_id: str) -
             "mlflow.parentRunId": sweep_id,
         }
         experiment_id = raw.get_run(sweep_id).info.experiment_id
-        return raw.create_run(experiment_id, tags=tags, run_name=trial_id).info.run_id, True
+        return raw.create_run(experiment_id, tags=tags, run_name=name).info.run_id, True
 
     return with_retries(find_or_create, f"start the run of trial {trial_id}", raw.tracking_uri)
 
@@ -286,6 +346,7 @@ def sweep_trials(run_id: str, tracking_uri: str | None = None) -> list[dict[str,
             {
                 "trial_id": tags.get("l0sweep.trial_id"),
                 "run_id": run.info.run_id,
+                "name": run.info.run_name,
                 "status": tags.get("l0sweep.trial_status", run.info.status),
                 "run_status": run.info.status,
                 "config": dict(run.data.params),

@@ -23,8 +23,9 @@ from mlflow.entities import Run
 from ray import tune
 
 from . import tracking
-from .space import concrete_config
+from .space import concrete_config, trial_config
 from .training import TrainResult, TrialDiverged, train
+from .variants import run_name
 from .warmstart import load_init_weights, resolve_init_run
 
 __all__ = ["SweepContext", "train_trial"]
@@ -34,11 +35,13 @@ _STATE_FILE = "state.pt"
 
 @dataclass(frozen=True)
 class SweepContext:
-    """What every trial of a sweep shares: where to record, and its CPU share."""
+    """What every trial of a sweep shares: where to record, its CPU share, and the spec's
+    searched fields (named in the names of the trials' runs)."""
 
     sweep_id: str
     tracking_uri: str | None
     cpus_per_trial: float
+    searched: tuple[str, ...] = ()
 
 
 def _device() -> torch.device:
@@ -89,7 +92,8 @@ def _log_artifacts(run_id: str, result: TrainResult, tracking_uri: str | None) -
 def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     """Tune function trainable (bind ``context`` with ``tune.with_parameters``)."""
     torch.set_num_threads(max(1, math.floor(context.cpus_per_trial)))
-    cfg = concrete_config(config)
+    own = trial_config(config)
+    cfg = concrete_config(own)
     trial_id = tune.get_context().get_trial_id()
     state = _load_checkpoint()
     c = tracking.client(context.tracking_uri)
@@ -97,7 +101,10 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     prior = c.get_run(run_id) if run_id else None
     if prior is not None and _ended_before(prior, context):
         return
-    run_id = tracking.start_trial_run(context.sweep_id, trial_id, cfg, context.tracking_uri, run_id)
+    name = run_name(own, trial_id, context.searched)
+    run_id = tracking.start_trial_run(
+        context.sweep_id, trial_id, cfg, context.tracking_uri, run_id, name
+    )
     logged = 0  # the last epoch the run holds: a killed attempt may have logged past its checkpoint
     if prior is not None:
         logged = int(prior.data.metrics.get("epoch", 0))

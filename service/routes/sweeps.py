@@ -297,6 +297,7 @@ def _out(view: SweepView, control: SweepControl, settings: Settings) -> SweepOut
         progress=view.progress,
         best=view.best,
         objectives=record.objectives,
+        duplicate_trials=record.duplicate_trials,
         links=SweepLinks(
             self=base,
             trials=f"{base}/trials",

@@ -165,7 +165,8 @@ def test_huge_search_spaces_get_422_naming_the_count_and_the_limit(api, mlflow_c
         response = api.post("/sweeps", json=spec)
         assert response.status_code == 422, response.text
         msg = " ".join(d["msg"] for d in response.json()["detail"])
-        assert f"expands to {count} trials" in msg and f"limit {limit}" in msg, msg
+        # past 64 x the limit the expansion itself is refused: "expands to N configurations"
+        assert f"expands to {count} " in msg and f"limit {limit}" in msg, msg
     assert count_sweep_runs(mlflow_client) == before
 
 

@@ -66,3 +66,36 @@ def test_job_links_use_the_public_dashboard_url(monkeypatch) -> None:
     assert public.dashboard_url(None) is None
     monkeypatch.setenv("L0SWEEP_RAY_DASHBOARD_URL", "http://lab.example:8265")
     assert Settings().ray_dashboard_url == "http://lab.example:8265"
+
+
+def test_home_moves_the_tune_storage_and_the_data_unless_they_are_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    from sweeps.config import get_settings
+
+    for name in ("L0SWEEP_STORAGE_PATH", "L0SWEEP_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("L0SWEEP_HOME", str(tmp_path / "home"))
+    sweep = get_settings()
+    assert sweep.storage_path == tmp_path / "home" / "ray_results"
+    assert sweep.data_dir == tmp_path / "home" / "data"
+    assert Settings().resolved_storage_path() == str(tmp_path / "home" / "ray_results")
+    # `l0sweep serve --home` (a field, not the environment) moves it too
+    assert Settings(home=tmp_path / "other").resolved_storage_path() == str(
+        tmp_path / "other" / "ray_results"
+    )
+    monkeypatch.setenv("L0SWEEP_STORAGE_PATH", str(tmp_path / "shared"))
+    assert get_settings().storage_path == tmp_path / "shared"
+    assert Settings(home=tmp_path / "other").resolved_storage_path() == str(tmp_path / "shared")
+
+
+def test_a_relative_tracking_uri_is_made_absolute_for_every_process(tmp_path, monkeypatch) -> None:
+    from sweeps.tracking import absolute_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_uri("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
+    assert absolute_uri("mlruns") == str(tmp_path / "mlruns")
+    assert absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert absolute_uri(None).startswith("sqlite:////")  # MLflow's default, made absolute

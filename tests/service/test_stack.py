@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.stack import free_port
+from service.stack import free_port, running_mlflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,12 +54,16 @@ def test_serve_starts_and_stops_the_whole_stack(tmp_path, stop_signal, exit_code
         assert health.json()["mlflow"]["url"] == mlflow
         assert health.json()["ray"]["url"] == ray
         assert (tmp_path / "mlflow" / "mlflow.db").exists()
+        # `l0sweep run` on this home records through this server
+        assert running_mlflow(tmp_path / "mlflow") == mlflow
 
         serve.send_signal(stop_signal)
         assert serve.wait(90) == exit_code, log.read_text()
         for url in (api, mlflow, ray):
             with pytest.raises(httpx.HTTPError):
                 httpx.get(url, timeout=2)
+        assert not (tmp_path / "mlflow" / "server.json").exists()
+        assert running_mlflow(tmp_path / "mlflow") is None
     finally:
         if serve.poll() is None:
             serve.kill()

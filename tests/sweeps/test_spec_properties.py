@@ -87,6 +87,12 @@ def test_valid_specs_round_trip_and_count_their_trials(
     )
     again = SweepSpec.model_validate(spec.model_dump(mode="json"))
     assert again == spec
-    grid = len(granularity["grid"]) if isinstance(granularity, dict) else 1
-    assert spec.num_trials() == grid * samples * len(seeds)
+    grid = granularity["grid"] if isinstance(granularity, dict) else [granularity]
+    # Repeats of one config with one seed train the same model: each distinct trial runs once.
+    # A random lam is drawn afresh for each grid point of each sample, so every one differs; a
+    # fixed lam makes every sample, and every repeated grid value, the same trial.
+    draws = len(grid) * samples if isinstance(lam, dict) else len(set(grid))
+    distinct = draws * len(set(seeds))
+    assert spec.num_trials() == distinct
+    assert spec.duplicate_trials() == len(grid) * samples * len(seeds) - distinct
     assert math.isfinite(spec.train.lr) and spec.train.epochs == epochs

@@ -45,11 +45,20 @@ def test_tiny_sweep_records_parent_children_artifacts_and_failures(
         and parent.data.tags["l0sweep.status"] == "FINISHED"
     )
     assert tracking.load_sweep_spec(result.sweep_id, tracking_uri) == spec
+    experiment = c.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # training UI
     parent_files = {f.path for f in c.list_artifacts(result.sweep_id)}
     assert {"spec.json", "pareto.json", "pareto.png", "pareto.html", "summary.txt"} <= parent_files
 
     trials = _children(result.sweep_id, tracking_uri)
     assert len(trials) == 4
+    assert sorted(t["name"] for t in trials) == [
+        "dense lr=0.05 seed=0", "dense lr=1e+06 seed=0",
+        "l0 weight lr=0.05 seed=0", "l0 weight lr=1e+06 seed=0",
+    ]  # fmt: skip
+    note = parent.data.tags["mlflow.note.content"]  # the run's description in the MLflow UI
+    assert note.startswith("**FINISHED**") and "### Pareto front" in note
+    assert "| l0 weight lr=0.05 seed=0 |" in note or "| dense lr=0.05 seed=0 |" in note
     finished = [t for t in trials if t["status"] == "FINISHED"]
     failed = [t for t in trials if t["status"] == "FAILED"]
     assert len(finished) == 2 and len(failed) == 2
