@@ -259,8 +259,9 @@ def plan_sites(
         def inside(t: TargetParam) -> str | None:
             return next((u for u in unknown if t.name.startswith(f"{u}.")), None)
 
-        rest = [t for t in targets if inside(t) is not None]
-        for name in sorted({inside(t) for t in rest}):
+        hidden = plan.graph.hidden_reads  # read through F.linear & co: gated on their own
+        rest = [t for t in targets if inside(t) is not None or t.name.rpartition(".")[0] in hidden]
+        for name in sorted({inside(t) for t in rest} - {None}):
             warnings.warn(
                 f"{name} ({plan.graph.unknown_modules[name]}) is not a module the graph walk "
                 "knows: its parameters are gated on their own (weight masks, exact)",

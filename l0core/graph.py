@@ -60,6 +60,7 @@ class ChannelGraph:
     head: set[int] = field(default_factory=set)
     incidences: list[Incidence] = field(default_factory=list)
     unknown_modules: dict[str, str] = field(default_factory=dict)
+    hidden_reads: set[str] = field(default_factory=set)  # modules whose tensors are read directly
     heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> head roots
     _inc_at: dict[tuple[str, str, int], Incidence] = field(default_factory=dict)
 

@@ -9,7 +9,6 @@ function unchanged. The shrunk model is a copy of the original class with smalle
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -177,11 +176,12 @@ def shrink_graph(
             does not run or does not match, naming why.
     """
     before = _n_params(model)
-    reference = copy.deepcopy(model) if example is not None else None
+    example = _on_device(model, example) if example is not None else None
+    want = model(*example[0], **example[1]) if example is not None else None
     closed = _never_empty(plan, closed)
     model = _shrunk(model, plan, closed)
-    if reference is not None:
-        _verify(reference, model, example)
+    if example is not None:
+        _verify(want, model, example)
     groups = {
         g.name: (len(g.roots), int((~closed[g.offset : g.offset + len(g.roots)]).sum()))
         for g in plan.groups
@@ -189,15 +189,18 @@ def shrink_graph(
     return model, GraphShrinkReport(groups, before, _n_params(model))
 
 
-def _verify(reference: nn.Module, model: nn.Module, example: tuple[tuple, dict]) -> None:
-    device = next(iter(reference.parameters())).device
+def _on_device(model: nn.Module, example: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """The example rows on the model's device (it may have moved since the first forward)."""
+    device = next(iter(model.parameters())).device
 
-    def moved(a):  # the model may have moved since the first forward
+    def moved(a: object) -> object:
         return a.to(device) if isinstance(a, Tensor) else a
 
-    args = tuple(moved(a) for a in example[0])
-    kwargs = {k: moved(v) for k, v in example[1].items()}
-    want = reference(*args, **kwargs)
+    return tuple(moved(a) for a in example[0]), {k: moved(v) for k, v in example[1].items()}
+
+
+def _verify(want: object, model: nn.Module, example: tuple[tuple, dict]) -> None:
+    args, kwargs = example
     try:
         got = model(*args, **kwargs)
     except Exception as exc:

@@ -175,6 +175,8 @@ def plan_groups(
                 gated_at.add(r)
             if inc.role == "rows" and p is not None and p.dim() >= 2 and id(p) not in selected:
                 blocked.setdefault(r, f"{inc.module}.{inc.attr} is not selected")
+            if inc.module in graph.hidden_reads:
+                blocked.setdefault(r, f"{inc.module}'s weights are read outside its forward")
     chosen: dict[tuple, list[int]] = {}
     not_gated: dict[str, str] = {}
     for r, mem in members.items():

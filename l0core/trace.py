@@ -47,12 +47,12 @@ _SHAPE_METHODS = {"size", "dim"}
 
 
 class _Walker(TensorOps):
-    def __init__(self, gm: fx.GraphModule, heads: bool) -> None:
+    def __init__(self, gm: fx.GraphModule, heads: bool, root: nn.Module) -> None:
         self.g = ChannelGraph()
         self.gm = gm
         self.heads = heads
         self.vals: dict[fx.Node, Any] = {}
-        self.modules = dict(gm.named_modules())
+        self.modules = dict(root.named_modules())  # gm holds the same leaves, not the rest
 
     # ---- helpers --------------------------------------------------------------------------
     def val(self, arg: Any) -> Any:
@@ -75,7 +75,12 @@ class _Walker(TensorOps):
         return self.g
 
     def visit(self, node: fx.Node) -> Any:
-        if node.op in ("placeholder", "get_attr"):
+        if node.op == "get_attr":  # a weight read outside a module's forward (F.linear, x @ w)
+            owner = str(node.target).rpartition(".")[0]
+            if owner:  # the root's own tensors (a class token) are not a layer
+                self.g.hidden_reads.add(owner)
+            return None
+        if node.op == "placeholder":
             return None
         if node.op == "output":
             self.fix_all(node, "the model's output")
@@ -363,4 +368,4 @@ def trace_channels(model: nn.Module, heads: bool = False) -> ChannelGraph:
                 ) from exc
             leaves.add(name)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    return _Walker(gm, heads).run()
+    return _Walker(gm, heads, model).run()

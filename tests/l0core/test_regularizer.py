@@ -277,7 +277,10 @@ def test_summary_and_expected_flops():
     assert rows["9.weight"]["applied"] == "activation:9"
     p = prob_nonzero(torch.tensor(0.0), reg.hc).item()
     dense = 12 * 12 * 8 * 27 + 6 * 6 * 16 * 72 + 16 * 5
-    assert reg.expected_flops() == pytest.approx(p * dense, rel=0.02)
+    # a weight counts when its row and its column are both open: the first conv reads the input
+    # (always there), the second conv and the Linear read gated units (the cascade)
+    expected = p * 12 * 12 * 8 * 27 + p * p * (6 * 6 * 16 * 72 + 16 * 5)
+    assert reg.expected_flops() == pytest.approx(expected, rel=0.02)
     with torch.no_grad():
         for la in reg.gate_parameters():
             la.fill_(-10)
