@@ -62,20 +62,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     control = SweepControl(
         store,
         jobs,
-        SweepCache(store),
+        SweepCache(store, finished_cache_size=settings.finished_cache_size),
         max_concurrent_sweeps=settings.max_concurrent_sweeps,
         max_resubmits=settings.max_resubmits,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_background(control, settings))
+        tasks = [
+            asyncio.create_task(_background(control, settings)),
+            asyncio.create_task(_warm(control.cache, settings)),
+        ]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app = FastAPI(
         title="l0sweep",
@@ -109,6 +114,22 @@ async def _background(control: SweepControl, settings: Settings) -> None:
             # A bug here must not stop the refreshes for the life of the process: log, go on.
             logger.exception("background refresh failed")
         await asyncio.sleep(settings.refresh_interval_s)
+
+
+async def _warm(cache: SweepCache, settings: Settings) -> None:
+    """Read the history into the cache's index, a page at a time, once after the start (until
+    then the listing reads its pages from MLflow)."""
+    while True:
+        try:
+            if await asyncio.to_thread(cache.warm_step):
+                return
+            await asyncio.sleep(0)
+        except BackendUnavailable as exc:
+            logger.warning("reading the sweeps' history: %s", exc.message)
+            await asyncio.sleep(settings.refresh_interval_s)
+        except Exception:
+            logger.exception("reading the sweeps' history failed")
+            await asyncio.sleep(settings.refresh_interval_s)
 
 
 class BodyLimit:

@@ -81,6 +81,8 @@ class SweepControl:
                             f"{existing.id} with a different spec"
                         )
                     return self._view(existing), False
+            if self.cache.refreshed_at is None:
+                self.cache.refresh()  # the active sweeps, before counting them
             active = self.cache.active_count()
             if active >= self.max_concurrent_sweeps:
                 raise TooManySweeps(
@@ -146,7 +148,7 @@ class SweepControl:
 
     def reconcile(self) -> None:
         """Follow, resubmit or close every sweep recorded as active (see the module docstring)."""
-        for view in self.cache.all():
+        for view in self.cache.active():
             # Sweeps run by `l0sweep run` share the store but are not the service's to drive.
             if view.record.status in ACTIVE and view.record.managed:
                 try:
