@@ -236,14 +236,15 @@ class SweepStore:
         """Delete the parent run and its trials' runs (MLflow soft delete: restorable)."""
         with self._mlflow(f"delete sweep {sweep_id}"):
             record = self.get(sweep_id)
-            children = self.client.search_runs(
+            # A page at a time, from the start again: deleted runs leave the active view.
+            while children := self.client.search_runs(
                 experiment_ids=[record.experiment_id],
-                filter_string=f"tags.`l0sweep.sweep_id` = '{sweep_id}'",
+                filter_string=f"tags.`{TAG_TRIAL_SWEEP}` = '{sweep_id}'",
                 run_view_type=ViewType.ACTIVE_ONLY,
-                max_results=10000,
-            )
-            for child in children:
-                self.client.delete_run(child.info.run_id)
+                max_results=1000,
+            ):
+                for child in children:
+                    self.client.delete_run(child.info.run_id)
             self.client.delete_run(sweep_id)
 
     def artifact(self, sweep_id: str, suffix: str) -> bytes | None:
