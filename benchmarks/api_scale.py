@@ -15,7 +15,8 @@ the service to reconcile), then measures:
 - a restart of ``l0sweep serve``: seconds to the first ``/healthz`` 200, then to the first
   ``GET /sweeps`` answered, and to the listing's ``total`` (the index complete);
 - idle CPU of the API and MLflow processes (their children included) over ``--idle`` seconds
-  without requests, from /proc;
+  without requests, from /proc, 20 s after the index is complete (the refresh interval has
+  backed off to its ceiling by then: nothing changes);
 - `api_load.py` at ``--clients`` clients on ``GET /sweeps`` and ``GET /sweeps/{id}`` (the newest
   finished sweep and the active one), and the API's RSS after it.
 
@@ -125,6 +126,20 @@ def refresh_cost(uri: str) -> dict[str, str]:
     return out
 
 
+def populate(uri: str, home: Path, sweeps: int, trials: int, first: int, epochs: int) -> None:
+    """`populate_history.py` in two processes (the runs straight into the store), one per core."""
+    half = sweeps // 2
+    common = ["--tracking-uri", uri, "--direct-store", f"sqlite:///{home / 'mlflow.db'}",
+              "--epochs", str(epochs), "--workers", "2"]  # fmt: skip
+    script = str(HERE / "populate_history.py")
+    parts = [(first, half), (first + half, sweeps - half)]
+    argvs = [[sys.executable, script, str(n), str(trials), "--first", str(i), *common]
+             for i, n in parts if n]  # fmt: skip
+    writers = [subprocess.Popen(argv) for argv in argvs]
+    if any(w.wait() != 0 for w in writers):
+        raise RuntimeError("populate_history.py failed")
+
+
 def add_active_sweep(uri: str) -> str:
     sweep_id = tracking.create_sweep_run(SweepSpec.model_validate(ACTIVE_SPEC), uri)
     tracking.set_sweep_status(sweep_id, "RUNNING", tracking_uri=uri)
@@ -180,6 +195,11 @@ def main() -> int:
     parser.add_argument("--home", type=Path, required=True, help="the MLflow store's directory")
     parser.add_argument("--populate", nargs=2, type=int, metavar=("N", "M"),
                         help="first write N finished sweeps of M trials into it")  # fmt: skip
+    parser.add_argument("--first", type=int, default=0,
+                        help="with --populate: the index of the first sweep written (to add to a "
+                        "history)")  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=10,
+                        help="with --populate: epochs of metrics per trial")  # fmt: skip
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of idle CPU measured")
@@ -191,25 +211,23 @@ def main() -> int:
         mlflow, uri = start_mlflow(home, port=free_port())
         stack.callback(mlflow.stop)
         if args.populate:
-            n, m = args.populate
-            subprocess.run([sys.executable, str(HERE / "populate_history.py"), str(n), str(m),
-                            "--tracking-uri", uri, "--direct-store",
-                            f"sqlite:///{home / 'mlflow.db'}"], check=True)  # fmt: skip
+            populate(uri, home, *args.populate, first=args.first, epochs=args.epochs)
         ray_temp = tempfile.mkdtemp(prefix="l0scale-ray-")
         ray, ray_url = start_ray_head(home / "ray-logs", num_cpus=1, dashboard_port=free_port(),
                                       temp_dir=ray_temp)  # fmt: skip
         stack.callback(ray.stop)
         store = SweepStore(uri)
         active = add_active_sweep(uri)
-        stack.callback(lambda: store.client.delete_run(active))
-        stack.callback(lambda: tracking.set_sweep_status(active, "CANCELLED", tracking_uri=uri))
+        stack.callback(store.delete, active)
+        stack.callback(tracking.set_sweep_status, active, "CANCELLED", None, uri)
+        stack.callback(tracking.close_open_trials, active, "KILLED", uri)
         row.update(refresh_cost(uri))
         port = free_port()
         api, timings = restart(port, ray_url, uri, home / "api.log")
         stack.callback(api.wait, 30)
         stack.callback(api.terminate)
         row.update(timings)
-        time.sleep(3)
+        time.sleep(20)  # past the start-up: the refresh interval has backed off (nothing changes)
         row["idle CPU, API + MLflow"] = idle_cpu([api.pid, mlflow.popen.pid], args.idle)
         newest = httpx.get(f"http://127.0.0.1:{port}/sweeps", params={"status": "FINISHED",
                                                                       "limit": 1}).json()  # fmt: skip

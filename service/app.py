@@ -100,20 +100,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _background(control: SweepControl, settings: Settings) -> None:
-    """Refresh the sweep cache every few seconds; reconcile jobs at start-up and then periodically."""
+    """Refresh the sweep cache every few seconds; reconcile jobs at start-up and then periodically.
+
+    While a look finds nothing new the next comes twice as late, up to ``refresh_backoff`` times
+    ``refresh_interval_s``: an idle service costs MLflow a request every few seconds, not every
+    two. Any change (a trial's metrics included) brings the interval back down.
+    """
     last_reconcile = -float("inf")
+    interval = settings.refresh_interval_s
     while True:
+        before = control.cache.generation
         try:
             await asyncio.to_thread(control.cache.refresh)
+            if control.cache.generation == before:
+                ceiling = settings.refresh_interval_s * settings.refresh_backoff
+                interval = min(interval * 2, ceiling)
+            else:
+                interval = settings.refresh_interval_s
             if time.monotonic() - last_reconcile >= settings.reconcile_interval_s:
                 await asyncio.to_thread(control.reconcile)
                 last_reconcile = time.monotonic()
         except BackendUnavailable as exc:
             logger.warning("background refresh: %s", exc.message)
+            interval = settings.refresh_interval_s
         except Exception:
             # A bug here must not stop the refreshes for the life of the process: log, go on.
             logger.exception("background refresh failed")
-        await asyncio.sleep(settings.refresh_interval_s)
+            interval = settings.refresh_interval_s
+        await asyncio.sleep(interval)
 
 
 async def _warm(cache: SweepCache, settings: Settings) -> None:

@@ -75,7 +75,8 @@ class SweepCache:
         finished_cache_size: finished sweeps kept with their trials (least recently read go).
         warm_page_size: sweeps read per page by `warm_step`.
         overlap_s: how far back each look for ended runs reaches before the previous one (runs
-            are ended with the clock of the node that ends them).
+            are ended with the clock of the node that ends them, and an ending may reach MLflow
+            while a look runs); every run ended this recently is read again by each look.
     """
 
     def __init__(
@@ -84,7 +85,7 @@ class SweepCache:
         *,
         finished_cache_size: int = 32,
         warm_page_size: int = 200,
-        overlap_s: float = 60.0,
+        overlap_s: float = 10.0,
     ) -> None:
         self.store = store
         self.search = SweepSearch(store)
