@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     control = SweepControl(
         store,
         jobs,
-        SweepCache(store),
+        SweepCache(store, finished_cache_size=settings.finished_cache_size),
         max_concurrent_sweeps=settings.max_concurrent_sweeps,
         max_resubmits=settings.max_resubmits,
         local_run_timeout_s=settings.local_run_timeout_s,
@@ -71,13 +71,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_background(control, settings))
+        tasks = [
+            asyncio.create_task(_background(control, settings)),
+            asyncio.create_task(_warm(control.cache, settings)),
+        ]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app = FastAPI(
         title="l0sweep",
@@ -97,20 +102,50 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 async def _background(control: SweepControl, settings: Settings) -> None:
-    """Refresh the sweep cache every few seconds; reconcile jobs at start-up and then periodically."""
+    """Refresh the sweep cache every few seconds; reconcile jobs at start-up and then periodically.
+
+    While a look finds nothing new the next comes twice as late, up to ``refresh_backoff`` times
+    ``refresh_interval_s``: an idle service costs MLflow a request every few seconds, not every
+    two. Any change (a trial's metrics included) brings the interval back down.
+    """
     last_reconcile = -float("inf")
+    interval = settings.refresh_interval_s
     while True:
+        before = control.cache.generation
         try:
             await asyncio.to_thread(control.cache.refresh)
+            if control.cache.generation == before:
+                ceiling = settings.refresh_interval_s * settings.refresh_backoff
+                interval = min(interval * 2, ceiling)
+            else:
+                interval = settings.refresh_interval_s
             if time.monotonic() - last_reconcile >= settings.reconcile_interval_s:
                 await asyncio.to_thread(control.reconcile)
                 last_reconcile = time.monotonic()
         except BackendUnavailable as exc:
             logger.warning("background refresh: %s", exc.message)
+            interval = settings.refresh_interval_s
         except Exception:
             # A bug here must not stop the refreshes for the life of the process: log, go on.
             logger.exception("background refresh failed")
-        await asyncio.sleep(settings.refresh_interval_s)
+            interval = settings.refresh_interval_s
+        await asyncio.sleep(interval)
+
+
+async def _warm(cache: SweepCache, settings: Settings) -> None:
+    """Read the history into the cache's index, a page at a time, once after the start (until
+    then the listing reads its pages from MLflow)."""
+    while True:
+        try:
+            if await asyncio.to_thread(cache.warm_step):
+                return
+            await asyncio.sleep(0)
+        except BackendUnavailable as exc:
+            logger.warning("reading the sweeps' history: %s", exc.message)
+            await asyncio.sleep(settings.refresh_interval_s)
+        except Exception:
+            logger.exception("reading the sweeps' history failed")
+            await asyncio.sleep(settings.refresh_interval_s)
 
 
 class BodyLimit:

@@ -224,8 +224,10 @@ def _list(args: argparse.Namespace) -> int:
         for s in page.items
     ]
     _print_table(["id", "name", "status", "done/total", "created (UTC)"], rows)
-    if page.next_offset is not None:
+    if page.next_offset is not None and page.total is not None:
         print(f"... {page.total - len(page.items)} more (--limit)")
+    elif page.next_offset is not None:
+        print("... more (--limit)")
     return 0
 
 

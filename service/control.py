@@ -91,6 +91,8 @@ class SweepControl:
                             f"{existing.id} with a different spec"
                         )
                     return self._view(existing), False
+            if self.cache.refreshed_at is None:
+                self.cache.refresh()  # the active sweeps, before counting them
             active = self.cache.active_count()
             if active >= self.max_concurrent_sweeps:
                 raise TooManySweeps(
@@ -168,7 +170,7 @@ class SweepControl:
 
     def reconcile(self) -> None:
         """Follow, resubmit or close every sweep recorded as active (see the module docstring)."""
-        for view in self.cache.all():
+        for view in self.cache.active():
             if view.record.status not in ACTIVE:
                 continue
             try:

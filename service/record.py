@@ -30,7 +30,7 @@ from sweeps.note import write_sweep_note
 from sweeps.spec import SweepSpec
 from sweeps.tracking import spec_digest
 
-__all__ = ["SweepRecord", "SweepStore", "spec_digest"]
+__all__ = ["ListedSweep", "MlflowErrors", "SweepRecord", "SweepStore", "spec_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ TAG_SPEC_SHA = "l0sweep.spec_sha256"
 TAG_NUM_TRIALS = "l0sweep.num_trials"
 TAG_REQUEST = "l0sweep.request_id"
 TAG_MANAGED = "l0sweep.managed"  # "service": submitted by the service (not `l0sweep run`)
+TAG_SUMMARY = "l0sweep.summary"  # progress and best trial of an ended sweep (service.summary)
+TAG_TRIAL_SWEEP = "l0sweep.sweep_id"  # on a trial's child run: its sweep
 # MLflow's answers to a request it refuses (as opposed to failing to serve it).
 _MLFLOW_REFUSALS = {
     "INVALID_PARAMETER_VALUE",
@@ -118,6 +120,18 @@ class SweepRecord:
         """Seconds since the driver's last sign of life: its heartbeat, else the run's start."""
         last = self.last_heartbeat or self.created_at
         return (now - last).total_seconds() if last is not None else math.inf
+
+
+@dataclass(frozen=True)
+class ListedSweep:
+    """A sweep as a search finds it: its record and the summary stored on it (``service.summary``)."""
+
+    record: SweepRecord
+    summary_tag: str | None
+
+    @classmethod
+    def from_run(cls, run: Run) -> ListedSweep:
+        return cls(SweepRecord.from_run(run), run.data.tags.get(TAG_SUMMARY))
 
 
 class SweepStore:
@@ -198,6 +212,10 @@ class SweepStore:
 
     def get(self, sweep_id: str) -> SweepRecord:
         """The sweep's record, read now. Raises `NotFound` for an unknown or deleted id."""
+        return self.listed(sweep_id).record
+
+    def listed(self, sweep_id: str) -> ListedSweep:
+        """The sweep's record and stored summary, read now. Raises `NotFound` as `get`."""
         with self._mlflow(f"read sweep {sweep_id}"):
             try:
                 run = self.client.get_run(sweep_id)
@@ -207,34 +225,12 @@ class SweepStore:
                 raise
         if run.data.tags.get(TAG_KIND) != "sweep" or run.info.lifecycle_stage == "deleted":
             raise NotFound(f"no sweep with id {sweep_id!r}")
-        return SweepRecord.from_run(run)
-
-    def list(self) -> list[SweepRecord]:
-        """Every sweep in every active experiment, newest first."""
-        with self._mlflow("list sweeps"):
-            experiment_ids = [e.experiment_id for e in self._experiments()]
-            if not experiment_ids:
-                return []
-            records: list[SweepRecord] = []
-            token = None
-            while True:
-                page = self.client.search_runs(
-                    experiment_ids=experiment_ids,
-                    filter_string=f"tags.`{TAG_KIND}` = 'sweep'",
-                    run_view_type=ViewType.ACTIVE_ONLY,
-                    max_results=1000,
-                    order_by=["attributes.start_time DESC"],
-                    page_token=token,
-                )
-                records.extend(SweepRecord.from_run(run) for run in page)
-                token = page.token
-                if not token:
-                    return records
+        return ListedSweep.from_run(run)
 
     def trials(self, sweep_id: str) -> list[dict[str, Any]]:
         """The sweep's trials (config, latest metrics, status), as `sweeps.tracking` reads them."""
         with self._mlflow(f"read the trials of sweep {sweep_id}"):
-            return [_json_safe_trial(t) for t in tracking.sweep_trials(sweep_id, self.tracking_uri)]
+            return [json_safe_trial(t) for t in tracking.sweep_trials(sweep_id, self.tracking_uri)]
 
     def set_status(self, sweep_id: str, status: str, message: str | None = None) -> None:
         with self._mlflow(f"set the status of sweep {sweep_id}"):
@@ -263,14 +259,15 @@ class SweepStore:
         """Delete the parent run and its trials' runs (MLflow soft delete: restorable)."""
         with self._mlflow(f"delete sweep {sweep_id}"):
             record = self.get(sweep_id)
-            children = self.client.search_runs(
+            # A page at a time, from the start again: deleted runs leave the active view.
+            while children := self.client.search_runs(
                 experiment_ids=[record.experiment_id],
-                filter_string=f"tags.`l0sweep.sweep_id` = '{sweep_id}'",
+                filter_string=f"tags.`{TAG_TRIAL_SWEEP}` = '{sweep_id}'",
                 run_view_type=ViewType.ACTIVE_ONLY,
-                max_results=10000,
-            )
-            for child in children:
-                self.client.delete_run(child.info.run_id)
+                max_results=1000,
+            ):
+                for child in children:
+                    self.client.delete_run(child.info.run_id)
             self.client.delete_run(sweep_id)
 
     def artifact(self, sweep_id: str, suffix: str) -> bytes | None:
@@ -307,11 +304,11 @@ class SweepStore:
             if not token:
                 return experiments
 
-    def _mlflow(self, what: str) -> _MlflowErrors:
-        return _MlflowErrors(what)
+    def _mlflow(self, what: str) -> MlflowErrors:
+        return MlflowErrors(what)
 
 
-class _MlflowErrors:
+class MlflowErrors:
     """Context manager: MLflow transport and server failures become `BackendUnavailable`.
 
     Inside it `sweeps.tracking` does not retry: the API answers 503 now, not minutes later.
@@ -350,7 +347,7 @@ def _objectives(objectives: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _json_safe_trial(trial: dict[str, Any]) -> dict[str, Any]:
+def json_safe_trial(trial: dict[str, Any]) -> dict[str, Any]:
     metrics = {k: (v if finite(v) else None) for k, v in (trial.get("metrics") or {}).items()}
     return {**trial, "metrics": metrics}
 

@@ -70,7 +70,10 @@ class SweepOut(BaseModel):
 
 class SweepPage(BaseModel):
     items: list[SweepOut]
-    total: int
+    total: int | None = Field(
+        description="Sweeps matching the filters; null for the first seconds after the service "
+        "starts, while it reads the history (``next_offset`` says whether more follow)."
+    )
     limit: int
     offset: int
     next_offset: int | None = None

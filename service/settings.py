@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     max_concurrent_sweeps: int = Field(4, ge=1, description="Active sweeps before POST gets 429.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body (413).")
     refresh_interval_s: float = Field(2.0, gt=0, description="How often the sweep cache refreshes.")
+    refresh_backoff: float = Field(
+        5.0,
+        ge=1.0,
+        description="While nothing changes the refresh interval doubles, up to this many times "
+        "refresh_interval_s (1: never).",
+    )
+    finished_cache_size: int = Field(
+        32, ge=1, description="Finished sweeps whose trials stay in memory after being read."
+    )
     reconcile_interval_s: float = Field(10.0, gt=0, description="How often jobs are reconciled.")
     stop_grace_s: int = Field(60, ge=1, description="SIGTERM grace before Ray kills a driver.")
     max_resubmits: int = Field(3, ge=0, description="Driver resubmissions before a sweep FAILS.")

@@ -60,6 +60,7 @@ __all__ = [
     "start_trial_run",
     "sweep_status",
     "sweep_trials",
+    "trial_from_run",
 ]
 
 SWEEP_STATUSES = ("PENDING", "RUNNING", "FINISHED", "FAILED", "CANCELLED")
@@ -339,23 +340,24 @@ def close_open_trials(
 def sweep_trials(run_id: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Every trial of a sweep read from MLflow: ids, config (params), latest metrics, status."""
     c = client(tracking_uri)
-    trials = []
-    for run in _search_children(c, run_id):
-        tags = run.data.tags
-        trials.append(
-            {
-                "trial_id": tags.get("l0sweep.trial_id"),
-                "run_id": run.info.run_id,
-                "name": run.info.run_name,
-                "status": tags.get("l0sweep.trial_status", run.info.status),
-                "run_status": run.info.status,
-                "config": dict(run.data.params),
-                "metrics": dict(run.data.metrics),
-                "pareto": tags.get("pareto") == "true",
-                "failure_reason": tags.get("l0sweep.failure_reason"),
-                "architecture": tags.get("l0sweep.architecture"),
-                "start_time": run.info.start_time,
-                "end_time": run.info.end_time,
-            }
-        )
+    trials = [trial_from_run(run) for run in _search_children(c, run_id)]
     return sorted(trials, key=lambda t: t["trial_id"] or "")
+
+
+def trial_from_run(run: Any) -> dict[str, Any]:
+    """A trial's child run as a dict: ids, config (params), latest metrics, status, times."""
+    tags = run.data.tags
+    return {
+        "trial_id": tags.get("l0sweep.trial_id"),
+        "run_id": run.info.run_id,
+        "name": run.info.run_name,
+        "status": tags.get("l0sweep.trial_status", run.info.status),
+        "run_status": run.info.status,
+        "config": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "pareto": tags.get("pareto") == "true",
+        "failure_reason": tags.get("l0sweep.failure_reason"),
+        "architecture": tags.get("l0sweep.architecture"),
+        "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
+    }

@@ -69,33 +69,44 @@ def create_sweep(
 
 
 class RenderedCache:
-    """JSON bodies of the read endpoints, rendered once per change of the sweep cache.
+    """JSON bodies of the read endpoints, rendered once per change of what they show.
 
     Rendering a `SweepOut` costs more than the rest of a request; under load the same bodies are
-    asked for again and again between two refreshes.
+    asked for again and again between two refreshes. A sweep's bodies (its view, trials and front)
+    live as long as the view they were rendered from; the listing's pages until the cache's
+    generation changes.
     """
 
     def __init__(self) -> None:
-        self._sweeps: weakref.WeakKeyDictionary[SweepView, bytes] = weakref.WeakKeyDictionary()
+        self._bodies: dict[str, weakref.WeakKeyDictionary[SweepView, bytes]] = {
+            kind: weakref.WeakKeyDictionary() for kind in ("sweep", "trials", "pareto")
+        }
         self._pages: dict[tuple, bytes] = {}
         self._generation = -1
 
-    def sweep(self, view: SweepView, render) -> bytes:
-        body = self._sweeps.get(view)
+    def of(self, kind: str, view: SweepView, render) -> bytes:
+        """The body of ``kind`` for ``view``; ``render()`` returns a model or a list of them."""
+        bodies = self._bodies[kind]
+        body = bodies.get(view)
         if body is None:
-            body = self._sweeps[view] = render().model_dump_json().encode()
+            body = bodies[view] = _json(render())
         return body
 
-    def page(self, generation: int, key: tuple, render) -> bytes:
+    def page(self, generation: int, key: tuple) -> bytes | None:
         if generation != self._generation:
             self._pages.clear()
             self._generation = generation
-        body = self._pages.get(key)
-        if body is None:
-            body = render().model_dump_json().encode()
-            if len(self._pages) < 1000:
-                self._pages[key] = body
-        return body
+        return self._pages.get(key)
+
+    def keep_page(self, generation: int, key: tuple, body: bytes) -> None:
+        if generation == self._generation and len(self._pages) < 1000:
+            self._pages[key] = body
+
+
+def _json(value) -> bytes:
+    if isinstance(value, list):
+        return b"[" + b",".join(v.model_dump_json().encode() for v in value) + b"]"
+    return value.model_dump_json().encode()
 
 
 async def _rendered(request: Request) -> RenderedCache:
@@ -115,39 +126,27 @@ async def list_sweeps(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Response:
-    """Sweeps, newest first, filtered by status and name."""
+    """Sweeps, newest first, filtered by status and name.
+
+    ``total`` is null for a few seconds after the service starts, while it reads the history.
+    """
     await _fresh(control)
-    generation = control.cache.generation
-    body = rendered.page(
-        generation,
-        (status_, name, limit, offset),
-        lambda: _page(control, settings, status_, name, limit, offset),
-    )
+    cache = control.cache
+    generation = cache.generation
+    key = (status_, name, limit, offset)
+    body = rendered.page(generation, key)
+    if body is None:
+        views, total, more = await asyncio.to_thread(cache.page, status_, name, limit, offset)
+        page = SweepPage(
+            items=[_out(v, control, settings) for v in views],
+            total=total,
+            limit=limit,
+            offset=offset,
+            next_offset=offset + limit if more else None,
+        )
+        body = page.model_dump_json().encode()
+        rendered.keep_page(generation, key, body)
     return Response(content=body, media_type="application/json")
-
-
-def _page(
-    control: SweepControl,
-    settings: Settings,
-    status_: str | None,
-    name: str | None,
-    limit: int,
-    offset: int,
-) -> SweepPage:
-    views = control.cache.all()
-    if status_ is not None:
-        views = [v for v in views if v.record.status == status_]
-    if name:
-        needle = name.casefold()
-        views = [v for v in views if needle in v.record.name.casefold()]
-    page = views[offset : offset + limit]
-    return SweepPage(
-        items=[_out(v, control, settings) for v in page],
-        total=len(views),
-        limit=limit,
-        offset=offset,
-        next_offset=offset + limit if offset + limit < len(views) else None,
-    )
 
 
 @router.get(
@@ -158,7 +157,7 @@ async def get_sweep(
 ) -> Response:
     """Status, trial progress, best trial so far and links to MLflow and the Ray dashboard."""
     view = await _view(control, sweep_id)
-    body = rendered.sweep(view, lambda: _out(view, control, settings))
+    body = rendered.of("sweep", view, lambda: _out(view, control, settings))
     return Response(content=body, media_type="application/json")
 
 
@@ -167,10 +166,11 @@ async def get_sweep(
     response_model=list[TrialOut],
     responses={404: _ERRORS[404], 503: _ERRORS[503]},
 )
-async def list_trials(sweep_id: str, control: ControlDep) -> list[TrialOut]:
+async def list_trials(sweep_id: str, control: ControlDep, rendered: RenderedDep) -> Response:
     """Each trial's config, status and latest metrics."""
-    view = await _view(control, sweep_id)
-    return [_trial(t) for t in view.trials]
+    view = await _view(control, sweep_id, trials=True)
+    body = rendered.of("trials", view, lambda: [_trial(t) for t in view.trials])
+    return Response(content=body, media_type="application/json")
 
 
 @router.get(
@@ -185,23 +185,30 @@ async def list_trials(sweep_id: str, control: ControlDep) -> list[TrialOut]:
 async def get_pareto(
     sweep_id: str,
     control: ControlDep,
+    rendered: RenderedDep,
     format: Literal["json", "png"] = "json",
-) -> ParetoFront | Response:
+) -> Response:
     """The Pareto front over the sweep's objectives, computed live from the trials so far."""
-    view = await _view(control, sweep_id)
+    view = await _view(control, sweep_id, trials=format == "json")
     if format == "png":
         png = await asyncio.to_thread(control.store.artifact, sweep_id, ".png")
         if png is None:
             raise NotFound(f"sweep {sweep_id} has no Pareto plot yet: it is written when it ends")
         return Response(content=png, media_type="image/png")
+    body = rendered.of("pareto", view, lambda: _pareto(view))
+    return Response(content=body, media_type="application/json")
+
+
+def _pareto(view: SweepView) -> ParetoFront:
     objectives = view.record.objectives
-    front = pareto_front(view.trials, objectives, _COMPETING)
+    trials = view.trials or []
+    front = pareto_front(trials, objectives, _COMPETING)
     return ParetoFront(
-        sweep_id=sweep_id,
+        sweep_id=view.record.id,
         status=view.record.status,
         objectives=objectives,
         front=[_trial(t) for t in front],
-        num_trials=len(eligible(view.trials, objectives, _COMPETING)),
+        num_trials=len(eligible(trials, objectives, _COMPETING)),
         hypervolume=hypervolume(front, objectives) if front else None,
     )
 
@@ -255,23 +262,23 @@ def delete_sweep(sweep_id: str, control: ControlDep) -> Response:
 
 
 async def _fresh(control: SweepControl) -> None:
-    """Fill the cache on first use; answer 503 while MLflow is failing."""
+    """Follow the active sweeps from the first request on; answer 503 while MLflow is failing."""
     cache = control.cache
     if cache.refreshed_at is None:
-        await asyncio.to_thread(cache.refresh)
+        await asyncio.to_thread(cache.ensure_fresh)
     if cache.last_error is not None:
         raise cache.last_error
 
 
-async def _view(control: SweepControl, sweep_id: str) -> SweepView:
+async def _view(control: SweepControl, sweep_id: str, trials: bool = False) -> SweepView:
+    """The sweep from the cache; read from MLflow (and then kept) when it is not held, or when
+    ``trials`` are asked for and not held."""
     _check_id(sweep_id)
     await _fresh(control)
     view = control.cache.get(sweep_id)
-    if view is None:
-        # Created by another service process since the last refresh, or unknown.
-        record = await asyncio.to_thread(control.store.get, sweep_id)
-        trials = await asyncio.to_thread(control.store.trials, sweep_id)
-        view = control.cache.put(record, trials)
+    if view is None or not view.showable or (trials and view.trials is None):
+        read = control.cache.with_trials if trials else control.cache.view
+        view = await asyncio.to_thread(read, sweep_id)
     return view
 
 
