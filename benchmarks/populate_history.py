@@ -104,13 +104,7 @@ def _write_trial(
 ) -> dict[str, Any]:  # fmt: skip
     trial_id = f"{sweep_id[:5]}_{n:05d}"
     start = sweep_start_ms + n
-    tags = {
-        "l0sweep.kind": "trial",
-        "l0sweep.sweep_id": sweep_id,
-        "l0sweep.trial_id": trial_id,
-        "l0sweep.trial_status": "RUNNING",
-        "mlflow.parentRunId": sweep_id,
-    }
+    tags = tracking.trial_run_tags(sweep_id, trial_id)
     run = c.create_run(experiment_id, start_time=start, tags=tags, run_name=trial_id)
     config = spec.model_dump(mode="json")
     config["regularizer"]["lam"] = 10 ** rng.uniform(-2, 0)

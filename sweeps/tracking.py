@@ -61,6 +61,7 @@ __all__ = [
     "sweep_status",
     "sweep_trials",
     "trial_from_run",
+    "trial_run_tags",
 ]
 
 SWEEP_STATUSES = ("PENDING", "RUNNING", "FINISHED", "FAILED", "CANCELLED")
@@ -282,14 +283,8 @@ def _find_or_create_trial_run(
         found = find_trial_run(raw, sweep_id, trial_id)
         if found is not None:
             return found, False
-        tags = {
-            "l0sweep.kind": "trial",
-            "l0sweep.sweep_id": sweep_id,
-            "l0sweep.trial_id": trial_id,
-            "l0sweep.trial_status": "RUNNING",
-            "mlflow.parentRunId": sweep_id,
-        }
         experiment_id = raw.get_run(sweep_id).info.experiment_id
+        tags = trial_run_tags(sweep_id, trial_id)
         return raw.create_run(experiment_id, tags=tags, run_name=name).info.run_id, True
 
     return with_retries(find_or_create, f"start the run of trial {trial_id}", raw.tracking_uri)
@@ -342,6 +337,17 @@ def sweep_trials(run_id: str, tracking_uri: str | None = None) -> list[dict[str,
     c = client(tracking_uri)
     trials = [trial_from_run(run) for run in _search_children(c, run_id)]
     return sorted(trials, key=lambda t: t["trial_id"] or "")
+
+
+def trial_run_tags(sweep_id: str, trial_id: str) -> dict[str, str]:
+    """The tags a trial's child run starts with: what finds it again, nested under its sweep."""
+    return {
+        "l0sweep.kind": "trial",
+        "l0sweep.sweep_id": sweep_id,
+        "l0sweep.trial_id": trial_id,
+        "l0sweep.trial_status": "RUNNING",
+        "mlflow.parentRunId": sweep_id,
+    }
 
 
 def trial_from_run(run: Any) -> dict[str, Any]:
