@@ -114,6 +114,22 @@ def _stepper(model, reg, x, y):
     return step
 
 
+def _interleaved_medians(steppers: dict, rounds: int, steps: int, warmup: int) -> dict:
+    """Median seconds per step of each stepper, timed round by round side by side (so load on a
+    shared machine hits every configuration alike), after ``warmup`` steps each."""
+    times = {key: [] for key in steppers}
+    for step in steppers.values():  # warm-up (and compilation)
+        for _ in range(warmup):
+            step()
+    for _ in range(rounds):
+        for key, step in steppers.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[key].append((time.perf_counter() - t0) / steps)
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
 def measure(rounds: int, steps: int, compile_: bool) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
     results = {}
@@ -121,17 +137,7 @@ def measure(rounds: int, steps: int, compile_: bool) -> dict[str, dict[str, floa
                                   ("LeNet-5-Caffe", lenet5, (128, 1, 28, 28))):  # fmt: skip
         x, y = torch.randn(shape), torch.randint(0, 10, (shape[0],))
         steppers = {name: _stepper(m, r, x, y) for name, m, r in _configs(fn, compile_)}
-        times = {name: [] for name in steppers}
-        for step in steppers.values():  # warm-up (and compilation)
-            for _ in range(5):
-                step()
-        for _ in range(rounds):
-            for name, step in steppers.items():
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                times[name].append((time.perf_counter() - t0) / steps)
-        results[model_name] = {name: statistics.median(ts) for name, ts in times.items()}
+        results[model_name] = _interleaved_medians(steppers, rounds, steps, warmup=5)
     return results
 
 
@@ -159,19 +165,9 @@ def measure_families(rounds: int, steps: int) -> dict[str, dict[str, float]]:
     x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
     configs = list(_family_configs())
     steppers = {(m, c): _stepper(net, reg, x, y) for m, c, net, reg in configs}
-    times = {key: [] for key in steppers}
-    for step in steppers.values():
-        for _ in range(2):
-            step()
-    for _ in range(rounds):
-        for key, step in steppers.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            times[key].append((time.perf_counter() - t0) / steps)
     results: dict[str, dict[str, float]] = {}
-    for (m, c), ts in times.items():
-        results.setdefault(m, {})[c] = statistics.median(ts)
+    for (m, c), median in _interleaved_medians(steppers, rounds, steps, warmup=2).items():
+        results.setdefault(m, {})[c] = median
     reg = L0Regularizer(resnet(18, (3, 32, 32), 10), 1e-6, granularity="output")
     reg(x[:8])
     with torch.no_grad():
