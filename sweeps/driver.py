@@ -30,6 +30,7 @@ from ray import tune
 from . import tracking
 from .config import get_settings, mlflow_client_env
 from .note import write_sweep_note
+from .preflight import preflight
 from .progress import SweepCallback, SweepProgress
 from .report import finalize_sweep
 from .space import param_space, scheduler, search_algorithm, tune_num_samples
@@ -185,6 +186,11 @@ def _run(
     storage: Path,
     progress: Callable[[SweepProgress], None] | None,
 ) -> SweepResult:
+    problem = preflight(spec)
+    if problem is not None:  # before Ray and any trial: a sweep that cannot export fails now
+        tracking.set_sweep_status(sweep_id, "FAILED", problem, tracking_uri)
+        write_sweep_note(spec, sweep_id, "FAILED", problem, tracking_uri)
+        return SweepResult(sweep_id, "FAILED", str(storage / sweep_id), False)
     if not ray.is_initialized():
         ray.init()
     callback = SweepCallback(sweep_id, tracking_uri, spec, progress)
