@@ -3,7 +3,8 @@
 ``python -m sweeps.driver --sweep-id RUN_ID`` is what the service submits as a Ray Job: it reads
 the spec from the sweep's MLflow parent run, connects to Ray (``RAY_ADDRESS`` or the running
 cluster), runs or resumes the Tune experiment at ``<storage_path>/<sweep id>``, keeps the
-``l0sweep.status`` tag, the heartbeat (``l0sweep.heartbeat``, every
+``l0sweep.status`` tag (a spec whose model cannot be built or shrunk fails before Tune starts,
+:mod:`sweeps.preflight`), the heartbeat (``l0sweep.heartbeat``, every
 ``L0SWEEP_HEARTBEAT_INTERVAL_S``) and the run's description (`sweeps.note`) current, and writes
 the parent's artifacts at the end. SIGINT or SIGTERM
 stop it gracefully: Tune saves the experiment, the trials stop, their runs end KILLED and the
