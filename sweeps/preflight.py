@@ -49,17 +49,23 @@ def _build(spec: SweepSpec, input_shape: tuple[int, ...], num_classes: int) -> n
 def preflight(spec: SweepSpec) -> str | None:
     """Why ``spec``'s trials cannot train and export, or None when they can.
 
-    Builds the model for the dataset's input shape (a model that rejects its inputs, a ViT
-    patch that does not divide the image, fails here) and, for each granularity some trial
-    exports at, wraps it as the trial would and runs ``check_export()``.
+    Loads the dataset and builds the model for its input shape (a missing dataset, a model
+    that rejects its inputs, a ViT patch that does not divide the image fail here) and, for each
+    granularity some trial exports at, wraps it as the trial would and runs ``check_export()``.
     """
     ds = spec.dataset
-    data = load_dataset(ds.name, ds.params.model_dump(), ds.val_fraction, ds.test_fraction,
-                        ds.split_seed)  # fmt: skip
+    try:  # every trial would fail the same way: the sweep fails once, with the reason
+        data = load_dataset(ds.name, ds.params.model_dump(), ds.val_fraction, ds.test_fraction,
+                            ds.split_seed)  # fmt: skip
+    except Exception as err:
+        return f"dataset {ds.name!r} cannot be loaded: {type(err).__name__}: {err}"
     try:
         model = _build(spec, data.input_shape, data.num_classes)
-    except (ValueError, TypeError, RuntimeError) as err:
-        return f"model {spec.model.name!r} cannot be built for inputs {data.input_shape}: {err}"
+    except Exception as err:  # a lab's factory may raise anything
+        return (
+            f"model {spec.model.name!r} cannot be built for inputs {data.input_shape}: "
+            f"{type(err).__name__}: {err}"
+        )
     reg = spec.regularizer
     for granularity in export_granularities(spec):
         blockers = _blockers(model, granularity, reg.include, reg.exclude)
