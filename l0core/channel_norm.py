@@ -33,7 +33,7 @@ from .cost import cascaded_macs
 from .export import finish_export
 from .graph_export import GraphShrinkReport, shrink_graph
 from .groups import GroupPlan, plan_groups
-from .magnitude import _check_int, cubic_sparsity
+from .magnitude import _check_int, schedule_step
 from .regularizer import _example_rows
 from .selection import Selector, select_params
 
@@ -148,12 +148,7 @@ class ChannelNormPruner(CountedMethod):
         if self._example is None:
             self._example = _example_rows(args, kwargs)
         if self.training:
-            wanted = cubic_sparsity(
-                self.steps, self.target_sparsity, self.begin_step, self.end_step, self.frequency
-            )
-            if wanted > self.applied_sparsity:
-                self.update_masks(wanted)
-            self.steps += 1
+            schedule_step(self)
         return super().forward(*args, **kwargs)
 
     @torch.no_grad()
@@ -237,12 +232,7 @@ class ChannelNormPruner(CountedMethod):
     def expected_flops(self, *example_args: Any) -> float:
         """Multiply-adds per example of the model the export gives: a closed unit removes its
         rows and the columns of every layer that reads it (:func:`l0core.cost.cascaded_macs`)."""
-        if example_args:
-            self._shapes = None
-            with torch.no_grad():
-                self(*example_args)
-        if not self._shapes:
-            raise RuntimeError("expected_flops() needs one forward first, or an example input")
+        self._need_shapes(example_args)
         open_ = (~self.closed).float().cpu()
         p_root = {r: open_[u] for r, u in self.plan.unit_of.items()}
         return cascaded_macs(self.plan.graph, self.module, self._shapes, p_root, {})
