@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from l0core import L0Regularizer
+from l0core.export import chain_export_blockers
 
 from .data import load_dataset
 from .domains import _possible
@@ -67,7 +68,17 @@ def preflight(spec: SweepSpec) -> str | None:
             f"{type(err).__name__}: {err}"
         )
     reg = spec.regularizer
-    for granularity in export_granularities(spec):
+    granularities = export_granularities(spec)
+    if granularities and spec.train.finetune_epochs:
+        chain = chain_export_blockers(model)
+        if chain:  # the fine-tuning phase exports through FixedMask, whose shrink takes chains
+            return (
+                f"train.finetune_epochs {spec.train.finetune_epochs}: the fine-tuning phase's "
+                f"export shrinks chains only, and model {spec.model.name!r} is not one "
+                f"({chain[0]}); set finetune_epochs 0 (the gates or masks stay fixed once "
+                "trained: the epochs after prune_end fine-tune channel-norm pruning)"
+            )
+    for granularity in granularities:
         blockers = _blockers(model, granularity, reg.include, reg.exclude)
         if blockers:
             more = len(blockers) - _SHOWN
