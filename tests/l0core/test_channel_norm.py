@@ -11,7 +11,7 @@ import torch
 
 from l0core.channel_norm import ChannelNormPruner, unit_filter_norms
 from l0core.flops import layer_macs, record_shapes
-from sweeps.zoo import ViT, cifar_resnet
+from sweeps.zoo import GoogLeNet, MobileNetV2, ViT, cifar_resnet
 
 SHAPE = (3, 16, 16)
 
@@ -96,6 +96,24 @@ def test_state_dict_round_trip_keeps_the_closed_units_and_the_step():
     assert torch.equal(a.closed, b.closed) and b.steps == 4
     a.eval(), b.eval()
     torch.testing.assert_close(a(x), b(x))
+
+
+def test_depthwise_and_concatenating_networks_prune_and_export():
+    torch.manual_seed(4)
+    for model in (MobileNetV2((3, 8, 8), 10, width=0.25, stages=3),
+                  GoogLeNet((3, 8, 8), 10, width=0.125, blocks=2)):  # fmt: skip
+        dense = sum(p.numel() for p in model.parameters())
+        pruner = ChannelNormPruner(model, 0.5, end_step=0)
+        x = torch.randn(4, 3, 8, 8)
+        _warm(pruner, x, steps=2)
+        pruner.eval()
+        with torch.no_grad():
+            want = pruner(x)
+            shrunk = pruner.prune(shrink=True)
+            torch.testing.assert_close(
+                shrunk(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max())
+            )
+        assert sum(p.numel() for p in shrunk.parameters()) < dense
 
 
 def test_heads_of_a_vit_prune_and_export():

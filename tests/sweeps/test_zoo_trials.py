@@ -47,9 +47,9 @@ def test_structured_l0_trains_and_shrinks_every_zoo_family(model, granularity):
     assert m["expected_flops"] > 0 and 0 <= m["test_accuracy"] <= 1
 
 
-@pytest.mark.parametrize("model", ["resnet", "googlenet", "mobilenetv2"])
-def test_channel_norm_prunes_and_shrinks_zoo_families(model):
-    result = train(_cfg(model, {"kind": "channel-norm", "target_sparsity": 0.5,
+def test_channel_norm_trains_and_shrinks_an_inception_network():
+    # resnet: the sweep below; mobilenetv2 and vit: tests/l0core/test_channel_norm.py
+    result = train(_cfg("googlenet", {"kind": "channel-norm", "target_sparsity": 0.5,
                                 "prune_begin": 0.0, "prune_end": 0.0}))  # fmt: skip
     m = result.metrics
     assert m["sparsity"] == pytest.approx(0.5, abs=0.08)
