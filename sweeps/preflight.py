@@ -10,12 +10,14 @@ driver writes as the sweep's status message.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
 from torch import nn
 
 from l0core import L0Regularizer
+from l0core.channel_norm import ChannelNormPruner
 from l0core.export import chain_export_blockers
 
 from .data import load_dataset
@@ -78,6 +80,13 @@ def preflight(spec: SweepSpec) -> str | None:
                 f"({chain[0]}); set finetune_epochs 0 (the gates or masks stay fixed once "
                 "trained: the epochs after prune_end fine-tune channel-norm pruning)"
             )
+    if "channel-norm" in (_possible(reg.kind) or []):
+        granularity = channel_norm_granularity({"granularity": reg.granularity})
+        try:  # its own plan on a copy (the pruner masks the model it is given)
+            ChannelNormPruner(copy.deepcopy(model), 0.5, 1, granularity=granularity,
+                              include=reg.include, exclude=reg.exclude)  # fmt: skip
+        except Exception as err:
+            return f"kind 'channel-norm' cannot prune model {spec.model.name!r}: {type(err).__name__}: {err}"
     for granularity in granularities:
         blockers = _blockers(model, granularity, reg.include, reg.exclude)
         if blockers:

@@ -60,3 +60,11 @@ def test_fine_tuning_epochs_on_a_graph_that_only_the_group_export_shrinks_fail_f
     chain = {"name": "cnn", "params": {"channels": [8], "hidden": 16}}
     assert preflight(_spec(model=chain, regularizer={"granularity": "output"},
                            train={"epochs": 3, "finetune_epochs": 1})) is None  # fmt: skip
+
+
+def test_channel_norm_on_a_model_with_no_unit_to_remove_fails_fast():
+    one_layer = {"name": "mlp", "params": {"hidden": []}}  # its only units are the outputs
+    problem = preflight(_spec(model=one_layer,
+                              regularizer={"kind": "channel-norm", "target_sparsity": 0.5}))  # fmt: skip
+    assert problem.startswith("kind 'channel-norm' cannot prune model 'mlp': ValueError: "
+                              "channel-norm pruning found no unit to remove")  # fmt: skip
