@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from service.client import ApiError, Client
 from service.schemas import ParetoFront, SweepOut, TrialOut
+from sweeps.vocabulary import SweepStatus
 
 __all__ = ["main"]
 
@@ -78,9 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=_submit)
 
     listing = sub.add_parser("list", help="list sweeps")
-    listing.add_argument(
-        "--status", choices=["PENDING", "RUNNING", "FINISHED", "FAILED", "CANCELLED"]
-    )
+    listing.add_argument("--status", choices=[s.value for s in SweepStatus])
     listing.add_argument("--name", help="substring of the name")
     listing.add_argument("--limit", type=int, default=50)
     listing.set_defaults(func=_list)
@@ -205,9 +204,9 @@ def _submit(args: argparse.Namespace) -> int:
         final = api.wait(sweep.id, on_update=bar.update)
         bar.close()
         print(f"sweep {final.id} {final.status}" + (f": {final.message}" if final.message else ""))
-        if final.status == "FINISHED":
+        if final.status == SweepStatus.FINISHED:
             _print_pareto(api.pareto(final.id))
-        return 0 if final.status == "FINISHED" else 1
+        return 0 if final.status == SweepStatus.FINISHED else 1
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -315,7 +314,7 @@ def _run(args: argparse.Namespace) -> int:
             num_trials=len(result.trials),
         )
     )
-    return 0 if result.status == "FINISHED" else 1
+    return 0 if result.status == SweepStatus.FINISHED else 1
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from service.errors import BackendUnavailable
 from sweeps.config import mlflow_client_env
+from sweeps.vocabulary import Tag
 
 __all__ = ["JobRunner", "JobState", "enable_ray_token_auth"]
 
@@ -149,7 +150,7 @@ class JobRunner:
                 return client.submit_job(
                     entrypoint=self.entrypoint(sweep_id),
                     submission_id=submission_id,
-                    metadata={"l0sweep.sweep_id": sweep_id, "l0sweep.attempt": str(attempt)},
+                    metadata={Tag.JOB_SWEEP_ID: sweep_id, Tag.JOB_SUBMISSION_ATTEMPT: str(attempt)},
                     runtime_env=self.runtime_env(),
                 )
             except RuntimeError as exc:

@@ -35,6 +35,7 @@ from .report import finalize_sweep
 from .space import param_space, scheduler, search_algorithm, tune_num_samples
 from .spec import SweepSpec
 from .trainable import SweepContext, train_trial
+from .vocabulary import SweepStatus, TrialStatus
 
 __all__ = ["SweepResult", "main", "run_sweep"]
 
@@ -190,8 +191,8 @@ def _run(
     callback = SweepCallback(sweep_id, tracking_uri, spec, progress)
     tuner, restored = _tuner(spec, sweep_id, tracking_uri, storage, callback)
     message = "restored" if restored else None
-    tracking.set_sweep_status(sweep_id, "RUNNING", message, tracking_uri)
-    write_sweep_note(spec, sweep_id, "RUNNING", message, tracking_uri)
+    tracking.set_sweep_status(sweep_id, SweepStatus.RUNNING, message, tracking_uri)
+    write_sweep_note(spec, sweep_id, SweepStatus.RUNNING, message, tracking_uri)
     started = time.monotonic()
     with _Stop() as stop:
         try:
@@ -199,26 +200,29 @@ def _run(
         except KeyboardInterrupt:
             stop.asked = True
         except Exception as err:
-            tracking.close_open_trials(sweep_id, "KILLED", tracking_uri)
+            tracking.close_open_trials(sweep_id, TrialStatus.KILLED, tracking_uri)
             message = f"{type(err).__name__}: {err}"
-            tracking.set_sweep_status(sweep_id, "FAILED", message, tracking_uri)
-            write_sweep_note(spec, sweep_id, "FAILED", message, tracking_uri)
+            tracking.set_sweep_status(sweep_id, SweepStatus.FAILED, message, tracking_uri)
+            write_sweep_note(spec, sweep_id, SweepStatus.FAILED, message, tracking_uri)
             raise
     callback.flush()
     budget = spec.resources.time_budget_s
     out_of_time = budget is not None and time.monotonic() - started >= budget
     interrupted = stop.asked or (callback.unfinished() > 0 and not out_of_time)
-    killed = tracking.close_open_trials(sweep_id, "KILLED", tracking_uri)
+    killed = tracking.close_open_trials(sweep_id, TrialStatus.KILLED, tracking_uri)
     report = finalize_sweep(spec, sweep_id, tracking_uri)
     trials = tracking.sweep_trials(sweep_id, tracking_uri)
     if interrupted:
-        status, message = "CANCELLED", f"stopped; {killed} running trials killed; resumable"
-    elif trials and all(t["status"] == "FAILED" for t in trials):
-        status, message = "FAILED", f"every trial failed; {_commonest_failure(trials)}"
-    else:
-        failed = sum(t["status"] == "FAILED" for t in trials)
         status, message = (
-            "FINISHED",
+            SweepStatus.CANCELLED,
+            f"stopped; {killed} running trials killed; resumable",
+        )
+    elif trials and all(t["status"] == TrialStatus.FAILED for t in trials):
+        status, message = SweepStatus.FAILED, f"every trial failed; {_commonest_failure(trials)}"
+    else:
+        failed = sum(t["status"] == TrialStatus.FAILED for t in trials)
+        status, message = (
+            SweepStatus.FINISHED,
             f"{len(trials)} trials, {failed} failed"
             + (", time budget reached" if out_of_time else ""),
         )
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = tracking.load_sweep_spec(args.sweep_id, args.tracking_uri)
     except Exception as err:
         tracking.set_sweep_status(
-            args.sweep_id, "FAILED", f"cannot read the spec: {err}", args.tracking_uri
+            args.sweep_id, SweepStatus.FAILED, f"cannot read the spec: {err}", args.tracking_uri
         )
         raise
     result = run_sweep(
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=lambda p: log.info("%s", p.line()),
     )  # fmt: skip
     log.info("sweep %s %s", result.sweep_id, result.status)
-    return {"FINISHED": 0, "CANCELLED": 130}.get(result.status, 1)
+    return {SweepStatus.FINISHED: 0, SweepStatus.CANCELLED: 130}.get(result.status, 1)
 
 
 if __name__ == "__main__":

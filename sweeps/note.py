@@ -16,11 +16,11 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from . import tracking
 from .pareto import pareto_front
 from .spec import SweepSpec
+from .vocabulary import ACTIVE_SWEEP
 
 __all__ = ["NOTE_TAG", "sweep_note", "write_sweep_note"]
 
 NOTE_TAG = "mlflow.note.content"
-_ACTIVE = ("PENDING", "RUNNING")
 _ACCURACY = ("val_accuracy", "test_accuracy")
 
 
@@ -69,7 +69,7 @@ def sweep_note(
         + f"; objectives: {', '.join(f'{m} ({mode})' for m, mode in objectives)}.",
         "",
     ]
-    if status in _ACTIVE:
+    if status in ACTIVE_SWEEP:
         lines.append("The Pareto front is shown here when the sweep ends.")
         return "\n".join(lines)
     front = pareto_front(trials, objectives)
@@ -109,5 +109,5 @@ def write_sweep_note(
     """Write (or rewrite) the description of the sweep's parent run from what MLflow holds."""
     c = tracking.client(tracking_uri)
     experiment_id = c.get_run(sweep_id).info.experiment_id
-    trials = tracking.sweep_trials(sweep_id, tracking_uri) if status not in _ACTIVE else []
+    trials = tracking.sweep_trials(sweep_id, tracking_uri) if status not in ACTIVE_SWEEP else []
     c.set_tag(sweep_id, NOTE_TAG, sweep_note(spec, status, message, trials, experiment_id))

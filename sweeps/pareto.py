@@ -12,6 +12,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .vocabulary import TrialStatus
+
 __all__ = ["best_at_sparsity", "dominates", "eligible", "hypervolume", "pareto_front"]
 
 Objectives = Sequence[tuple[str, str]]  # (metric, "max" | "min")
@@ -50,7 +52,7 @@ def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 def eligible(
     trials: Iterable[dict[str, Any]],
     objectives: Iterable[Any],
-    statuses: Sequence[str] = ("FINISHED",),
+    statuses: Sequence[str] = (TrialStatus.FINISHED,),
 ) -> list[tuple[dict[str, Any], tuple[float, ...]]]:
     """Trials that compete, with their signed objective vectors."""
     pairs = _pairs(objectives)
@@ -64,7 +66,7 @@ def eligible(
 def pareto_front(
     trials: Iterable[dict[str, Any]],
     objectives: Iterable[Any],
-    statuses: Sequence[str] = ("FINISHED",),
+    statuses: Sequence[str] = (TrialStatus.FINISHED,),
 ) -> list[dict[str, Any]]:
     """The non-dominated trials, best first objective first.
 
@@ -118,7 +120,7 @@ def best_at_sparsity(
     accuracy: str = "test_accuracy",
     sparsity: str = "sparsity",
     select_by: str = "val_accuracy",
-    statuses: Sequence[str] = ("FINISHED",),
+    statuses: Sequence[str] = (TrialStatus.FINISHED,),
 ) -> dict[str, Any] | None:
     """The trial with the best ``select_by`` among those at least ``min_sparsity`` sparse.
 

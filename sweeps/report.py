@@ -14,6 +14,7 @@ from typing import Any
 from . import tracking
 from .pareto import best_at_sparsity, eligible, hypervolume, pareto_front
 from .spec import SweepSpec
+from .vocabulary import FALSE, TRUE, Tag
 
 __all__ = ["SPARSITY_LEVELS", "finalize_sweep", "format_pareto_table", "pareto_report", "plot_png"]
 
@@ -140,13 +141,13 @@ def _plot_html(spec: SweepSpec, trials: list[dict[str, Any]], front: list[dict[s
 def finalize_sweep(
     spec: SweepSpec, sweep_id: str, tracking_uri: str | None = None
 ) -> dict[str, Any]:
-    """Write the parent artifacts and the ``pareto`` tags; returns the Pareto report."""
+    """Write the parent artifacts and the trials' Pareto tags; returns the Pareto report."""
     c = tracking.client(tracking_uri)
     trials = tracking.sweep_trials(sweep_id, tracking_uri)
     report = pareto_report(spec, trials)
     winners = {t["run_id"] for t in report["front"]}
     for t in trials:
-        c.set_tag(t["run_id"], "pareto", "true" if t["run_id"] in winners else "false")
+        c.set_tag(t["run_id"], Tag.PARETO, TRUE if t["run_id"] in winners else FALSE)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "pareto.json").write_text(json.dumps(report, indent=2))

@@ -27,6 +27,7 @@ from .results import (
     method_front,
     varying_keys,
 )
+from .vocabulary import TrialStatus
 
 __all__ = ["plot_fronts", "render_markdown", "slug", "write_report"]
 
@@ -94,7 +95,7 @@ def render_markdown(data: ReportData, plots: dict[str, str]) -> str:
     ]
     rows = []
     for s in data.sweeps:
-        done = sum(t["status"] == "FINISHED" for t in s.trials)
+        done = sum(t["status"] == TrialStatus.FINISHED for t in s.trials)
         trial_s = sum(
             (t["end_time"] - t["start_time"]) / 1000
             for t in s.trials

@@ -38,10 +38,11 @@ from service.cache import SweepCache
 from service.client import Client
 from service.control import SweepControl
 from service.jobs import JobRunner
-from service.record import TAG_JOB_ID, SweepStore
+from service.record import SweepStore
 from service.stack import free_port, start_mlflow, start_ray_head
 from sweeps import tracking
 from sweeps.spec import SweepSpec
+from sweeps.vocabulary import Tag
 from tests.service.conftest import TINY_SPEC, ApiProcess, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -351,7 +352,7 @@ def test_reconcile_reads_the_trials_of_a_sweep_that_ended(mlflow_uri, ray_addres
                            max_resubmits=1)  # fmt: skip
     sweep_id = store.create(SweepSpec.model_validate(TINY_SPEC | {"name": "ends-unseen"}), {})
     store.set_status(sweep_id, "RUNNING")
-    store.set_tags(sweep_id, {TAG_JOB_ID: JobRunner.submission_id(sweep_id, 0)})  # ended: no job
+    store.set_tags(sweep_id, {Tag.JOB_ID: JobRunner.submission_id(sweep_id, 0)})  # ended: no job
     trial = tracking.start_trial_run(sweep_id, "ends_00000", {}, mlflow_uri)
     control.cache.refresh()
     assert control.cache.get(sweep_id).progress.running == 1
