@@ -99,7 +99,7 @@ class SweepControl:
             try:
                 job_id = self.jobs.submit(sweep_id, attempt=0)
                 self.store.set_tags(sweep_id, {Tag.JOB_ID: job_id})
-            except BackendUnavailable:
+            except Exception:  # Ray down, or Ray refusing our request (a bug): nothing is left
                 self._undo_create(sweep_id)
                 raise
             record = self.store.get(sweep_id)

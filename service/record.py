@@ -54,7 +54,16 @@ _MLFLOW_REFUSALS = {
     "BAD_REQUEST",
 }
 
-_MLFLOW_ERRORS = (MlflowException, requests.RequestException, httpx.HTTPError, OSError)
+# What says MLflow failed to serve a request: its own errors, and the transport's (refused, reset,
+# timed out). Other OSErrors (a missing local file, a permission) are bugs or set-up errors of ours,
+# shown as such (a 500 with its traceback), not as "MLflow is down".
+_MLFLOW_ERRORS = (
+    MlflowException,
+    requests.RequestException,
+    httpx.HTTPError,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 @dataclass(frozen=True)

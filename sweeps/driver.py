@@ -27,7 +27,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from . import tracking
+from . import raycompat, tracking
 from .config import get_settings, mlflow_client_env
 from .note import write_sweep_note
 from .progress import SweepCallback, SweepProgress
@@ -70,7 +70,7 @@ def _tuner(
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
         # Tune restores the pickled RunConfig; this process's callback carries the live sink.
-        tuner._local_tuner.get_run_config().callbacks = [callback]
+        raycompat.set_tuner_callbacks(tuner, [callback])
         return tuner, True
     run_config = tune.RunConfig(
         name=sweep_id,
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "--storage-path", default=None, help="Tune storage path shared by all nodes"
     )
     args = parser.parse_args(argv)
+    raycompat.check_ray_version()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

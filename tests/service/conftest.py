@@ -20,13 +20,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
-from ray._private.authentication.http_token_authentication import (
-    get_auth_headers_if_auth_enabled,
-)
 
 from service.app import create_app
 from service.settings import Settings
 from service.stack import free_port, start_mlflow, start_ray_head
+from sweeps import raycompat
 
 TINY_SPEC = {
     "name": "tiny-digits",
@@ -134,7 +132,7 @@ def alive_actors(ray_address: str) -> list[str]:
     response = httpx.get(
         f"{ray_address}/api/v0/actors",
         params={"filter_keys": "state", "filter_predicates": "=", "filter_values": "ALIVE"},
-        headers=get_auth_headers_if_auth_enabled({}),
+        headers=raycompat.auth_headers(),
         timeout=10,
     )
     response.raise_for_status()

@@ -30,9 +30,6 @@ import httpx
 import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from ray._private.authentication.http_token_authentication import (
-    get_auth_headers_if_auth_enabled,
-)
 
 from service.cache import SweepCache
 from service.client import Client
@@ -40,7 +37,7 @@ from service.control import SweepControl
 from service.jobs import JobRunner
 from service.record import SweepStore
 from service.stack import free_port, start_mlflow, start_ray_head
-from sweeps import tracking
+from sweeps import raycompat, tracking
 from sweeps.spec import SweepSpec
 from sweeps.vocabulary import Tag
 from tests.service.conftest import TINY_SPEC, ApiProcess, wait_for
@@ -102,7 +99,7 @@ def _assert_ran_to_the_end(client: MlflowClient, run: Run) -> None:
 
 
 def _ray_get(ray_address: str, path: str, **params: str) -> Any:
-    headers = get_auth_headers_if_auth_enabled({})
+    headers = raycompat.auth_headers()
     response = httpx.get(f"{ray_address}{path}", params=params, headers=headers, timeout=10)
     response.raise_for_status()
     return response.json()
