@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
-
 from . import tracking
 from .pareto import pareto_front
 from .spec import SweepSpec
-from .vocabulary import ACTIVE_SWEEP
+from .vocabulary import ACTIVE_SWEEP, Tag
 
 __all__ = ["NOTE_TAG", "sweep_note", "write_sweep_note"]
 
-NOTE_TAG = "mlflow.note.content"
+NOTE_TAG = Tag.NOTE
 _ACCURACY = ("val_accuracy", "test_accuracy")
 
 
@@ -91,7 +89,7 @@ def sweep_note(
         rows.append("| " + " | ".join([*cells, _params(m), link]) + " |")
     # A tag holds MAX_TAG_VAL_LENGTH characters: a front too long for it is cut at a whole row.
     shown = len(rows)
-    while len("\n".join(lines + rows[:shown])) > MAX_TAG_VAL_LENGTH - 200:
+    while len("\n".join(lines + rows[:shown])) > tracking.MAX_TAG_VAL_LENGTH - 200:
         shown -= 1
     lines += rows[:shown]
     if shown < len(rows):

@@ -19,10 +19,8 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Run, RunTag
-from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from ray import cloudpickle
 from ray.exceptions import RayTaskError
 from ray.tune import Callback
@@ -32,6 +30,9 @@ from .space import trial_config
 from .spec import SweepSpec
 from .variants import run_name
 from .vocabulary import RunStatus, Tag, TrialStatus
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 __all__ = ["SweepCallback", "SweepProgress"]
 
@@ -181,9 +182,8 @@ class SweepCallback(Callback):
 
     def _record_failure(self, run: Run, trial: Any, retries: int) -> str:
         reason = _error_summary(trial)
-        tags = [RunTag(Tag.RETRIES, str(retries)),
-                RunTag(Tag.LAST_ERROR, reason[:MAX_TAG_VAL_LENGTH])]  # fmt: skip
-        tracking.client(self.tracking_uri).log_batch(run.info.run_id, tags=tags)
+        tags = {Tag.RETRIES: str(retries), Tag.LAST_ERROR: reason}
+        tracking.tag_run(run.info.run_id, tags, self.tracking_uri)
         return reason
 
     def _end_if_open(self, trial: Any, status: str, reason: str) -> None:

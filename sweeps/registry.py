@@ -36,7 +36,6 @@ __all__ = [
 ]
 
 
-
 class NoParams(BaseModel):
     """Parameters of an entry that takes none."""
 

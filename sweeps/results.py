@@ -191,14 +191,12 @@ def collect(sweep_ids: list[str], tracking_uri: str | None = None) -> ReportData
     Raises:
         ValueError: a run id is not an l0sweep sweep.
     """
-    from mlflow.exceptions import MlflowException
-
     c = tracking.client(tracking_uri)
     sweeps = []
     for sweep_id in sweep_ids:
         try:
             run = c.get_run(sweep_id)
-        except MlflowException as err:
+        except tracking.MlflowException as err:
             raise ValueError(f"no sweep {sweep_id!r} in MLflow: {err.message}") from err
         tags = run.data.tags
         if tags.get(Tag.KIND) != KIND_SWEEP:

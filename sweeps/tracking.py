@@ -32,6 +32,7 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
@@ -53,6 +54,8 @@ from .vocabulary import (
 
 __all__ = [
     "EXPERIMENT_KIND",
+    "MAX_TAG_VAL_LENGTH",
+    "MlflowException",
     "MlflowUnavailable",
     "absolute_uri",
     "client",
@@ -70,6 +73,7 @@ __all__ = [
     "start_trial_run",
     "sweep_status",
     "sweep_trials",
+    "tag_run",
     "trial_from_run",
     "trial_run_tags",
 ]
@@ -336,6 +340,12 @@ def close_open_trials(
         for run in runs:
             end_trial_run(run.info.run_id, status, tracking_uri=tracking_uri)
     return len(runs)
+
+
+def tag_run(run_id: str, tags: dict[str, str], tracking_uri: str | None = None) -> None:
+    """Set ``tags`` on a run in one request, each value cut to MLflow's limit."""
+    items = [RunTag(k, v[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
+    client(tracking_uri).log_batch(run_id, tags=items)
 
 
 def sweep_trials(run_id: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:

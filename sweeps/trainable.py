@@ -15,11 +15,10 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
-from mlflow.entities import Run
 from ray import tune
 
 from . import tracking
@@ -27,6 +26,9 @@ from .space import concrete_config, trial_config
 from .training import TrainResult, TrialDiverged, train
 from .variants import run_name
 from .vocabulary import TRUE, RunStatus, Tag, TrialStatus
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 from .warmstart import load_init_weights, resolve_init_run
 
 __all__ = ["SweepContext", "train_trial"]

@@ -149,6 +149,7 @@ class Tag:
     # --- MLflow's own ----------------------------------------------------------------------
     PARENT_RUN_ID = "mlflow.parentRunId"
     RUN_NAME = "mlflow.runName"
+    NOTE = "mlflow.note.content"  # a run's description in the MLflow UI (sweeps.note)
 
 
 KIND_SWEEP = "sweep"
