@@ -37,6 +37,15 @@ TINY_SPEC = {
 }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep a tally test (marker ``tally``) after the tests of its module that it counts, in any
+    order the suite runs in (pytest-randomly shuffles before this hook)."""
+    for tally in [item for item in items if item.get_closest_marker("tally")]:
+        items.remove(tally)
+        same = [i for i, item in enumerate(items) if item.module is tally.module]
+        items.insert(same[-1] + 1 if same else len(items), tally)
+
+
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"), port=free_port())
