@@ -39,13 +39,12 @@ from service.record import SweepStore
 from service.stack import free_port, start_mlflow, start_ray_head
 from sweeps import raycompat, tracking
 from sweeps.spec import SweepSpec
-from sweeps.vocabulary import Tag
+from sweeps.vocabulary import ACTIVE_SWEEP, Tag
 from tests.service.conftest import TINY_SPEC, ApiProcess, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EPOCHS = 30
-ACTIVE = {"PENDING", "RUNNING"}
 
 
 # --- waiting and reading MLflow -----------------------------------------------------------------
@@ -199,7 +198,7 @@ def _both_midway(client: MlflowClient, sweep_id: str) -> Callable[[], dict[str, 
 
 
 def _cancel_if_active(api: Any, sweep_id: str) -> None:
-    if api.get(f"/sweeps/{sweep_id}").json().get("status") in ACTIVE:
+    if api.get(f"/sweeps/{sweep_id}").json().get("status") in ACTIVE_SWEEP:
         api.post(f"/sweeps/{sweep_id}/cancel")
 
 
@@ -229,7 +228,7 @@ def _kill_one_trial_and_wait(
         at_kill = _kill_one_trial_midway(client, ray_address, sweep_id)
         done = _wait(
             lambda: api.get(f"/sweeps/{sweep_id}").json(),
-            lambda s: s["status"] not in ACTIVE,
+            lambda s: s["status"] not in ACTIVE_SWEEP,
             what="for the sweep to end",
         )
     finally:
@@ -319,7 +318,7 @@ def test_killed_driver_is_resubmitted_and_resumes(make_api, mlflow_client) -> No
             _kill(drivers)
             done = _wait(
                 lambda: api.get(f"/sweeps/{sweep['id']}").json(),
-                lambda s: s["status"] not in ACTIVE,
+                lambda s: s["status"] not in ACTIVE_SWEEP,
                 what="for the sweep to end",
             )
         finally:
