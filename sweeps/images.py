@@ -232,7 +232,8 @@ def load_image_folder(listing: FolderListing, hw: tuple[int, int], channels: int
     options; concurrent trials wait for the first to decode (a file lock) instead of decoding
     again. A cache that cannot be written is logged and skipped, never fatal.
     """
-    key = hashlib.sha256(f"{_CACHE_FORMAT}|{listing.digest}|{hw}|{channels}".encode()).hexdigest()
+    options = f"{_CACHE_FORMAT}|{listing.root}|{listing.digest}|{hw}|{channels}"
+    key = hashlib.sha256(options.encode()).hexdigest()
     cache = Path(get_settings().cache_dir) / "image-folder" / f"{key}.npy"
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
