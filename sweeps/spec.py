@@ -334,11 +334,16 @@ class SweepSpec(_Strict):
         return data
 
     @classmethod
-    def from_file(cls, path: str | Path) -> SweepSpec:
-        """Load a spec from a YAML (.yaml/.yml) or JSON file."""
+    def from_file(cls, path: str | Path, *, check_data: bool = True) -> SweepSpec:
+        """Load a spec from a YAML (.yaml/.yml) or JSON file.
+
+        Args:
+            check_data: check the files the dataset names in this machine's data directory;
+                False for a spec that runs elsewhere (submitted to a cluster's service).
+        """
         text = Path(path).read_text()
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        return cls.model_validate(data)
+        return cls.model_validate(data, context={"check_data": check_data})
 
     def searched_fields(self) -> dict[str, Any]:
         """``{"section.field": domain}`` for every searched field."""

@@ -1,18 +1,22 @@
 """Specs naming image data that is not usable get a 422 from POST /sweeps naming the path and the
-problem, and nothing is created: the files are checked as the spec is validated, not in a trial."""
+problem, and nothing is created: the files are checked as the spec is validated, not in a trial.
+``l0sweep run`` checks them in this machine's data directory; ``l0sweep submit`` leaves that to
+the service, whose data directory the sweep uses."""
 
 from __future__ import annotations
 
 import copy
 
 import pytest
+import yaml
 
+from service.cli import main as cli
+from service.stack import free_port
 from tests.service.conftest import TINY_SPEC, count_sweep_runs
 from tests.sweeps.images_on_disk import write_cifar10, write_class_folder
 
-pytestmark = pytest.mark.integration
 
-
+@pytest.mark.integration
 def test_unusable_image_data_gets_422_naming_path_and_problem(
     api, mlflow_client, tmp_path, monkeypatch
 ) -> None:
@@ -42,3 +46,18 @@ def test_unusable_image_data_gets_422_naming_path_and_problem(
         assert problem in detail["msg"], detail
         assert dataset.get("params", {"path": "cifar"})["path"].split("/")[-1] in detail["msg"]
     assert count_sweep_runs(mlflow_client) == before
+
+
+def test_the_cli_checks_data_for_run_and_leaves_it_to_the_service_for_submit(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("L0SWEEP_DATA_DIR", str(tmp_path / "data"))
+    spec = {**TINY_SPEC, "dataset": {"name": "cifar10", "params": {"path": "cifar"}}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert cli(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "cifar10 folder 'cifar'" in err and "does not exist" in err
+    nobody = f"http://127.0.0.1:{free_port()}"
+    assert cli(["--url", nobody, "submit", str(path)]) == 2
+    assert "cannot reach the service" in capsys.readouterr().err  # not refused locally
