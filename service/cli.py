@@ -177,12 +177,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_spec(path: Path) -> dict[str, Any]:
-    """The spec file validated locally first, so errors name their fields before any request."""
+def _load_spec(path: Path, check_data: bool = False) -> dict[str, Any]:
+    """The spec file validated locally first, so errors name their fields before any request.
+
+    Args:
+        check_data: look for the dataset's files in this machine's data directory (``run``);
+            a submitted spec runs against the service's, which checks them itself.
+    """
     from sweeps.spec import SweepSpec
 
     try:
-        return SweepSpec.from_file(path).model_dump(mode="json")
+        return SweepSpec.from_file(path, check_data=check_data).model_dump(mode="json")
     except ValidationError as exc:
         lines = [
             f"  {'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()
@@ -279,7 +284,7 @@ def _run(args: argparse.Namespace) -> int:
     from sweeps.pareto import pareto_front
     from sweeps.spec import SweepSpec
 
-    spec = SweepSpec.model_validate(_load_spec(args.spec))
+    spec = SweepSpec.model_validate(_load_spec(args.spec, check_data=True))
     print(f"sweep {spec.name}: {_trials_text(spec.num_trials(), spec.duplicate_trials())}")
     tty = sys.stdout.isatty()
 
