@@ -47,7 +47,7 @@ from .gating import (
 from .graph_export import export_blockers, group_members, shrink_graph
 from .masking import masked_weights
 from .probe import count_reads, settle_hooks
-from .selection import Selector, select_params
+from .selection import Selector, select_granularities, select_params
 
 __all__ = ["L0Regularizer"]
 
@@ -76,10 +76,15 @@ class L0Regularizer(nn.Module):
             and the noise clamp).
         granularity: ``"weight"`` (one gate per parameter element, as in the paper),
             ``"output"`` (one per output unit / channel, dim 0 of the weight) or ``"input"``
-            (one per input feature, dim 1, the authors' L0Dense).
+            (one per input feature, dim 1, the authors' L0Dense); ``"head"`` (one per attention
+            head) or a list of ``"head"`` and ``"output"``: units placed by the model's data
+            flow (``docs/GRAPHS.md``).
         include, exclude: globs on parameter names or module types, or a callable
             ``(name, param, module) -> bool``. By default every parameter with two or more
-            dimensions is gated; ``include="*"`` gates everything.
+            dimensions is gated; ``include="*"`` gates everything. ``include`` may also map
+            patterns on module names to granularities, one per module:
+            ``{"blocks.*.attn": "head", "blocks.*.mlp.fc1": "output"}`` (then leave
+            ``granularity`` at its default; see ``l0core.selection.select_granularities``).
         per_sample: independent gates per example for structured gates applied on activations,
             drawn once per forward (a layer called twice in one forward sees the same ones).
         batch_dim: the dim of the examples in the activations of gated Linear layers, for
@@ -107,7 +112,7 @@ class L0Regularizer(nn.Module):
         limit_b: float = 1.1,
         epsilon: float = 1e-6,
         *,
-        granularity: str = "weight",
+        granularity: str | list[str] = "weight",
         include: Selector = None,
         exclude: Selector = None,
         per_sample: bool = False,
@@ -135,7 +140,15 @@ class L0Regularizer(nn.Module):
         self._zero_logit = eval_zero_logit(self.hc, test_gate)
         self.granularity, self.per_sample, self.test_gate = granularity, per_sample, test_gate
         self.module = model
-        targets = select_params(model, include, exclude)
+        if isinstance(include, Mapping):
+            if granularity != "weight":
+                raise ValueError(
+                    f"granularity={granularity!r} given with include={{pattern: granularity}}: "
+                    "give the granularities in include only"
+                )
+            targets, granularity = select_granularities(model, include, exclude)
+        else:
+            targets = select_params(model, include, exclude)
         self._wsites, self._asites = plan_sites(model, targets, granularity, per_sample)
         self._masked = [(s, m) for s in self._wsites for m in s.masked]
         self._group_plan = next((s.plan for s in self._asites if s.plan is not None), None)
@@ -515,14 +528,23 @@ class L0Regularizer(nn.Module):
             if s.plan is not None
         ]
 
-    def check_export(self) -> list[str]:
+    def check_export(self, ungated: bool = False) -> list[str]:
         """Why each selected parameter will not shrink with ``prune(shrink=True)``: one line
         per parameter, naming the node and op that keeps it (empty when all of it can).
 
         Call it right after construction: it reads the plan, not the gates.
+
+        Args:
+            ungated: also one line per selected parameter whose units got no structured gate
+                because removing them would not be exact (a LayerNorm's input, a GroupNorm
+                without affine, the model's output...), with the reason.
         """
         if self._group_plan is not None:
-            return export_blockers(self._group_plan, self._asites, self._wsites)
+            lines = export_blockers(self._group_plan, self._asites, self._wsites)
+            if ungated:
+                lines += [f"{name}: not gated: {why}"
+                          for name, why in self._group_plan.not_gated.items()]  # fmt: skip
+            return lines
         return chain_export_blockers(self.module)
 
     def expected_flops(self, *example_args: Any, **example_kwargs: Any) -> float:
