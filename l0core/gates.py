@@ -242,6 +242,7 @@ def _member_param(plan: GroupPlan, member: str) -> torch.Tensor | None:
 def plan_sites(
     model: nn.Module, targets: list[TargetParam],
     granularity: str | list[str] | Mapping[str, str], per_sample: bool = False,
+    example: tuple[tuple, dict] | None = None,
 ) -> tuple[list[GateSite], list[GateSite]]:  # fmt: skip
     """Decide, for each selected parameter, its gates and how they are applied.
 
@@ -250,7 +251,8 @@ def plan_sites(
     chain of built-in layers (an ``nn.Sequential``) keeps per-layer gates, which are exact there.
     ``granularity`` may also map each target's name to its own granularity (per module, see
     ``l0core.selection.select_granularities``): a unit is gated when the layers that create it
-    chose its kind.
+    chose its kind. ``example``: ``(args, kwargs)`` of one forward, recorded where fx cannot
+    trace the model (``l0core.record``).
 
     Returns:
         ``(weight_sites, activation_sites)``, each with offsets into its own flat logit tensor;
@@ -275,7 +277,9 @@ def plan_sites(
         allowed, group_granularity = None, granularity
     plan = None
     if mode is not False:
-        plan = try_plan_groups(model, group_targets, group_granularity, bool(mode), allowed)
+        plan = try_plan_groups(
+            model, group_targets, group_granularity, bool(mode), allowed, example
+        )
     group_sites: list[GateSite] = []
     layered = targets  # gated per layer
     if plan is not None:

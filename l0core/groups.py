@@ -149,6 +149,7 @@ def plan_groups(
     targets: list[TargetParam],
     granularity: str | list[str],
     allowed: dict[int, set[str]] | None = None,
+    example: tuple[tuple, dict] | None = None,
 ) -> GroupPlan:
     """Trace ``model`` and choose its gated units.
 
@@ -157,14 +158,15 @@ def plan_groups(
     and every producer weight that creates it is among ``targets`` (for a unit no weight
     creates, a LayerNorm's outputs: every weight that reads it). With ``allowed`` (per module:
     ``id(param)`` -> granularities) each producer weight must have chosen the unit's kind (for
-    a LayerNorm's outputs: the LayerNorm's own affine entries).
+    a LayerNorm's outputs: the LayerNorm's own affine entries). ``example``: ``(args, kwargs)``
+    of a forward, to record the call graph where fx cannot trace (``l0core.record``).
 
     Raises:
         ValueError: a granularity that is not ``"output"``/``"head"``.
         GraphError: the model cannot be traced.
     """
     kinds = _parse(granularity)
-    graph = trace_channels(model, heads="head" in kinds)
+    graph = trace_channels(model, heads="head" in kinds, example=example)
     gm = model  # the traced graph's leaf modules are the model's own
     selected = {id(t.param) for t in targets}
     aliases = {id(t.param): t.aliases for t in targets}
@@ -283,11 +285,12 @@ def try_plan_groups(
     granularity: str | list[str],
     required: bool,
     allowed: dict[int, set[str]] | None = None,
+    example: tuple[tuple, dict] | None = None,
 ) -> GroupPlan | None:
     """``plan_groups``, or ``None`` with a warning when the model does not trace and the
     caller can fall back to per-layer gates (``required=False``)."""
     try:
-        return plan_groups(model, targets, granularity, allowed)
+        return plan_groups(model, targets, granularity, allowed, example)
     except GraphError as exc:
         if required:
             raise

@@ -99,6 +99,10 @@ class L0Regularizer(nn.Module):
             step is driven by the measured eval sparsity, see ``SparsityController``.
         init: ``"random"`` (the authors' N(logit, 0.01)) or ``"magnitude"`` (gates of the
             largest pretrained weights start most open, to fine-tune a trained model).
+        example_inputs: the positional inputs of one forward (a tuple, or one tensor). Where
+            torch.fx cannot trace the model (Python control flow on data), the structured gates
+            are placed on the real call graph of a forward on them (``l0core.record``) instead
+            of layer by layer.
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class L0Regularizer(nn.Module):
         target_sparsity: float | None = None,
         dual_lr: float = 0.005,
         init: str = "random",
+        example_inputs: Any = None,
     ) -> None:
         super().__init__()
         self.lam = _check_number("lam", lam, 0.0)
@@ -149,7 +154,11 @@ class L0Regularizer(nn.Module):
             targets, granularity = select_granularities(model, include, exclude)
         else:
             targets = select_params(model, include, exclude)
-        self._wsites, self._asites = plan_sites(model, targets, granularity, per_sample)
+        example = None
+        if example_inputs is not None:
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            example = (args, {})
+        self._wsites, self._asites = plan_sites(model, targets, granularity, per_sample, example)
         self._masked = [(s, m) for s in self._wsites for m in s.masked]
         self._group_plan = next((s.plan for s in self._asites if s.plan is not None), None)
         ref = targets[0].param
@@ -184,7 +193,8 @@ class L0Regularizer(nn.Module):
         self._module_id_set: set[int] | None = None
         self._dual_versions: tuple[tuple[int, int], ...] | None = None  # None: a step is due
         self._shapes: dict[str, tuple[int, ...]] | None = None
-        self._example: tuple[tuple, dict] | None = None  # two rows of the first input
+        # two rows of the first input (or of example_inputs): export checks its result on them
+        self._example = None if example is None else _example_rows(*example)
         self.last_shrink_report = None
 
     # ---- forward --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import Tensor, fx, nn
 
 from ._values import TensorOps, Val, arg_of, flat_vals, op_name, positive
 from .graph import ChannelGraph, GraphError
+from .record import record_graph
 
 __all__ = ["trace_channels"]
 
@@ -54,9 +55,9 @@ def _zero_at_zero(activation: Any) -> bool:
 
 
 class _Walker(TensorOps):
-    def __init__(self, gm: fx.GraphModule, heads: bool, root: nn.Module) -> None:
+    def __init__(self, graph: fx.Graph, heads: bool, root: nn.Module) -> None:
         self.g = ChannelGraph()
-        self.gm = gm
+        self.graph = graph
         self.heads = heads
         self.vals: dict[fx.Node, Any] = {}
         self.modules = dict(root.named_modules())  # gm holds the same leaves, not the rest
@@ -71,7 +72,7 @@ class _Walker(TensorOps):
                 self.g.fix(v.ids, f"{why} at node {node.name!r} ({op_name(node)})")
 
     def run(self) -> ChannelGraph:
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             try:
                 self.vals[node] = self.visit(node)
             except GraphError:
@@ -385,10 +386,14 @@ def _failing_submodule(model: nn.Module, exc: BaseException) -> str | None:
     return found
 
 
-def trace_channels(model: nn.Module, heads: bool = False) -> ChannelGraph:
+def trace_channels(
+    model: nn.Module, heads: bool = False, example: tuple[tuple, dict] | None = None
+) -> ChannelGraph:
     """Trace ``model`` (torch.fx) and tie its channels.
 
-    A submodule fx cannot trace through (data-dependent control flow, say) is kept whole as a
+    Where fx cannot trace the model (data-dependent control flow, say) and ``example`` inputs
+    are given, the real call graph of one forward on them is recorded instead
+    (:mod:`l0core.record`). Without them, a submodule fx cannot trace through is kept whole as a
     leaf: the walk does not know it, so its channels stay and its parameters are gated on their
     own (the caller warns, naming it).
 
@@ -396,9 +401,11 @@ def trace_channels(model: nn.Module, heads: bool = False) -> ChannelGraph:
         model: the module (fx does not run it).
         heads: tie each attention head into one unit (granularity ``"head"``); otherwise attention
             channels are fixed.
+        example: ``(args, kwargs)`` of one forward, for the recording.
 
     Raises:
-        GraphError: fx cannot trace the model's own forward; the message names the failing op.
+        GraphError: fx cannot trace the model's own forward and no example is given (or the
+            recorded forward fails); the message names the failing op.
     """
     leaves: set[str] = set()
     while True:
@@ -407,12 +414,23 @@ def trace_channels(model: nn.Module, heads: bool = False) -> ChannelGraph:
             graph = tracer.trace(model)
             break
         except Exception as exc:
+            if example is not None:
+                return _Walker(_recorded(model, example, exc), heads, model).run()
             name = _failing_submodule(model, exc)
             if name is None or name in leaves:
                 raise GraphError(
                     f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: "
-                    f"{exc}"
+                    f"{exc} (pass example_inputs to record the real call graph of one forward)"
                 ) from exc
             leaves.add(name)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    return _Walker(gm, heads, model).run()
+    return _Walker(graph, heads, model).run()
+
+
+def _recorded(model: nn.Module, example: tuple[tuple, dict], why: BaseException) -> fx.Graph:
+    try:
+        return record_graph(model, example)
+    except Exception as exc:
+        raise GraphError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(why).__name__}: {why}), "
+            f"and its forward on the example inputs fails: {type(exc).__name__}: {exc}"
+        ) from exc
