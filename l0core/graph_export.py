@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import skip_init
 
 from ._chain import ShrinkError
 from .groups import GroupPlan
@@ -123,35 +122,34 @@ def _rebuilt(old: nn.Module, tensors: dict[str, Tensor], keep: Tensor | None) ->
             c_in, c_out = w.shape[0], w.shape[1]
         else:
             c_in, c_out = w.shape[1] * (w.shape[0] if depthwise else 1), w.shape[0]
-        new = skip_init(
-            type(old), c_in, c_out, old.kernel_size, stride=old.stride, padding=old.padding,
+        new = type(old)(
+            c_in, c_out, old.kernel_size, stride=old.stride, padding=old.padding,
             dilation=old.dilation, groups=c_out if depthwise else 1, bias=old.bias is not None,
-            padding_mode=old.padding_mode, device=w.device, dtype=w.dtype,
+            padding_mode=old.padding_mode, device="meta", dtype=w.dtype,
             **({"output_padding": old.output_padding} if isinstance(old, _CONVT) else {}),
         )  # fmt: skip
     elif isinstance(old, nn.Linear):
-        new = skip_init(nn.Linear, w.shape[1], w.shape[0], bias=old.bias is not None,
-                        device=w.device, dtype=w.dtype)  # fmt: skip
+        new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device="meta",
+                        dtype=w.dtype)  # fmt: skip
     elif isinstance(old, _BN):
         ref = tensors.get("running_mean", w)
-        new = skip_init(type(old), ref.shape[0], eps=old.eps, momentum=old.momentum,
-                        affine=old.affine, track_running_stats=old.track_running_stats,
-                        device=ref.device, dtype=ref.dtype)  # fmt: skip
+        new = type(old)(ref.shape[0], eps=old.eps, momentum=old.momentum, affine=old.affine,
+                        track_running_stats=old.track_running_stats, device="meta",
+                        dtype=ref.dtype)  # fmt: skip
     elif isinstance(old, nn.GroupNorm):
         per = old.num_channels // old.num_groups  # a group closes whole (l0core.trace)
-        new = skip_init(nn.GroupNorm, w.shape[0] // per, w.shape[0], eps=old.eps,
-                        affine=old.affine, device=w.device, dtype=w.dtype)  # fmt: skip
+        new = nn.GroupNorm(w.shape[0] // per, w.shape[0], eps=old.eps, affine=old.affine,
+                           device="meta", dtype=w.dtype)  # fmt: skip
     elif isinstance(old, (nn.LayerNorm, NarrowLayerNorm)):
         return _narrow_layer_norm(old, tensors, keep)
     else:
         raise ShrinkError(f"cannot shrink {type(old).__name__}")
-    for name, t in [*old.named_parameters(recurse=False), *old.named_buffers(recurse=False)]:
-        target = getattr(new, name)
-        if target is None:
-            continue
-        value = tensors.get(name, t)
-        target.data = value.detach().clone()
-        target.requires_grad_(t.requires_grad)
+    # built on the meta device (no memory, no init); the model is export's own copy, so its
+    # tensors (sliced ones are fresh) move over as they are
+    for name, t in old.named_parameters(recurse=False):
+        new._parameters[name] = nn.Parameter(tensors.get(name, t).detach(), t.requires_grad)
+    for name, t in old.named_buffers(recurse=False):
+        new._buffers[name] = tensors.get(name, t)
     return new.train(old.training)
 
 
@@ -281,8 +279,8 @@ def _narrow_layer_norm(
     return NarrowLayerNorm(
         width,
         index.to(tensors["weight"].device),
-        tensors["weight"].detach().clone(),
-        None if tensors.get("bias") is None else tensors["bias"].detach().clone(),
+        tensors["weight"].detach(),
+        None if tensors.get("bias") is None else tensors["bias"].detach(),
         eps,
     ).train(old.training)
 
@@ -293,9 +291,9 @@ def _head_attention(
     """``old`` with the heads ``kept`` left (its q/k/v rows already sliced in ``tensors``)."""
     if not old._qkv_same_embed_dim or old.bias_k is not None or old.add_zero_attn:
         raise ShrinkError(f"cannot shrink {old}: separate q/k/v widths, bias_k or add_zero_attn")
-    w = tensors.get("in_proj_weight", old.in_proj_weight).detach().clone()
+    w = tensors.get("in_proj_weight", old.in_proj_weight).detach()
     b = old.in_proj_bias
-    b = None if b is None else tensors.get("in_proj_bias", b).detach().clone()
+    b = None if b is None else tensors.get("in_proj_bias", b).detach()
     new = HeadAttention(w, b, old.out_proj, old.head_dim, kept.to(w.device), old.num_heads,
                         old.batch_first, old.dropout)  # fmt: skip
     new.in_proj_weight.requires_grad_(old.in_proj_weight.requires_grad)
