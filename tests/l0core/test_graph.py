@@ -11,6 +11,8 @@ from torch import nn
 from l0core import L0Regularizer
 from sweeps.zoo import GoogLeNet, MobileNetV2, ViT, cifar_resnet, resnet
 
+from .exact import close_half
+
 SHAPE = (3, 16, 16)
 FAMILIES = {
     "resnet20": (lambda: cifar_resnet(20, SHAPE, 10, width=0.5), "output"),
@@ -24,14 +26,6 @@ FAMILIES = {
         ["head", "output"],
     ),
 }
-
-
-def _half_closed(reg: L0Regularizer, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        la = reg.unit_log_alpha
-        closed = torch.rand(la.shape, generator=g) < 0.5
-        la.copy_(torch.where(closed, -8.0, torch.empty_like(la).uniform_(-1.0, 8.0, generator=g)))
 
 
 def _warm(reg: L0Regularizer, x: torch.Tensor, steps: int = 3) -> None:
@@ -48,7 +42,7 @@ def test_export_of_a_random_half_closed_state_equals_the_gated_model(family):
     torch.manual_seed(0)
     reg = L0Regularizer(build(), 0.1, granularity=granularity)
     assert reg.check_export() == []
-    _half_closed(reg, seed=1)
+    close_half(reg, seed=1)
     x = torch.randn(6, *SHAPE)
     _warm(reg, x)
     with torch.no_grad():
@@ -226,7 +220,7 @@ def test_torch_export_accepts_the_shrunk_model(family):
     build, granularity = FAMILIES[family]
     torch.manual_seed(0)
     reg = L0Regularizer(build(), 0.1, granularity=granularity)
-    _half_closed(reg, seed=2)
+    close_half(reg, seed=2)
     reg.eval()
     x = torch.randn(2, *SHAPE)
     small = reg.prune(shrink=True)
@@ -261,7 +255,7 @@ def test_depthwise_conv_in_a_sequential_shares_its_producers_gates():
     reg = L0Regularizer(model, 0.1, granularity="output")
     group = next(g for g in reg.group_summary() if "3.weight[depthwise]" in g["members"])
     assert group["n_gates"] == 8 and "1.weight[norm]" in group["members"]
-    _half_closed(reg, seed=3)
+    close_half(reg, seed=3)
     x = torch.randn(4, 3, 5, 5)
     _warm(reg, x)
     with torch.no_grad():

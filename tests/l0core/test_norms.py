@@ -11,6 +11,8 @@ from torch import nn
 from l0core import L0Regularizer
 from l0core.modules import NarrowLayerNorm
 
+from .exact import close_half, gated_and_shrunk
+
 
 class GNBlock(nn.Module):
     def __init__(self, c: int, groups: int) -> None:
@@ -59,27 +61,14 @@ SHAPE = (3, 16, 16)
 FAMILIES = {"groupnorm_resnet": GNResNet, "layernorm_mlp": LNMlp}
 
 
-def _half_closed(reg: L0Regularizer, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        la = reg.unit_log_alpha
-        closed = torch.rand(la.shape, generator=g) < 0.5
-        la.copy_(torch.where(closed, -8.0, torch.empty_like(la).uniform_(-1.0, 8.0, generator=g)))
-    return closed
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_of_a_random_half_closed_state_equals_the_gated_model(family):
     reg = L0Regularizer(FAMILIES[family](), 0.1, granularity="output")
     assert reg.check_export() == []
-    _half_closed(reg, seed=1)
+    close_half(reg, seed=1)
     x = torch.randn(6, *SHAPE)
-    reg.train()
-    reg(x)
-    reg.eval()
+    gated, small = gated_and_shrunk(reg, x)
     with torch.no_grad():
-        gated = reg(x)
-        small = reg.prune(shrink=True)
         out = small(x)
     assert (out - gated).abs().max() <= 1e-5 * gated.abs().max()
     report = reg.last_shrink_report
@@ -138,7 +127,7 @@ def test_a_layernorm_input_keeps_its_width_and_its_output_is_gated():
     assert rows["fc1.0.weight"]["gated"]
     reasons = "\n".join(reg.check_export(ungated=True))
     assert "embed.weight" in reasons and "LayerNorm" in reasons
-    _half_closed(reg, seed=4)
+    close_half(reg, seed=4)
     reg.eval()
     small = reg.prune(shrink=True)
     norm = small.norms[0]
@@ -163,7 +152,7 @@ def test_a_sequential_with_groupnorm_is_gated_by_data_flow_not_per_layer():
     reg = L0Regularizer(model, 0.1, granularity="output")
     group = next(g for g in reg.group_summary() if "1.weight[norm]" in g["members"])
     assert group["n_gates"] == 2
-    _half_closed(reg, seed=5)
+    close_half(reg, seed=5)
     x = torch.randn(3, *SHAPE)
     reg.eval()
     with torch.no_grad():

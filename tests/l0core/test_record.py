@@ -8,6 +8,8 @@ from torch import nn
 
 from l0core import L0Regularizer
 
+from .exact import close_half, gated_and_shrunk
+
 
 class Block(nn.Module):
     def __init__(self, c: int) -> None:
@@ -52,17 +54,9 @@ def test_recorded_graph_gives_coupled_groups_and_an_exact_export():
     assert {"blocks.0.bn2.weight[norm]", "blocks.1.bn2.weight[norm]"} <= set(stream["members"])
     assert len(groups) == 3  # the stream and the two block interiors
     assert reg.check_export() == []
-    g = torch.Generator().manual_seed(0)
+    close_half(reg, seed=0, open_low=4.0)
+    gated, small = gated_and_shrunk(reg, x)
     with torch.no_grad():
-        la = reg.unit_log_alpha
-        la.copy_(torch.where(torch.rand(la.shape, generator=g) < 0.5, -8.0, 4.0))
-    reg.train()
-    with torch.no_grad():
-        reg(x)
-    reg.eval()
-    with torch.no_grad():
-        gated = reg(x)
-        small = reg.prune(shrink=True)
         assert (small(x) - gated).abs().max() <= 1e-5 * gated.abs().max()
     assert reg.last_shrink_report.params_after < reg.last_shrink_report.params_before
     x.requires_grad_(False)
