@@ -38,6 +38,16 @@ class CountedMethod(nn.Module):
                 return self.module(*args, **kwargs)
         return self.module(*args, **kwargs)
 
+    def _need_shapes(self, example_args: tuple, example_kwargs: dict | None = None) -> None:
+        """Record the layer output shapes again from an example input, if given; without one,
+        the first forward must have recorded them."""
+        if example_args or example_kwargs:
+            self._shapes = None
+            with torch.no_grad():
+                self(*example_args, **(example_kwargs or {}))
+        if not self._shapes:
+            raise RuntimeError("expected_flops() needs one forward first, or an example input")
+
     def count_l0(self) -> Tensor:
         raise NotImplementedError
 
@@ -131,12 +141,7 @@ class L1Regularizer(CountedMethod):
 
     def expected_flops(self, *example_args: Any) -> float:
         """Multiply-adds per example counting only weights above the threshold."""
-        if example_args:
-            self._shapes = None
-            with torch.no_grad():
-                self(*example_args)
-        if not self._shapes:
-            raise RuntimeError("expected_flops() needs one forward first, or an example input")
+        self._need_shapes(example_args)
         chosen = {t.name for t in self._targets}
         total = 0.0
         for name, mod in self.module.named_modules():

@@ -56,6 +56,18 @@ def cubic_sparsity(
     return target * (1.0 - (1.0 - (t - begin_step) / (end_step - begin_step)) ** 3)
 
 
+def schedule_step(pruner: Any) -> None:
+    """One training step of a pruner on the cubic schedule (its ``steps``, ``target_sparsity``,
+    ``begin_step``, ``end_step``, ``frequency``): its masks are updated when the schedule asks for
+    more sparsity than they apply, then the step is counted."""
+    wanted = cubic_sparsity(
+        pruner.steps, pruner.target_sparsity, pruner.begin_step, pruner.end_step, pruner.frequency
+    )
+    if wanted > pruner.applied_sparsity:
+        pruner.update_masks(wanted)
+    pruner.steps += 1
+
+
 def _check_int(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -149,12 +161,7 @@ class _Masked(CountedMethod):
 
     def expected_flops(self, *example_args: Any, **example_kwargs: Any) -> float:
         """Multiply-adds per example of the Linear and ConvNd layers, counting kept weights."""
-        if example_args or example_kwargs:
-            self._shapes = None
-            with torch.no_grad():
-                self(*example_args, **example_kwargs)
-        if not self._shapes:
-            raise RuntimeError("expected_flops() needs one forward first, or an example input")
+        self._need_shapes(example_args, example_kwargs)
         masks = dict(zip((s[0] for s in self._sites), self._masks(), strict=True))
         total = 0.0
         for name, mod in self.module.named_modules():
@@ -218,12 +225,7 @@ class MagnitudePruner(_Masked):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.training:
-            wanted = cubic_sparsity(
-                self.steps, self.target_sparsity, self.begin_step, self.end_step, self.frequency
-            )
-            if wanted > self.applied_sparsity:
-                self.update_masks(wanted)
-            self.steps += 1
+            schedule_step(self)
         return super().forward(*args, **kwargs)
 
     @torch.no_grad()

@@ -3,7 +3,8 @@
 ``python -m sweeps.driver --sweep-id RUN_ID`` is what the service submits as a Ray Job: it reads
 the spec from the sweep's MLflow parent run, connects to Ray (``RAY_ADDRESS`` or the running
 cluster), runs or resumes the Tune experiment at ``<storage_path>/<sweep id>``, keeps the
-``l0sweep.status`` tag, the heartbeat (``l0sweep.heartbeat``, every
+``l0sweep.status`` tag (a spec whose model cannot be built or shrunk fails before Tune starts,
+:mod:`sweeps.preflight`), the heartbeat (``l0sweep.heartbeat``, every
 ``L0SWEEP_HEARTBEAT_INTERVAL_S``) and the run's description (`sweeps.note`) current, and writes
 the parent's artifacts at the end. SIGINT or SIGTERM
 stop it gracefully: Tune saves the experiment, the trials stop, their runs end KILLED and the
@@ -30,6 +31,7 @@ from ray import tune
 from . import raycompat, tracking
 from .config import get_settings, mlflow_client_env
 from .note import write_sweep_note
+from .preflight import preflight
 from .progress import SweepCallback, SweepProgress
 from .report import finalize_sweep
 from .space import param_space, scheduler, search_algorithm, tune_num_samples
@@ -186,6 +188,11 @@ def _run(
     storage: Path,
     progress: Callable[[SweepProgress], None] | None,
 ) -> SweepResult:
+    problem = preflight(spec)
+    if problem is not None:  # before Ray and any trial: a sweep that cannot export fails now
+        tracking.set_sweep_status(sweep_id, "FAILED", problem, tracking_uri)
+        write_sweep_note(spec, sweep_id, "FAILED", problem, tracking_uri)
+        return SweepResult(sweep_id, "FAILED", str(storage / sweep_id), False)
     if not ray.is_initialized():
         ray.init()
     callback = SweepCallback(sweep_id, tracking_uri, spec, progress)

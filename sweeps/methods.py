@@ -1,5 +1,5 @@
-"""The sparsity method a trial trains with: l0core's L0, L1 or magnitude-pruning wrapper, or the
-dense model.
+"""The sparsity method a trial trains with: l0core's L0, L1, magnitude or channel-norm pruning
+wrapper, or the dense model.
 
 All answer the same questions (``regularization``, ``count_l0``, ``expected_density``,
 ``sparsity``, ``expected_flops``, ``prune``, ``summary``, ``gate_parameters``), so the trial's
@@ -16,9 +16,10 @@ from torch import nn
 
 from l0core import L0Regularizer, L1Regularizer, MagnitudePruner
 from l0core.baselines import CountedMethod
+from l0core.channel_norm import ChannelNormPruner
 from l0core.flops import COUNTED, layer_macs
 
-__all__ = ["Dense", "build_method", "is_structured"]
+__all__ = ["Dense", "build_method", "channel_norm_granularity", "is_structured"]
 
 _MASK_UPDATES = 50  # a gradual magnitude schedule updates its masks about this often
 
@@ -59,8 +60,16 @@ class Dense(CountedMethod):
 
 
 def is_structured(reg: dict[str, Any]) -> bool:
-    """Whether the export can remove whole units (structured L0 gates)."""
-    return reg["kind"] == "l0" and reg["granularity"] in ("output", "input")
+    """Whether the export can remove whole units (structured L0 gates, channel-norm pruning)."""
+    if reg["kind"] == "channel-norm":
+        return True
+    return reg["kind"] == "l0" and reg["granularity"] in ("output", "input", "head")
+
+
+def channel_norm_granularity(reg: dict[str, Any]) -> str:
+    """The units channel-norm pruning removes: heads when asked for, else channels (the spec's
+    default ``weight`` granularity means nothing to it)."""
+    return "head" if reg["granularity"] == "head" else "output"
 
 
 def _gate_init(choice: str, pretrained: bool) -> str:
@@ -96,14 +105,14 @@ def build_method(
         reg: a concrete ``RegularizerSpec`` dump (no search domains left).
         num_train: training examples; as in the L0 paper, the penalty is
             ``lam / num_train * count``, so one lam suits datasets of any size.
-        total_steps: optimizer steps before the fine-tuning epochs; magnitude pruning places
-            its schedule (``prune_begin``, ``prune_end``) in them.
+        total_steps: optimizer steps before the fine-tuning epochs; magnitude and channel-norm
+            pruning place their schedule (``prune_begin``, ``prune_end``) in them.
         pretrained: the model holds trained weights (``train.init_from``): ``gate_init: auto``
             then opens the gates of the largest weights most, and ``dual_lr: None`` takes
             :data:`FINETUNE_DUAL_LR`.
 
     Raises:
-        ValueError: magnitude pruning without ``total_steps``.
+        ValueError: magnitude or channel-norm pruning without ``total_steps``.
     """
     lam = reg["lam"] / num_train
     if reg["kind"] == "l0":
@@ -122,11 +131,19 @@ def build_method(
             **_dual_lr(reg["dual_lr"], pretrained),
             init=_gate_init(reg["gate_init"], pretrained),
         )
-    if reg["kind"] == "magnitude":
+    if reg["kind"] in ("magnitude", "channel-norm"):
         if total_steps is None:
-            raise ValueError("magnitude pruning needs total_steps to place its schedule")
+            raise ValueError(f"{reg['kind']} pruning needs total_steps to place its schedule")
         begin = round(reg["prune_begin"] * total_steps)
         end = max(begin, round(reg["prune_end"] * total_steps))
+    if reg["kind"] == "channel-norm":
+        return ChannelNormPruner(
+            model, reg["target_sparsity"], end, begin_step=begin,
+            frequency=max(1, (end - begin) // _MASK_UPDATES),
+            granularity=channel_norm_granularity(reg), include=reg["include"],
+            exclude=reg["exclude"],
+        )  # fmt: skip
+    if reg["kind"] == "magnitude":
         return MagnitudePruner(
             model, reg["target_sparsity"], end, begin_step=begin,
             frequency=max(1, (end - begin) // _MASK_UPDATES), scope=reg["prune_scope"],

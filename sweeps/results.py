@@ -108,11 +108,13 @@ def method_label(config: dict[str, str]) -> str:
             label += " + target"
     elif kind == "l1":
         label = "L1 + threshold"
-    elif kind == "magnitude":
+    elif kind in ("magnitude", "channel-norm"):
         one_shot = _value(config, "regularizer.prune_begin") == _value(
             config, "regularizer.prune_end"
         )
-        label = f"magnitude {'one-shot' if one_shot else 'gradual'} ({_value(config, 'regularizer.prune_scope')})"
+        label = f"{kind} {'one-shot' if one_shot else 'gradual'}"
+        if kind == "magnitude":
+            label += f" ({_value(config, 'regularizer.prune_scope')})"
     else:
         label = str(kind)
     fine_tuned = _value(config, "train.init_from") is not None or any(

@@ -95,15 +95,22 @@ class RegularizerSpec(_Strict):
     """Which sparsity method wraps the model, with the l0core options.
 
     ``kind``: ``l0`` (hard-concrete gates), ``l1`` (penalty, then a threshold), ``magnitude``
-    (gradual magnitude pruning to ``target_sparsity``, Zhu & Gupta 2017) or ``none`` (dense).
+    (gradual magnitude pruning to ``target_sparsity``, Zhu & Gupta 2017), ``channel-norm``
+    (the coupled channel groups with the smallest filter L1 norms removed, Li et al. 2017, on the
+    same schedule) or ``none`` (dense).
     """
 
-    kind: _searchable(Literal["l0", "l1", "magnitude", "none"]) = "l0"
+    kind: _searchable(Literal["l0", "l1", "magnitude", "channel-norm", "none"]) = "l0"
     lam: _searchable(Annotated[float, Field(ge=0)], (Uniform, LogUniform)) = Field(
         default=0.1,
         description="Penalty weight; as in the L0 paper the penalty is lam * count / N_train.",
     )
-    granularity: _searchable(Literal["weight", "output", "input"]) = "weight"
+    granularity: _searchable(Literal["weight", "output", "input", "head"]) = Field(
+        default="weight",
+        description="l0: one gate per weight, per output unit or channel (coupled through "
+        "residual adds and concatenations), per input feature, or per attention head; "
+        "channel-norm: output (what it reads the default 'weight' as) or head.",
+    )
     droprate_init: _searchable(Fraction, (Uniform,)) = 0.2
     temperature: _searchable(Annotated[float, Field(gt=0)], (Uniform, LogUniform)) = 2 / 3
     per_sample: _searchable(bool) = False
@@ -111,7 +118,7 @@ class RegularizerSpec(_Strict):
     target_sparsity: _searchable(Fraction | None, (Uniform,)) = Field(
         default=None,
         description="l0: the Lagrangian controller's target (None: fixed lambda); "
-        "magnitude: the sparsity to prune to (required).",
+        "magnitude, channel-norm: the sparsity to prune to (required).",
     )
     dual_lr: _searchable(Annotated[float, Field(gt=0)] | None, (Uniform, LogUniform)) = Field(
         default=None,
@@ -130,13 +137,13 @@ class RegularizerSpec(_Strict):
     )
     prune_begin: _searchable(Annotated[float, Field(ge=0, le=1)], (Uniform,)) = Field(
         default=0.0,
-        description="magnitude: where pruning starts, as a fraction of the training steps "
-        "before the fine-tuning epochs.",
+        description="magnitude, channel-norm: where pruning starts, as a fraction of the "
+        "training steps before the fine-tuning epochs.",
     )
     prune_end: _searchable(Annotated[float, Field(ge=0, le=1)], (Uniform,)) = Field(
         default=0.5,
-        description="magnitude: where the target is reached (cubic schedule in between; equal "
-        "to prune_begin: one-shot).",
+        description="magnitude, channel-norm: where the target is reached (cubic schedule in "
+        "between; equal to prune_begin: one-shot, the steps after it fine-tune).",
     )
     l2: _searchable(Annotated[float, Field(ge=0)], (Uniform, LogUniform)) = Field(
         default=0.0, description="Expected-L2 weight decay of the L0 paper (weight_decay)."
@@ -148,17 +155,50 @@ class RegularizerSpec(_Strict):
     @model_validator(mode="after")
     def _method_options(self) -> RegularizerSpec:
         kinds, targets = _possible(self.kind), _possible(self.target_sparsity)
-        if "magnitude" in kinds and (targets is not None and None in targets):
-            raise ValueError(
-                "kind 'magnitude' needs target_sparsity, the sparsity to prune to (a number in "
-                f"(0, 1) or a search domain over such numbers), got {self.target_sparsity!r}"
+        for kind in PRUNED_TO_TARGET:
+            if kind in kinds and (targets is not None and None in targets):
+                raise ValueError(
+                    f"kind {kind!r} needs target_sparsity, the sparsity to prune to (a number in "
+                    f"(0, 1) or a search domain over such numbers), got {self.target_sparsity!r}"
+                )
+        granularities = _possible(self.granularity)
+        if "channel-norm" in kinds:
+            unstructured = sorted(
+                set(granularities or ()) - {"weight", *CHANNEL_NORM_GRANULARITIES}
             )
+            if unstructured:
+                raise ValueError(
+                    f"kind 'channel-norm' removes whole channels or heads: granularity "
+                    f"{unstructured} is not allowed with it; allowed: "
+                    f"{list(CHANNEL_NORM_GRANULARITIES)} (or the default 'weight', read as 'output')"
+                )
         begin, end = _possible(self.prune_begin), _possible(self.prune_end)
         if begin is not None and end is not None and max(begin) > min(end):
             raise ValueError(
                 f"prune_begin ({self.prune_begin}) must not be after prune_end ({self.prune_end})"
             )
         return self
+
+
+PRUNED_TO_TARGET = ("magnitude", "channel-norm")
+"""The methods that prune to ``target_sparsity`` on the ``prune_begin``/``prune_end`` schedule."""
+CHANNEL_NORM_GRANULARITIES = ("output", "head")
+
+
+def _head_without_attention(spec: SweepSpec) -> str | None:
+    """Why ``granularity: head`` cannot apply to the spec's model, or None.
+
+    A model's parameter class says whether it has attention heads (``has_attention``); a model
+    that does not say (a lab's plugin) is checked when the driver builds it, before any trial.
+    """
+    if "head" not in (_possible(spec.regularizer.granularity) or ()):
+        return None
+    if getattr(type(spec.model.params), "has_attention", None) is not False:
+        return None
+    return (
+        f"regularizer.granularity 'head' gates attention heads, and model {spec.model.name!r} has "
+        "none; use granularity 'output' (channels), or a model with attention such as 'vit'"
+    )
 
 
 RunId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
@@ -400,6 +440,9 @@ class SweepSpec(_Strict):
                 problems.append(
                     f"scheduler.grace_period {self.scheduler.grace_period} exceeds train.epochs {self.train.epochs}"
                 )
+        no_heads = _head_without_attention(self)
+        if no_heads:
+            problems.append(no_heads)
         names = [o.metric for o in self.objectives]
         if len(set(names)) != len(names):
             problems.append(f"objectives repeat a metric: {names}")

@@ -59,6 +59,9 @@ METHOD_FIELDS: dict[str, frozenset[str]] = {
     "magnitude": frozenset(
         {"target_sparsity", "prune_scope", "prune_begin", "prune_end", "include", "exclude"}
     ),
+    "channel-norm": frozenset(
+        {"target_sparsity", "granularity", "prune_begin", "prune_end", "include", "exclude"}
+    ),
     "none": frozenset(),
 }
 _SECTIONS = ("regularizer", "train")
@@ -104,7 +107,7 @@ def trial_name(config: dict[str, Any], searched: Iterable[str]) -> str:
     kind = reg["kind"]
     words = {"l0": ["l0", reg["granularity"]], "none": ["dense"]}.get(kind, [kind])
     shown = {"regularizer.kind", "regularizer.granularity"}
-    if kind in ("l0", "magnitude") and reg.get("target_sparsity") is not None:
+    if kind in ("l0", "magnitude", "channel-norm") and reg.get("target_sparsity") is not None:
         words.append(f"target={_format(reg['target_sparsity'])}")
         shown.add("regularizer.target_sparsity")
     ignored = ignored_fields(config)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BasicBlock", "Bottleneck", "GoogLeNet", "MobileNetV2", "ResNet", "ViT",
-           "cifar_resnet", "resnet"]  # fmt: skip
+__all__ = ["TORCHVISION_DEPTHS", "BasicBlock", "Bottleneck", "GoogLeNet", "MobileNetV2", "ResNet",
+           "ViT", "cifar_resnet", "resnet"]  # fmt: skip
 
 
 def _image(input_shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
@@ -131,6 +131,7 @@ class ResNet(nn.Module):
 
 _RESNETS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
             50: (Bottleneck, [3, 4, 6, 3])}  # fmt: skip
+TORCHVISION_DEPTHS = tuple(_RESNETS)
 
 
 def resnet(depth: int, input_shape, num_classes: int, width: float = 1.0) -> ResNet:

@@ -58,6 +58,7 @@ BAD_SPECS = [
         "regularizer.target_sparsity.uniform",
     ),
     ("unknown objective", _spec(objectives=[{"metric": "val_acc"}]), "objectives.0"),
+    ("head gates without attention", _spec(regularizer__granularity="head"), "body"),
     ("too many trials", _spec(search={"num_samples": 10**9}), "body"),
     ("empty name", _spec(name=""), "name"),
     ("unicode name", _spec(name="экспер\u0000имент"), "name"),

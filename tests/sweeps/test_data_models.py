@@ -18,8 +18,8 @@ def test_registries_list_entries_with_schemas():
     assert {"fashion-mnist", "mnist", "digits", "mnist1d", "sparse-teacher", "npz"} <= {
         d["name"] for d in list_datasets()
     }
-    with pytest.raises(UnknownNameError, match="registered: cnn, lenet5, mlp"):
-        MODELS.get("resnet")
+    with pytest.raises(UnknownNameError, match="registered: cnn, googlenet, lenet5, mlp, "):
+        MODELS.get("resnet1000")
 
 
 def test_models_build_for_their_inputs():

@@ -1,0 +1,95 @@
+"""Fail fast: before any trial trains, build the spec's model once and ask l0core whether its
+export can shrink it at the spec's granularity.
+
+A structured sweep (``l0`` with ``output``/``input``/``head`` gates, ``channel-norm``) exports by
+removing units; a model whose graph l0core cannot shrink would otherwise train for its whole
+budget and fail in ``prune(shrink=True)``. :func:`preflight` answers in seconds with the reason
+l0core gives (``L0Regularizer.check_export``: the parameter, the node and the op), which the
+driver writes as the sweep's status message.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from l0core import L0Regularizer
+
+from .data import load_dataset
+from .domains import _possible
+from .methods import channel_norm_granularity
+from .registry import MODELS
+from .spec import SweepSpec
+
+__all__ = ["export_granularities", "preflight"]
+
+_STRUCTURED_L0 = ("output", "input", "head")
+_SHOWN = 5  # blocker lines quoted in the status message
+
+
+def export_granularities(spec: SweepSpec) -> list[str]:
+    """The granularities at which some trial of ``spec`` will shrink its model on export."""
+    reg = spec.regularizer
+    kinds = _possible(reg.kind) or []
+    granularities = _possible(reg.granularity) or []
+    out: list[str] = []
+    if "l0" in kinds:
+        out += [g for g in granularities if g in _STRUCTURED_L0]
+    if "channel-norm" in kinds:
+        out += [channel_norm_granularity({"granularity": g}) for g in granularities]
+    return list(dict.fromkeys(out))
+
+
+def _build(spec: SweepSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return MODELS.get(spec.model.name).factory(spec.model.params, input_shape, num_classes)
+
+
+def preflight(spec: SweepSpec) -> str | None:
+    """Why ``spec``'s trials cannot train and export, or None when they can.
+
+    Loads the dataset and builds the model for its input shape (a missing dataset, a model
+    that rejects its inputs, a ViT patch that does not divide the image fail here) and, for each
+    granularity some trial exports at, wraps it as the trial would and runs ``check_export()``.
+    """
+    ds = spec.dataset
+    try:  # every trial would fail the same way: the sweep fails once, with the reason
+        data = load_dataset(ds.name, ds.params.model_dump(), ds.val_fraction, ds.test_fraction,
+                            ds.split_seed)  # fmt: skip
+    except Exception as err:
+        return f"dataset {ds.name!r} cannot be loaded: {type(err).__name__}: {err}"
+    try:
+        model = _build(spec, data.input_shape, data.num_classes)
+    except Exception as err:  # a lab's factory may raise anything
+        return (
+            f"model {spec.model.name!r} cannot be built for inputs {data.input_shape}: "
+            f"{type(err).__name__}: {err}"
+        )
+    reg = spec.regularizer
+    for granularity in export_granularities(spec):
+        blockers = _blockers(model, granularity, reg.include, reg.exclude)
+        if blockers:
+            more = len(blockers) - _SHOWN
+            return (
+                f"model {spec.model.name!r} cannot be shrunk at granularity {granularity!r} "
+                f"(checked before training): {'; '.join(blockers[:_SHOWN])}"
+                + (f"; and {more} more" if more > 0 else "")
+            )
+    return None
+
+
+def _blockers(model: nn.Module, granularity: str, include: Any, exclude: Any) -> list[str]:
+    """``check_export()`` of the L0 wrapper the trial would build (channel-norm pruning removes
+    the same groups through the same export), or the reason it cannot be built."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reg = L0Regularizer(model, 0.0, granularity=granularity, include=include,
+                                exclude=exclude)  # fmt: skip
+        lines = reg.check_export()
+    except (ValueError, TypeError, RuntimeError) as err:
+        return [f"{type(err).__name__}: {err}"]
+    if lines:
+        lines = [*(str(w.message) for w in caught), *lines]
+    return lines

@@ -1,0 +1,180 @@
+"""A lab's own networks, registered through the ``l0sweep.models`` entry point of a package the
+test writes, pip-installs into this environment (and uninstalls), and sweeps with ``l0sweep run``:
+the residual network sweeps with output gates and shrinks; a network whose export check fails
+(``nn.MultiheadAttention`` heads) fails the sweep before any trial trains, naming the op."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps import tracking
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PACKAGE = "l0sweep-test-lab-nets"
+
+PYPROJECT = f"""
+[build-system]
+requires = ["setuptools>=61"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "{PACKAGE}"
+version = "0.1.0"
+dependencies = []
+
+[project.entry-points."l0sweep.models"]
+lab = "lab_nets"
+
+[tool.setuptools]
+packages = ["lab_nets"]
+"""
+
+LAB_NETS = '''
+"""A lab's networks: a residual CNN in torchvision's layout, and a conv + attention network."""
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from sweeps.registry import register_model
+
+
+class LabResNetParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    width: int = Field(default=16, ge=1)
+    blocks: int = Field(default=2, ge=1)
+
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+class LabResNet(nn.Module):
+    def __init__(self, channels, width, blocks, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.layers = nn.Sequential(*[Block(width) for _ in range(blocks)])
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.relu(self.bn(self.conv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@register_model("lab-resnet", params=LabResNetParams)
+def lab_resnet(params, input_shape, num_classes):
+    """The lab's residual network."""
+    return LabResNet(input_shape[0], params.width, params.blocks, num_classes)
+
+
+class LabAttention(nn.Module):
+    def __init__(self, channels, num_classes):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 16, 3, padding=1)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2).transpose(1, 2)
+        return self.fc(self.attn(t, t, t, need_weights=False)[0].mean(1))
+
+
+@register_model("lab-attention")
+def lab_attention(params, input_shape, num_classes):
+    """A conv stem and torch's multi-head attention."""
+    return LabAttention(input_shape[0], num_classes)
+'''
+
+
+def _pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
+                   check=True, capture_output=True, text=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lab_package(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("lab_package")
+    (root / "pyproject.toml").write_text(PYPROJECT)
+    (root / "lab_nets").mkdir()
+    (root / "lab_nets" / "__init__.py").write_text(textwrap.dedent(LAB_NETS))
+    _pip("install", "--no-deps", "--no-build-isolation", "--no-index", str(root))
+    try:
+        yield root
+    finally:
+        _pip("uninstall", "-y", PACKAGE)
+
+
+def _run(tmp_path: Path, spec: dict, uri: str) -> tuple[subprocess.CompletedProcess, str]:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    l0sweep = Path(sys.executable).with_name("l0sweep")
+    done = subprocess.run(
+        [str(l0sweep), "run", str(path), "--tracking-uri", uri,
+         "--storage-path", str(tmp_path / "ray_results")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    found = re.search(r"sweep ([0-9a-f]{32}) (\w+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    return done, found.group(1)
+
+
+def _spec(name: str, model: dict, regularizer: dict) -> dict:
+    return {
+        "name": name,
+        "experiment": "tests-plugin",
+        "model": model,
+        "dataset": {"name": "digits"},
+        "regularizer": regularizer,
+        "train": {"epochs": 2, "batch_size": 64, "lr": 0.01, "gate_lr": 0.2},
+    }
+
+
+def test_a_labs_residual_network_sweeps_and_shrinks_with_l0sweep_run(lab_package, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = _spec(
+        "lab-resnet", {"name": "lab-resnet", "params": {"width": 16, "blocks": 2}},
+        {"kind": "l0", "granularity": "output", "lam": 0.0, "target_sparsity": 0.5,
+         "dual_lr": 0.5, "droprate_init": 0.3},
+    )  # fmt: skip
+    done, sweep_id = _run(tmp_path, spec, uri)
+    assert done.returncode == 0 and f"sweep {sweep_id} FINISHED" in done.stdout, done.stderr[-3000:]
+    (trial,) = tracking.sweep_trials(sweep_id, uri)
+    assert trial["status"] == "FINISHED"
+    m = trial["metrics"]
+    assert m["shrunk_params"] < m["total_params"], m  # the export removed whole channels
+    assert m["sparsity"] > 0.2 and 0 <= m["test_accuracy"] <= 1
+
+
+def test_a_model_that_cannot_shrink_fails_the_sweep_before_training(lab_package, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = _spec("lab-attention", {"name": "lab-attention"},
+                 {"kind": "l0", "granularity": "head", "lam": 0.1})  # fmt: skip
+    done, sweep_id = _run(tmp_path, spec, uri)
+    assert done.returncode == 1 and f"sweep {sweep_id} FAILED" in done.stdout
+    tags = tracking.client(uri).get_run(sweep_id).data.tags
+    assert tags["l0sweep.status"] == "FAILED"
+    message = tags["l0sweep.status_message"]
+    assert "cannot be shrunk at granularity 'head'" in message
+    assert "attn.in_proj_weight: nn.MultiheadAttention (attn) cannot lose heads" in message
+    assert tracking.sweep_trials(sweep_id, uri) == []  # no trial trained
+    assert not (tmp_path / "ray_results" / sweep_id).exists()  # Tune never started

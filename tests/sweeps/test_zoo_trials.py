@@ -1,0 +1,85 @@
+"""Structured L0 and channel-norm pruning train and export every zoo family through the trial's
+own training function (:func:`sweeps.training.train`: build from the registry, wrap, train,
+export, test), on digits with tiny widths; and a real sweep (Ray, MLflow) with channel-norm
+pruning logs the same parameters and FLOPs as the L0 trials."""
+
+from __future__ import annotations
+
+import pytest
+
+from sweeps import tracking
+from sweeps.driver import run_sweep
+from sweeps.space import concrete_config
+from sweeps.spec import SweepSpec
+from sweeps.training import train
+from tests.sweeps.conftest import tiny_spec
+
+TINY = {
+    "resnet": {"depth": 8, "width": 0.5},
+    "googlenet": {"width": 0.125, "blocks": 2},
+    "mobilenetv2": {"width": 0.25, "stages": 2},
+    "vit": {"patch": 4, "depth": 1, "heads": 4, "dim": 16, "mlp_ratio": 2.0},
+}
+# Gates driven to half closed within one epoch (about 22 steps on digits).
+L0_TO_HALF = {"kind": "l0", "lam": 0.0, "target_sparsity": 0.5, "dual_lr": 2.0,
+              "droprate_init": 0.3}  # fmt: skip
+
+
+def _cfg(model: str, regularizer: dict, epochs: int = 1) -> dict:
+    spec = tiny_spec(model={"name": model, "params": TINY[model]}, regularizer=regularizer,
+                     train={"epochs": epochs, "lr": 3e-3, "gate_lr": 0.3})  # fmt: skip
+    d = SweepSpec.model_validate(spec).model_dump(mode="json")
+    return concrete_config({**{k: d[k] for k in ("model", "dataset", "regularizer", "train")},
+                            "seed": 0})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model", "granularity"),
+    [("resnet", "output"), ("googlenet", "output"), ("mobilenetv2", "output"),
+     ("vit", "output"), ("vit", "head")],
+)  # fmt: skip
+def test_structured_l0_trains_and_shrinks_every_zoo_family(model, granularity):
+    result = train(_cfg(model, {**L0_TO_HALF, "granularity": granularity}))
+    m = result.metrics
+    assert result.shrunk is not None
+    assert m["sparsity"] > 0.1, m
+    assert m["shrunk_params"] < m["total_params"], m
+    assert m["expected_flops"] > 0 and 0 <= m["test_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("model", ["resnet", "googlenet", "mobilenetv2"])
+def test_channel_norm_prunes_and_shrinks_zoo_families(model):
+    result = train(_cfg(model, {"kind": "channel-norm", "target_sparsity": 0.5,
+                                "prune_begin": 0.0, "prune_end": 0.0}))  # fmt: skip
+    m = result.metrics
+    assert m["sparsity"] == pytest.approx(0.5, abs=0.08)
+    assert m["shrunk_params"] < 0.8 * m["total_params"]
+    assert m["expected_flops"] > 0 and m["nonzero_params"] < m["total_params"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_channel_norm_sweep_finishes_and_logs_params_and_flops(
+    ray_local, tracking_uri, storage_path
+):
+    spec = SweepSpec.model_validate(
+        tiny_spec(
+            name="channel-norm",
+            model={"name": "resnet", "params": TINY["resnet"]},
+            regularizer={"kind": {"grid": ["channel-norm", "l0"]}, "granularity": "output",
+                         "target_sparsity": 0.5, "prune_end": 0.5, "lam": 0.0,
+                         "dual_lr": 2.0, "droprate_init": 0.3},
+            train={"epochs": 2, "gate_lr": 0.3},
+        )
+    )  # fmt: skip
+    result = run_sweep(spec, tracking_uri, storage_path)
+    assert result.status == "FINISHED"
+    trials = {t["name"].split()[0]: t for t in tracking.sweep_trials(result.sweep_id, tracking_uri)}
+    assert set(trials) == {"channel-norm", "l0"}
+    for t in trials.values():
+        assert t["status"] == "FINISHED"
+        m = t["metrics"]
+        assert {"expected_flops", "nonzero_params", "shrunk_params", "total_params",
+                "test_accuracy"} <= set(m)  # fmt: skip
+        assert m["shrunk_params"] < m["total_params"]
+    assert trials["channel-norm"]["metrics"]["sparsity"] == pytest.approx(0.5, abs=0.08)
