@@ -36,6 +36,7 @@ from .progress import SweepCallback, SweepProgress
 from .report import finalize_sweep
 from .space import param_space, scheduler, search_algorithm, tune_num_samples
 from .spec import SweepSpec
+from .speedup import record_speedups
 from .trainable import SweepContext, train_trial
 from .vocabulary import SweepStatus, TrialStatus
 
@@ -217,6 +218,8 @@ def _run(
     out_of_time = budget is not None and time.monotonic() - started >= budget
     interrupted = stop.asked or (callback.unfinished() > 0 and not out_of_time)
     killed = tracking.close_open_trials(sweep_id, TrialStatus.KILLED, tracking_uri)
+    if not interrupted:
+        _latency_pass(spec, sweep_id, tracking_uri)
     report = finalize_sweep(spec, sweep_id, tracking_uri)
     trials = tracking.sweep_trials(sweep_id, tracking_uri)
     if interrupted:
@@ -236,6 +239,17 @@ def _run(
     tracking.set_sweep_status(sweep_id, status, message, tracking_uri)
     write_sweep_note(spec, sweep_id, status, message, tracking_uri)
     return SweepResult(sweep_id, status, str(storage / sweep_id), restored, trials, report)
+
+
+def _latency_pass(spec: SweepSpec, sweep_id: str, tracking_uri: str) -> None:
+    """Time the front's models against the dense model (`sweeps.speedup`); a failure here costs
+    the sweep its ``speedup_vs_dense`` figures, never its result."""
+    try:
+        record_speedups(spec, sweep_id, tracking_uri)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}"
+        log.warning("latency pass of sweep %s failed: %s", sweep_id, reason)
+        tracking.client(tracking_uri).set_tag(sweep_id, tracking.TAG_SPEEDUP_ERROR, reason[:500])
 
 
 def _commonest_failure(trials: list[dict[str, Any]]) -> str:

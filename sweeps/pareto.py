@@ -14,7 +14,14 @@ from typing import Any
 
 from .vocabulary import TrialStatus
 
-__all__ = ["best_at_sparsity", "dominates", "eligible", "hypervolume", "pareto_front"]
+__all__ = [
+    "best_at_sparsity",
+    "dominates",
+    "eligible",
+    "hypervolume",
+    "pareto_front",
+    "speed_candidates",
+]
 
 Objectives = Sequence[tuple[str, str]]  # (metric, "max" | "min")
 
@@ -133,3 +140,32 @@ def best_at_sparsity(
         if t["metrics"][sparsity] >= min_sparsity and accuracy in t["metrics"]
     ]
     return max(pool, key=lambda t: t["metrics"][select_by], default=None)
+
+
+def speed_candidates(
+    trials: Iterable[dict[str, Any]],
+    objectives: Iterable[Any],
+    limit: int = 24,
+    proxy: tuple[str, str] = ("throughput", "speedup_vs_dense"),
+) -> list[dict[str, Any]]:
+    """The finished trials whose models the driver times against the dense model.
+
+    The union of three fronts: the spec's objectives (a ``speedup_vs_dense`` objective, which
+    exists only once this comparison has run, stands in as the trial's own measured
+    ``throughput``), validation accuracy against sparsity (the report's fronts), and validation
+    accuracy against throughput. At most ``limit`` of them, in that order, so the comparison's
+    time stays bounded however large the sweep.
+    """
+    trials = list(trials)
+    measured, derived = proxy
+    own = [(measured if m == derived else m, mode) for m, mode in _pairs(objectives)]
+    fronts = (
+        pareto_front(trials, own),
+        pareto_front(trials, [("val_accuracy", "max"), ("sparsity", "max")]),
+        pareto_front(trials, [("val_accuracy", "max"), (measured, "max")]),
+    )
+    chosen: dict[str, dict[str, Any]] = {}
+    for front in fronts:
+        for t in front:
+            chosen.setdefault(t["run_id"], t)
+    return list(chosen.values())[:limit]

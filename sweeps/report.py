@@ -19,7 +19,8 @@ from .vocabulary import FALSE, TRUE, Tag
 __all__ = ["SPARSITY_LEVELS", "finalize_sweep", "format_pareto_table", "pareto_report", "plot_png"]
 
 SPARSITY_LEVELS = (0.5, 0.8, 0.9, 0.95, 0.98)
-_COLUMNS = ("val_accuracy", "test_accuracy", "sparsity", "nonzero_params", "expected_flops")
+_COLUMNS = ("val_accuracy", "test_accuracy", "sparsity", "nonzero_params", "expected_flops",
+            "latency_ms_b1", "throughput", "speedup_vs_dense")  # fmt: skip
 
 
 def pareto_report(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
@@ -147,7 +148,11 @@ def finalize_sweep(
     report = pareto_report(spec, trials)
     winners = {t["run_id"] for t in report["front"]}
     for t in trials:
-        c.set_tag(t["run_id"], Tag.PARETO, TRUE if t["run_id"] in winners else FALSE)
+        on_front = TRUE if t["run_id"] in winners else FALSE
+        c.set_tag(t["run_id"], Tag.PARETO, on_front)
+        if (t.get("model_uri") or "").startswith("models:/"):
+            model_id = t["model_uri"].removeprefix("models:/")
+            c.set_logged_model_tags(model_id, {tracking.MODEL_TAG_PARETO: on_front})
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "pareto.json").write_text(json.dumps(report, indent=2))

@@ -31,10 +31,12 @@ __all__ = [
     "find_sweeps",
     "method_front",
     "method_label",
+    "speed_front",
 ]
 
 MEAN_METRICS = ("sparsity", "val_accuracy", "test_accuracy", "nonzero_params", "total_params",
-                "shrunk_params", "expected_flops")  # fmt: skip
+                "shrunk_params", "expected_flops", "latency_ms_b1", "throughput", "model_bytes",
+                "speedup_vs_dense", "latency_speedup_b1")  # fmt: skip
 _IGNORED = {"seed"}  # config keys that only tell seeds apart
 
 
@@ -51,6 +53,7 @@ class Point:
     architectures: list[str]
     trial_seconds: float
     experiment_id: str = ""
+    export_formats: list[str] = field(default_factory=list)
 
     def as_trial(self) -> dict[str, Any]:
         """The shape :func:`sweeps.pareto.pareto_front` reads."""
@@ -155,6 +158,7 @@ def aggregate(trials: list[dict[str, Any]]) -> list[Point]:
                 architectures=sorted({t.get("architecture") or "" for t in members} - {""}),
                 trial_seconds=sum(_seconds(t) for t in members),
                 experiment_id=members[0].get("experiment_id", ""),
+                export_formats=sorted({t.get("export_format") or "" for t in members} - {""}),
             )
         )
     return sorted(points, key=lambda p: (p.method, p.metrics.get("sparsity", 0.0)))
@@ -165,6 +169,14 @@ def method_front(points: list[Point]) -> list[Point]:
     objectives = [("sparsity", "max"), ("val_accuracy", "max")]
     front = [t["point"] for t in pareto_front([p.as_trial() for p in points], objectives)]
     return sorted(front, key=lambda p: p.metrics["sparsity"])
+
+
+def speed_front(points: list[Point]) -> list[Point]:
+    """The non-dominated points on (mean measured ``speedup_vs_dense``, mean val_accuracy), by
+    rising speedup; only points the driver timed against the dense model take part."""
+    objectives = [("speedup_vs_dense", "max"), ("val_accuracy", "max")]
+    front = [t["point"] for t in pareto_front([p.as_trial() for p in points], objectives)]
+    return sorted(front, key=lambda p: p.metrics["speedup_vs_dense"])
 
 
 def dense_reference(points: list[Point]) -> Point | None:

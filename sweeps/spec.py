@@ -51,6 +51,7 @@ __all__ = [
     "DOMAIN_KINDS",
     "EPOCH_METRICS",
     "FINAL_METRICS",
+    "SPEED_METRICS",
     "Choice",
     "DatasetSpec",
     "Grid",
@@ -83,6 +84,17 @@ EPOCH_METRICS = {
     "nonzero_params": "nonzero parameters of the exported model",
     "total_params": "parameters of the dense model",
     "epoch_seconds": "wall time of the epoch's training",
+}
+# ... once, at the end, measured on the exported model: objectives may use these (the Pareto front
+# and the report do; a search or scheduler cannot, they never see them during training) ...
+SPEED_METRICS = {
+    "latency_ms_b1": ("min", "median forward time of the exported model on one example, ms"),
+    "throughput": ("max", "examples per second of the exported model on batches of 256"),
+    "speedup_vs_dense": (
+        "max",
+        "throughput over the dense model's, timed side by side by the driver (front trials)",
+    ),
+    "model_bytes": ("min", "bytes of the exported model's parameters and buffers"),
 }
 # ... and once, at the end, on the test split: never an objective (choose on validation).
 FINAL_METRICS = {
@@ -308,9 +320,10 @@ class Objective(_Strict):
                 f"{self.metric!r} is measured once on the test split and cannot be an objective; "
                 "choose on validation metrics"
             )
-        if self.metric not in EPOCH_METRICS:
+        if self.metric not in EPOCH_METRICS and self.metric not in SPEED_METRICS:
             raise ValueError(
-                f"unknown metric {self.metric!r}; reported: {', '.join(EPOCH_METRICS)}"
+                f"unknown metric {self.metric!r}; allowed: {', '.join(EPOCH_METRICS)} (every "
+                f"epoch), {', '.join(SPEED_METRICS)} (measured on the exported model)"
             )
         return self
 
@@ -443,6 +456,12 @@ class SweepSpec(_Strict):
         no_heads = _head_without_attention(self)
         if no_heads:
             problems.append(no_heads)
+        speed = [o.metric for o in self.objectives if o.metric in SPEED_METRICS]
+        if speed and self.search.algorithm == "optuna":
+            problems.append(
+                f"objectives {speed} are measured once the model is exported, after training: "
+                "optuna never sees them; use search.algorithm random (the front uses them)"
+            )
         names = [o.metric for o in self.objectives]
         if len(set(names)) != len(names):
             problems.append(f"objectives repeat a metric: {names}")

@@ -7,6 +7,8 @@ hold yet (training is seeded per epoch and the RNG state travels in the checkpoi
 done again gives the same figures). A diverged trial (NaN/inf loss) ends FAILED with the reason in
 MLflow and is not retried. A trial whose run already ended FINISHED or STOPPED (Tune restored it
 from an experiment state saved before it ended) reports its recorded metrics and trains no more.
+A finished trial's exported model is timed, exported to ONNX and logged as an MLflow logged
+model (:mod:`sweeps.model_log`) before the run ends; the speed metrics join its last report.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from ray import tune
 
 from . import tracking
+from .model_log import record_exported_model
 from .space import concrete_config, trial_config
 from .training import TrainResult, TrialDiverged, train
 from .variants import run_name
@@ -94,7 +97,8 @@ def _log_artifacts(run_id: str, result: TrainResult, tracking_uri: str | None) -
 
 def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     """Tune function trainable (bind ``context`` with ``tune.with_parameters``)."""
-    torch.set_num_threads(max(1, math.floor(context.cpus_per_trial)))
+    threads = max(1, math.floor(context.cpus_per_trial))
+    torch.set_num_threads(threads)
     own = trial_config(config)
     cfg = concrete_config(own)
     trial_id = tune.get_context().get_trial_id()
@@ -123,9 +127,13 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
 
     try:
         init = _init_weights(cfg, run_id, context)
-        result = train(cfg, _device(), on_epoch, state, init)
+        device = _device()
+        result = train(cfg, device, on_epoch, state, init)
         log(result.metrics)
         _log_artifacts(run_id, result, context.tracking_uri)
+        result.metrics.update(
+            record_exported_model(run_id, result, cfg, device, threads, context.tracking_uri)
+        )
     except TrialDiverged as err:
         c.set_tag(run_id, Tag.DIVERGED, TRUE)
         tracking.end_trial_run(run_id, TrialStatus.FAILED, str(err), context.tracking_uri)
