@@ -54,8 +54,10 @@ class DataFormatError(ValueError):
 
 
 class ImageFolderParams(_Strict):
-    path: str = Field(description="The folder, relative to the data directory: one sub-folder "
-                      "per class, PNG or JPEG images in each (sub-folders of a class included).")  # fmt: skip
+    path: str = Field(
+        description="The folder, relative to the data directory: one sub-folder per class, PNG "
+        "or JPEG images in each (sub-folders of a class included)."
+    )
     test_path: str | None = Field(
         default=None,
         description="A folder of the same layout used as the test split (its classes: some or "
@@ -356,6 +358,7 @@ def image_split(
     params: ImageFolderParams,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, dict]:
     """``(x, y, x_test, y_test, info)`` of an image-folder dataset (uint8 images)."""
+    params.check_data()  # as the spec did: a loader called directly refuses the same folders
     train = scan_folder(params.path)
     hw = params.hw()
     if hw is None:

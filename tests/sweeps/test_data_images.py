@@ -161,6 +161,8 @@ def test_mixed_sizes_are_fine_when_resized(data_dir):
         tiny_spec(dataset={"name": "image-folder", "params": {"path": "mixed", "size": 12}})
     )
     assert load_dataset("image-folder", {"path": "mixed", "size": 12}).input_shape == (3, 12, 12)
+    with pytest.raises(images.DataFormatError, match="'mixed' holds images of different sizes"):
+        load_dataset("image-folder", {"path": "mixed"})  # a loader called directly refuses too
 
 
 def test_the_disk_check_can_be_skipped_for_a_spec_read_back(data_dir):
