@@ -124,6 +124,7 @@ def test_images_are_standardised_per_channel_with_training_statistics(data_dir):
     [
         ({"path": "../outside"}, "must not contain '..'"),
         ({"path": "/etc"}, "must be relative to the data directory"),
+        ({"path": "nul\x00"}, "contains a NUL character"),
         ({"path": "escape"}, "outside the data directory"),
         ({"path": "linked-class"}, "outside the data directory"),
         ({"path": "linked-image"}, "outside the data directory"),
@@ -161,7 +162,8 @@ def test_bad_image_folders_are_spec_errors_naming_path_and_problem(
 
     msg = _spec_error({"name": "image-folder", "params": params})
     assert expected in msg, msg
-    assert params["path"].split("/")[-1] in msg or "test_path" in params, msg
+    named = repr(params["path"].split("/")[-1])[1:-1]  # as the message quotes it
+    assert named in msg or "test_path" in params, msg
 
 
 def test_mixed_sizes_are_fine_when_resized(data_dir):
