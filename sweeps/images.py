@@ -38,6 +38,7 @@ __all__ = [
     "FolderListing",
     "ImageFolderParams",
     "fit_images",
+    "image_split",
     "load_image_folder",
     "scan_folder",
 ]
