@@ -144,6 +144,8 @@ def resolve_data_path(relative: str, data_dir: Path | None = None) -> Path:
     candidate = Path(relative)
     if candidate.is_absolute() or relative.startswith("~"):
         raise DataPathError(f"path {relative!r} must be relative to the data directory {root}")
+    if "\x00" in relative:  # the OS refuses it with a message that does not name the path
+        raise DataPathError(f"path {relative!r} contains a NUL character")
     if ".." in candidate.parts:
         raise DataPathError(f"path {relative!r} must not contain '..'")
     resolved_root = root.resolve()

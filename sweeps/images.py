@@ -38,6 +38,7 @@ __all__ = [
     "FolderListing",
     "ImageFolderParams",
     "fit_images",
+    "image_split",
     "load_image_folder",
     "scan_folder",
 ]
@@ -54,8 +55,10 @@ class DataFormatError(ValueError):
 
 
 class ImageFolderParams(_Strict):
-    path: str = Field(description="The folder, relative to the data directory: one sub-folder "
-                      "per class, PNG or JPEG images in each (sub-folders of a class included).")  # fmt: skip
+    path: str = Field(
+        description="The folder, relative to the data directory: one sub-folder per class, PNG "
+        "or JPEG images in each (sub-folders of a class included)."
+    )
     test_path: str | None = Field(
         default=None,
         description="A folder of the same layout used as the test split (its classes: some or "
@@ -197,14 +200,29 @@ def _test_classes(train: FolderListing, test: FolderListing) -> None:
         )
 
 
+def _cache_path(listing: FolderListing, what: str, suffix: str) -> Path:
+    """Where something derived from the folder as listed now is cached."""
+    key = f"{_CACHE_FORMAT}|{listing.root}|{listing.digest}|{what}"
+    name = hashlib.sha256(key.encode()).hexdigest() + suffix
+    return Path(get_settings().cache_dir) / "image-folder" / name
+
+
 @lru_cache(maxsize=16)
 def _common_size(listing: FolderListing) -> tuple[int, int]:
-    """The (width, height) every image of the folder has, read from the headers only.
+    """The (width, height) every image of the folder has, read from the headers only once per
+    listing (recorded in the cache directory: every trial validates the spec again).
 
     Raises:
         DataFormatError: the images have different sizes, or a file is not an image.
     """
     from PIL import Image, UnidentifiedImageError
+
+    record = _cache_path(listing, "size", ".txt")
+    try:
+        width, height = (int(v) for v in record.read_text().split())
+        return width, height
+    except (OSError, ValueError):
+        pass  # not recorded yet (or unreadable): read the headers
 
     sizes: dict[tuple[int, int], list[str]] = {}
     for rel in listing.files:
@@ -222,7 +240,9 @@ def _common_size(listing: FolderListing) -> tuple[int, int]:
             f"image folder {listing.label!r} holds images of different sizes ({examples}); "
             "give params.size to resize them"
         )
-    return next(iter(sizes))
+    width, height = next(iter(sizes))
+    _write_atomically(record, f"{width} {height}\n".encode())
+    return width, height
 
 
 def load_image_folder(listing: FolderListing, hw: tuple[int, int], channels: int) -> np.ndarray:
@@ -232,9 +252,7 @@ def load_image_folder(listing: FolderListing, hw: tuple[int, int], channels: int
     options; concurrent trials wait for the first to decode (a file lock) instead of decoding
     again. A cache that cannot be written is logged and skipped, never fatal.
     """
-    options = f"{_CACHE_FORMAT}|{listing.root}|{listing.digest}|{hw}|{channels}"
-    key = hashlib.sha256(options.encode()).hexdigest()
-    cache = Path(get_settings().cache_dir) / "image-folder" / f"{key}.npy"
+    cache = _cache_path(listing, f"{hw}|{channels}", ".npy")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -253,7 +271,9 @@ def load_image_folder(listing: FolderListing, hw: tuple[int, int], channels: int
             except (OSError, ValueError) as err:
                 log.warning("image cache %s cannot be read (%s); decoding again", cache, err)
         x = _decode_all(listing, hw, channels)
-        _write_atomically(cache, x)
+        buffer = io.BytesIO()
+        np.save(buffer, x, allow_pickle=False)
+        _write_atomically(cache, buffer.getvalue())
         return x
 
 
@@ -273,12 +293,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write_atomically(path: Path, x: np.ndarray) -> None:
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write a cache file whole or not at all; a cache that cannot be written is only logged."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        buffer = io.BytesIO()
-        np.save(buffer, x, allow_pickle=False)
-        tmp.write_bytes(buffer.getbuffer())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
         os.replace(tmp, path)  # readers see the whole file or none
     except OSError as err:
         log.warning("cannot write the image cache %s: %s", path, err)
@@ -356,6 +376,7 @@ def image_split(
     params: ImageFolderParams,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, dict]:
     """``(x, y, x_test, y_test, info)`` of an image-folder dataset (uint8 images)."""
+    params.check_data()  # as the spec did: a loader called directly refuses the same folders
     train = scan_folder(params.path)
     hw = params.hw()
     if hw is None:

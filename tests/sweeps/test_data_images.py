@@ -7,6 +7,7 @@ import os
 import pickle
 
 import numpy as np
+import PIL.Image
 import pytest
 from pydantic import ValidationError
 
@@ -82,10 +83,19 @@ def test_image_folder_is_decoded_once_and_again_when_it_changes(data_dir, monkey
     second = _raw("image-folder", path="pets", size=16)  # as another process would: from cache
     assert decoded == ["pets"] and np.array_equal(first.x, second.x)
     assert len(list((data_dir.parent / "cache" / "image-folder").glob("*.npy"))) == 1
+    _raw("image-folder", path="pets")  # own size: the headers are read once, and recorded
+    images._common_size.cache_clear()  # a new process: neither headers nor pixels are read
+    with monkeypatch.context() as m:
+        m.setattr(PIL.Image, "open", lambda *a, **k: pytest.fail("an image was opened"))
+        assert np.array_equal(_raw("image-folder", path="pets").x.shape, (4, 3, 8, 8))
+        SweepSpec.model_validate(
+            tiny_spec(dataset={"name": "image-folder", "params": {"path": "pets"}})
+        )
+    decoded.clear()
     write_class_folder(data_dir / "pets", {"cat": 2}, size=(8, 8), seed=1)  # same names, new pixels
     os.utime(files[0], ns=(1, 1))  # a different modification time even on a coarse clock
     third = _raw("image-folder", path="pets", size=16)
-    assert decoded == ["pets", "pets"] and not np.array_equal(first.x, third.x)
+    assert decoded == ["pets"] and not np.array_equal(first.x, third.x)
 
 
 def test_image_folder_test_path_maps_its_classes_to_the_training_ones(data_dir):
@@ -114,6 +124,7 @@ def test_images_are_standardised_per_channel_with_training_statistics(data_dir):
     [
         ({"path": "../outside"}, "must not contain '..'"),
         ({"path": "/etc"}, "must be relative to the data directory"),
+        ({"path": "nul\x00"}, "contains a NUL character"),
         ({"path": "escape"}, "outside the data directory"),
         ({"path": "linked-class"}, "outside the data directory"),
         ({"path": "linked-image"}, "outside the data directory"),
@@ -151,7 +162,8 @@ def test_bad_image_folders_are_spec_errors_naming_path_and_problem(
 
     msg = _spec_error({"name": "image-folder", "params": params})
     assert expected in msg, msg
-    assert params["path"].split("/")[-1] in msg or "test_path" in params, msg
+    named = repr(params["path"].split("/")[-1])[1:-1]  # as the message quotes it
+    assert named in msg or "test_path" in params, msg
 
 
 def test_mixed_sizes_are_fine_when_resized(data_dir):
@@ -161,6 +173,8 @@ def test_mixed_sizes_are_fine_when_resized(data_dir):
         tiny_spec(dataset={"name": "image-folder", "params": {"path": "mixed", "size": 12}})
     )
     assert load_dataset("image-folder", {"path": "mixed", "size": 12}).input_shape == (3, 12, 12)
+    with pytest.raises(images.DataFormatError, match="'mixed' holds images of different sizes"):
+        load_dataset("image-folder", {"path": "mixed"})  # a loader called directly refuses too
 
 
 def test_the_disk_check_can_be_skipped_for_a_spec_read_back(data_dir):
