@@ -1,7 +1,7 @@
 # The README's two commands: `make serve` (the main job) and `make test`. Both set up .venv first.
 PY := .venv/bin/python
 
-.PHONY: setup serve demo test lint bench
+.PHONY: setup serve demo test test-fast lint bench
 
 setup:
 	@./scripts/setup.sh
@@ -12,12 +12,20 @@ serve: setup
 demo: setup
 	$(PY) -m sweeps.demo
 
+# ruff, then the import-linter contracts in pyproject.toml (the floors, and MLflow and Ray only in
+# their adapters).
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	.venv/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q
+
+# The fast tier: pure logic and the control plane's decisions against in-memory fakes (marker
+# `fast`), no Ray or MLflow processes; under a minute.
+test-fast: setup
+	$(PY) -m pytest -q -m fast
 
 bench: setup
 	$(PY) benchmarks/step_overhead.py

@@ -31,20 +31,12 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from service.record import (
-    TAG_JOB_ATTEMPT,
-    TAG_JOB_ID,
-    TAG_MANAGED,
-    TAG_MESSAGE,
-    TAG_REQUEST,
-    TAG_SPEC_SHA,
-    TAG_SUMMARY,
-    spec_digest,
-)
+from service.record import spec_digest
 from service.summary import summarize
 from sweeps import tracking
 from sweeps.spec import EPOCH_METRICS, SweepSpec
 from sweeps.tracking import flatten
+from sweeps.vocabulary import MANAGED_BY_SERVICE, TRUE, RunStatus, SweepStatus, Tag, TrialStatus
 
 SPEC = {
     "experiment": "l0sweep-history",
@@ -69,32 +61,32 @@ def write_sweep(
     spec = SweepSpec.model_validate(
         SPEC | {"name": f"history-{index:05d}", "search": {"num_samples": trials, "seeds": [0]}}
     )
-    extra = {TAG_SPEC_SHA: spec_digest(spec), TAG_JOB_ATTEMPT: "0", TAG_REQUEST: uuid.uuid4().hex,
-             TAG_MANAGED: "service"}  # fmt: skip
+    extra = {Tag.SPEC_SHA256: spec_digest(spec), Tag.JOB_ATTEMPT: "0",
+             Tag.REQUEST_ID: uuid.uuid4().hex, Tag.MANAGED: MANAGED_BY_SERVICE}  # fmt: skip
     sweep_id = tracking.create_sweep_run(spec, c.tracking_uri, extra)
     start_ms = int(time.time() * 1000)
     made = [_write_trial(w, experiment_id, sweep_id, spec, n, epochs, rng, start_ms)
             for n in range(trials)]  # fmt: skip
     front = sorted(made, key=lambda t: -t["metrics"]["val_accuracy"])[:5]
     for t in front:
-        w.set_tag(t["run_id"], "pareto", "true")
+        w.set_tag(t["run_id"], Tag.PARETO, TRUE)
         t["pareto"] = True
     end_ms = int(time.time() * 1000)
-    counts = {"FINISHED": trials}
+    counts = {TrialStatus.FINISHED.value: trials}
     metrics = {"hypervolume": rng.uniform(0.5, 0.9), "pareto_size": len(front),
                **{f"trials_{s.lower()}": n for s, n in counts.items()}}  # fmt: skip
     tags = [
-        RunTag(TAG_JOB_ID, f"l0sweep-{sweep_id}-0"),
-        RunTag("l0sweep.status", "FINISHED"),
-        RunTag(TAG_MESSAGE, f"{trials} trials, 0 failed"),
+        RunTag(Tag.JOB_ID, f"l0sweep-{sweep_id}-0"),
+        RunTag(Tag.STATUS, SweepStatus.FINISHED.value),
+        RunTag(Tag.STATUS_MESSAGE, f"{trials} trials, 0 failed"),
     ]
     w.log_batch(sweep_id, metrics=[Metric(k, float(v), end_ms, 0) for k, v in metrics.items()],
                 tags=tags)  # fmt: skip
-    w.set_terminated(sweep_id, "FINISHED", end_time=end_ms)
+    w.set_terminated(sweep_id, RunStatus.FINISHED.value, end_time=end_ms)
     if summary:
         record = summarize(made, spec.num_trials(), [o.model_dump() for o in spec.objectives],
                            end_ms)  # fmt: skip
-        w.set_tag(sweep_id, TAG_SUMMARY, record.to_tag())
+        w.set_tag(sweep_id, Tag.SUMMARY, record.to_tag())
     return sweep_id
 
 
@@ -120,11 +112,11 @@ def _write_trial(
     final = {**final, "test_accuracy": rng.uniform(0.8, 0.9), "shrunk_params": 1e5 * rng.random()}
     history += [Metric(k, final[k], start + epochs * 1000, epochs)
                 for k in ("test_accuracy", "shrunk_params")]  # fmt: skip
-    end_tags = [RunTag("l0sweep.trial_status", "FINISHED"),
-                RunTag("l0sweep.architecture", "784-212-71-10")]  # fmt: skip
+    end_tags = [RunTag(Tag.TRIAL_STATUS, TrialStatus.FINISHED.value),
+                RunTag(Tag.ARCHITECTURE, "784-212-71-10")]  # fmt: skip
     c.log_batch(run.info.run_id, metrics=history, params=params, tags=end_tags)
-    c.set_terminated(run.info.run_id, "FINISHED")
-    return {"trial_id": trial_id, "run_id": run.info.run_id, "status": "FINISHED",
+    c.set_terminated(run.info.run_id, RunStatus.FINISHED.value)
+    return {"trial_id": trial_id, "run_id": run.info.run_id, "status": TrialStatus.FINISHED.value,
             "metrics": final}  # fmt: skip
 
 

@@ -16,6 +16,7 @@ coupled output gates, a 4-layer ViT with head and MLP gates, each against its pl
 the export (``prune(shrink=True)``) of a ResNet-18-layout model with half of its units closed.
 
     python benchmarks/step_overhead.py [--rounds 30] [--steps 5] [--compile] [--families]
+                                       [--threads N]
 """
 
 from __future__ import annotations
@@ -189,8 +190,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the wrapper")
     ap.add_argument("--families", action="store_true", help="ResNet-20, ViT and the export")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default); 1 keeps the ratios stable "
+                         "on a machine shared with other work")  # fmt: skip
     ap.add_argument("--mode", choices=["default", "tuned"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.mode:
         if args.mode == "tuned":
             from l0core.cpu import tune_allocator
@@ -209,6 +215,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--mode", mode, "--rounds", str(args.rounds),
                "--steps", str(args.steps)] + (["--compile"] if args.compile else [])  # fmt: skip
         cmd += ["--families"] if args.families else []
+        cmd += ["--threads", str(args.threads)]
         res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         for model_name, row in res.items():
             for name, t in row.items():

@@ -186,7 +186,11 @@ def _uses_groups(model: nn.Module, granularity: object, per_sample: bool) -> boo
         return type(m).__module__.startswith("torch.nn")
 
     def chain_layer(m: nn.Module) -> bool:  # what the per-layer plan gates exactly
-        return builtin(m) and getattr(m, "groups", 1) == 1 and not isinstance(m, _CONVT)
+        return (
+            builtin(m)
+            and getattr(m, "groups", 1) == 1
+            and not isinstance(m, (*_CONVT, nn.GroupNorm, nn.LayerNorm))
+        )
 
     if isinstance(model, nn.Sequential):
         return False if all(chain_layer(m) for m in model.children()) else None
@@ -194,7 +198,13 @@ def _uses_groups(model: nn.Module, granularity: object, per_sample: bool) -> boo
 
 
 def _check_granularity(granularity: object) -> None:
-    if isinstance(granularity, str):
+    if isinstance(granularity, Mapping):
+        for name, g in granularity.items():
+            if g not in (*GRANULARITIES, "head"):
+                raise ValueError(
+                    f"granularity {g!r} of {name!r} is not one of {(*GRANULARITIES, 'head')}"
+                )
+    elif isinstance(granularity, str):
         if granularity not in (*GRANULARITIES, "head"):
             raise ValueError(
                 f"granularity must be one of {(*GRANULARITIES, 'head')} or a list of "
@@ -230,14 +240,19 @@ def _member_param(plan: GroupPlan, member: str) -> torch.Tensor | None:
 
 
 def plan_sites(
-    model: nn.Module, targets: list[TargetParam], granularity: str | list[str],
-    per_sample: bool = False,
+    model: nn.Module, targets: list[TargetParam],
+    granularity: str | list[str] | Mapping[str, str], per_sample: bool = False,
+    example: tuple[tuple, dict] | None = None,
 ) -> tuple[list[GateSite], list[GateSite]]:  # fmt: skip
     """Decide, for each selected parameter, its gates and how they are applied.
 
     Structured ``"output"`` gates (and ``"head"``, or a list of both) follow the model's data
     flow (``l0core.groups``): one gate per coupled unit, applied where the unit is created. A
     chain of built-in layers (an ``nn.Sequential``) keeps per-layer gates, which are exact there.
+    ``granularity`` may also map each target's name to its own granularity (per module, see
+    ``l0core.selection.select_granularities``): a unit is gated when the layers that create it
+    chose its kind. ``example``: ``(args, kwargs)`` of one forward, recorded where fx cannot
+    trace the model (``l0core.record``).
 
     Returns:
         ``(weight_sites, activation_sites)``, each with offsets into its own flat logit tensor;
@@ -247,38 +262,61 @@ def plan_sites(
         ValueError: unknown granularity, or two sites that would mask the same tensor.
     """
     _check_granularity(granularity)
-    mode = _uses_groups(model, granularity, per_sample)
+    choices = dict(granularity) if isinstance(granularity, Mapping) else None
+    group_targets = targets
+    if choices is not None:  # per module (include={pattern: granularity})
+        if per_sample:
+            raise ValueError("per_sample=True does not combine with per-module granularities")
+        group_targets = [t for t in targets if choices[t.name] in GROUP_GRANULARITIES]
+        kinds = sorted({choices[t.name] for t in group_targets})
+        mode = (True if "head" in kinds else None) if kinds else False
+        allowed = {id(p): {choices[n]} for n, p in model.named_parameters() if n in choices}
+        group_granularity: str | list[str] = kinds
+    else:
+        mode = _uses_groups(model, granularity, per_sample)
+        allowed, group_granularity = None, granularity
     plan = None
     if mode is not False:
-        plan = try_plan_groups(model, targets, granularity, required=bool(mode))
+        plan = try_plan_groups(
+            model, group_targets, group_granularity, bool(mode), allowed, example
+        )
     group_sites: list[GateSite] = []
+    layered = targets  # gated per layer
     if plan is not None:
-        group_sites = _group_sites(plan, targets)
+        group_sites = _group_sites(plan, group_targets)
         unknown = set(plan.graph.unknown_modules)
 
         def inside(t: TargetParam) -> str | None:
             return next((u for u in unknown if t.name.startswith(f"{u}.")), None)
 
         hidden = plan.graph.hidden_reads  # read through F.linear & co: gated on their own
-        rest = [t for t in targets if inside(t) is not None or t.name.rpartition(".")[0] in hidden]
+        rest = [t for t in group_targets
+                if inside(t) is not None or t.name.rpartition(".")[0] in hidden]  # fmt: skip
         for name in sorted({inside(t) for t in rest} - {None}):
             warnings.warn(
                 f"{name} ({plan.graph.unknown_modules[name]}) is not a module the graph walk "
                 "knows: its parameters are gated on their own (weight masks, exact)",
                 stacklevel=3,
             )
-        targets, granularity = rest, "output" if granularity == "head" else granularity
-        if not isinstance(granularity, str):
-            granularity = "output"
+        grouped = {id(t.param) for t in group_targets}
+        layered = rest + [t for t in targets if id(t.param) not in grouped]
+
+    def layer_granularity(t: TargetParam) -> str:
+        g = choices[t.name] if choices is not None else granularity
+        if plan is not None and (not isinstance(g, str) or g == "head"):
+            return "output"  # a structured gate that the graph walk cannot place
+        return g if isinstance(g, str) else "output"
+
     names = {id(m): n for n, m in model.named_modules()}
     sites = []
-    for t in targets:
-        if granularity == "weight" or t.param.dim() < 2:
+    for t in layered:
+        g = layer_granularity(t)
+        if g == "weight" or t.param.dim() < 2:
             site = GateSite(t.name, t, "weight", "weight", 0, t.param.numel(), 1)
             site.masked = [Masked(t.name, t.module, t.attr, t.aliases, tuple(t.param.shape))]
             sites.append(site)
         else:
-            sites.append(_plan_structured(t, granularity, per_sample, model, names))
+            sites.append(_plan_structured(t, g, per_sample, model, names))
     claimed: dict[int, str] = {}
     for m in plan.masks if plan is not None else []:
         claimed[id(m.module._parameters[m.attr])] = "a coupled group"

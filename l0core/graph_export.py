@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import skip_init
 
 from ._chain import ShrinkError
 from .groups import GroupPlan
+from .modules import HeadAttention, NarrowLayerNorm
 
 __all__ = ["GraphShrinkReport", "export_blockers", "group_members", "shrink_graph"]
 
@@ -67,11 +67,8 @@ def export_blockers(plan: GroupPlan, group_sites: list, weight_sites: list) -> l
             continue
         m = root.get_submodule(owner) if owner else root
         if isinstance(m, nn.MultiheadAttention):
-            lines.append(
-                f"{owner}.in_proj_weight: nn.MultiheadAttention ({owner}) cannot lose heads "
-                "(its embed_dim is also its output width); gate it, prune() without shrink"
-            )
-        elif not isinstance(getattr(m, "num_heads", None), int):
+            continue  # export makes it a HeadAttention (l0core.modules)
+        if not isinstance(getattr(m, "num_heads", None), int):
             lines.append(
                 f"{owner or 'the model'}: scaled_dot_product_attention heads are gated, but the "
                 "module holds no int 'num_heads' attribute that shrink could lower"
@@ -113,8 +110,9 @@ def _sliced(t: Tensor, cuts: list[tuple[int, Tensor]]) -> Tensor:
     return t
 
 
-def _rebuilt(old: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
-    """A module of ``old``'s type and settings whose tensors are ``tensors`` (new shapes)."""
+def _rebuilt(old: nn.Module, tensors: dict[str, Tensor], keep: Tensor | None) -> nn.Module:
+    """A module of ``old``'s type and settings whose tensors are ``tensors`` (new shapes);
+    ``keep``: which of its output features are left (a LayerNorm needs it)."""
     w = tensors.get("weight")
     if isinstance(old, _CONV + _CONVT):
         depthwise = old.groups > 1 and old.groups == old.in_channels == old.out_channels
@@ -124,33 +122,34 @@ def _rebuilt(old: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
             c_in, c_out = w.shape[0], w.shape[1]
         else:
             c_in, c_out = w.shape[1] * (w.shape[0] if depthwise else 1), w.shape[0]
-        new = skip_init(
-            type(old), c_in, c_out, old.kernel_size, stride=old.stride, padding=old.padding,
+        new = type(old)(
+            c_in, c_out, old.kernel_size, stride=old.stride, padding=old.padding,
             dilation=old.dilation, groups=c_out if depthwise else 1, bias=old.bias is not None,
-            padding_mode=old.padding_mode, device=w.device, dtype=w.dtype,
+            padding_mode=old.padding_mode, device="meta", dtype=w.dtype,
             **({"output_padding": old.output_padding} if isinstance(old, _CONVT) else {}),
         )  # fmt: skip
     elif isinstance(old, nn.Linear):
-        new = skip_init(nn.Linear, w.shape[1], w.shape[0], bias=old.bias is not None,
-                        device=w.device, dtype=w.dtype)  # fmt: skip
+        new = nn.Linear(w.shape[1], w.shape[0], bias=old.bias is not None, device="meta",
+                        dtype=w.dtype)  # fmt: skip
     elif isinstance(old, _BN):
         ref = tensors.get("running_mean", w)
-        new = skip_init(type(old), ref.shape[0], eps=old.eps, momentum=old.momentum,
-                        affine=old.affine, track_running_stats=old.track_running_stats,
-                        device=ref.device, dtype=ref.dtype)  # fmt: skip
-    elif isinstance(old, nn.MultiheadAttention):
-        raise ShrinkError(
-            "nn.MultiheadAttention cannot lose heads (its embed_dim is also its output width)"
-        )
+        new = type(old)(ref.shape[0], eps=old.eps, momentum=old.momentum, affine=old.affine,
+                        track_running_stats=old.track_running_stats, device="meta",
+                        dtype=ref.dtype)  # fmt: skip
+    elif isinstance(old, nn.GroupNorm):
+        per = old.num_channels // old.num_groups  # a group closes whole (l0core.trace)
+        new = nn.GroupNorm(w.shape[0] // per, w.shape[0], eps=old.eps, affine=old.affine,
+                           device="meta", dtype=w.dtype)  # fmt: skip
+    elif isinstance(old, (nn.LayerNorm, NarrowLayerNorm)):
+        return _narrow_layer_norm(old, tensors, keep)
     else:
         raise ShrinkError(f"cannot shrink {type(old).__name__}")
-    for name, t in [*old.named_parameters(recurse=False), *old.named_buffers(recurse=False)]:
-        target = getattr(new, name)
-        if target is None:
-            continue
-        value = tensors.get(name, t)
-        target.data = value.detach().clone()
-        target.requires_grad_(t.requires_grad)
+    # built on the meta device (no memory, no init); the model is export's own copy, so its
+    # tensors (sliced ones are fresh) move over as they are
+    for name, t in old.named_parameters(recurse=False):
+        new._parameters[name] = nn.Parameter(tensors.get(name, t).detach(), t.requires_grad)
+    for name, t in old.named_buffers(recurse=False):
+        new._buffers[name] = tensors.get(name, t)
     return new.train(old.training)
 
 
@@ -223,22 +222,32 @@ def _verify(want: object, model: nn.Module, example: tuple[tuple, dict]) -> None
 def _shrunk(model: nn.Module, plan: GroupPlan, closed: Tensor) -> nn.Module:
     cuts = _keep_masks(plan, closed)
     by_module: dict[str, dict[str, Tensor]] = {}
+    keeps: dict[str, Tensor] = {}
     for (mod_name, attr), dims in cuts.items():
         t = getattr(model.get_submodule(mod_name), attr)
         by_module.setdefault(mod_name, {})[attr] = _sliced(t, dims)
+        if attr == "weight":
+            keeps[mod_name] = dims[0][1]
+    attention = {
+        owner: _kept_heads(plan, closed, roots)
+        for owner, roots in plan.graph.heads.items()
+        if isinstance(model.get_submodule(owner), nn.MultiheadAttention)
+    }
+    for name, m in model.named_modules():  # any cut in or around it: a HeadAttention
+        if isinstance(m, nn.MultiheadAttention) and (
+            name in by_module or f"{name}.out_proj" in by_module or name in attention
+        ):
+            attention.setdefault(name, torch.arange(m.num_heads))
+    for owner, kept in attention.items():  # before its out_proj is rebuilt inside it
+        old = model.get_submodule(owner)
+        model.set_submodule(owner, _head_attention(old, by_module.pop(owner, {}), kept))
     for mod_name, tensors in by_module.items():
         old = model.get_submodule(mod_name)
-        if isinstance(old, nn.MultiheadAttention) or (
-            mod_name.endswith(".out_proj")
-            and isinstance(model.get_submodule(mod_name.rpartition(".")[0]), nn.MultiheadAttention)
-        ):
-            raise ShrinkError(
-                f"cannot shrink {mod_name}: nn.MultiheadAttention cannot lose heads (its "
-                "embed_dim is also its output width); prune() without shrink keeps it exact"
-            )
-        model.set_submodule(mod_name, _rebuilt(old, tensors))
+        model.set_submodule(mod_name, _rebuilt(old, tensors, keeps.get(mod_name)))
     for owner, roots in plan.graph.heads.items():
-        kept = sum(1 for r in roots if not _is_closed(plan, closed, r))  # the number of heads left
+        if owner in attention:
+            continue
+        kept = len(_kept_heads(plan, closed, roots))
         if kept == len(roots):
             continue
         m = model.get_submodule(owner) if owner else model
@@ -249,6 +258,46 @@ def _shrunk(model: nn.Module, plan: GroupPlan, closed: Tensor) -> nn.Module:
             )
         m.num_heads = kept
     return model
+
+
+def _kept_heads(plan: GroupPlan, closed: Tensor, roots: list[int]) -> Tensor:
+    kept = [h for h, r in enumerate(roots) if not _is_closed(plan, closed, r)]
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def _narrow_layer_norm(
+    old: nn.LayerNorm | NarrowLayerNorm, tensors: dict[str, Tensor], keep: Tensor | None
+) -> NarrowLayerNorm:
+    """``old`` (a LayerNorm over one dim) returning only the output features ``keep``."""
+    if keep is None:
+        raise ShrinkError(f"cannot shrink {old}: no affine weight to read the kept features from")
+    index = keep.nonzero().flatten()
+    if isinstance(old, NarrowLayerNorm):
+        width, eps, index = old.width, old.eps, old.keep[index.to(old.keep.device)]
+    else:
+        width, eps = old.normalized_shape[0], old.eps
+    return NarrowLayerNorm(
+        width,
+        index.to(tensors["weight"].device),
+        tensors["weight"].detach(),
+        None if tensors.get("bias") is None else tensors["bias"].detach(),
+        eps,
+    ).train(old.training)
+
+
+def _head_attention(
+    old: nn.MultiheadAttention, tensors: dict[str, Tensor], kept: Tensor
+) -> HeadAttention:
+    """``old`` with the heads ``kept`` left (its q/k/v rows already sliced in ``tensors``)."""
+    if not old._qkv_same_embed_dim or old.bias_k is not None or old.add_zero_attn:
+        raise ShrinkError(f"cannot shrink {old}: separate q/k/v widths, bias_k or add_zero_attn")
+    w = tensors.get("in_proj_weight", old.in_proj_weight).detach()
+    b = old.in_proj_bias
+    b = None if b is None else tensors.get("in_proj_bias", b).detach()
+    new = HeadAttention(w, b, old.out_proj, old.head_dim, kept.to(w.device), old.num_heads,
+                        old.batch_first, old.dropout)  # fmt: skip
+    new.in_proj_weight.requires_grad_(old.in_proj_weight.requires_grad)
+    return new.train(old.training)
 
 
 def _is_closed(plan: GroupPlan, closed: Tensor, channel: int) -> bool:

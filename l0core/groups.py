@@ -145,20 +145,28 @@ def _parse(granularity: str | list[str] | tuple[str, ...]) -> set[str]:
 
 
 def plan_groups(
-    model: nn.Module, targets: list[TargetParam], granularity: str | list[str]
+    model: nn.Module,
+    targets: list[TargetParam],
+    granularity: str | list[str],
+    allowed: dict[int, set[str]] | None = None,
+    example: tuple[tuple, dict] | None = None,
 ) -> GroupPlan:
     """Trace ``model`` and choose its gated units.
 
     A unit is gated when its kind is asked for (``"head"`` for attention heads, ``"output"`` for
     every other channel), it is not fixed (the model's input or output, a LayerNorm's input...),
-    and every producer weight that creates it is among ``targets``.
+    and every producer weight that creates it is among ``targets`` (for a unit no weight
+    creates, a LayerNorm's outputs: every weight that reads it). With ``allowed`` (per module:
+    ``id(param)`` -> granularities) each producer weight must have chosen the unit's kind (for
+    a LayerNorm's outputs: the LayerNorm's own affine entries). ``example``: ``(args, kwargs)``
+    of a forward, to record the call graph where fx cannot trace (``l0core.record``).
 
     Raises:
         ValueError: a granularity that is not ``"output"``/``"head"``.
         GraphError: the model cannot be traced.
     """
     kinds = _parse(granularity)
-    graph = trace_channels(model, heads="head" in kinds)
+    graph = trace_channels(model, heads="head" in kinds, example=example)
     gm = model  # the traced graph's leaf modules are the model's own
     selected = {id(t.param) for t in targets}
     aliases = {id(t.param): t.aliases for t in targets}
@@ -166,6 +174,9 @@ def plan_groups(
     members: dict[int, list[tuple[int, int]]] = {}
     gated_at: set[int] = set()
     blocked: dict[int, str] = {}
+    rows_of: dict[int, list[tuple[Incidence, Tensor]]] = {}
+    cols_of: dict[int, list[tuple[Incidence, Tensor]]] = {}
+    creators_of: dict[int, list[tuple[Incidence, Tensor]]] = {}
     for k, inc in enumerate(graph.incidences):
         p = _param(gm, inc)
         for i in inc.ids.tolist():
@@ -173,10 +184,28 @@ def plan_groups(
             members.setdefault(r, []).append((k, 1))
             if inc.gate:
                 gated_at.add(r)
-            if inc.role == "rows" and p is not None and p.dim() >= 2 and id(p) not in selected:
-                blocked.setdefault(r, f"{inc.module}.{inc.attr} is not selected")
+            if inc.gate and p is not None:
+                creators_of.setdefault(r, []).append((inc, p))
+            if inc.role == "rows" and p is not None and p.dim() >= 2:
+                rows_of.setdefault(r, []).append((inc, p))
+            elif inc.role == "cols" and p is not None and p.dim() >= 2:
+                cols_of.setdefault(r, []).append((inc, p))
             if inc.module in graph.hidden_reads:
                 blocked.setdefault(r, f"{inc.module}'s weights are read outside its forward")
+    for r in members:
+        want = "head" if r in graph.head else "output"
+        rows = rows_of.get(r)
+        if not rows and allowed is not None:  # per module: the norm that creates it chose it
+            rows = creators_of.get(r, [])
+        for inc, p in rows or cols_of.get(r, []):
+            if id(p) not in (selected if allowed is None else allowed):
+                blocked.setdefault(r, f"{inc.module}.{inc.attr} is not selected")
+            elif allowed is not None and want not in allowed[id(p)]:
+                blocked.setdefault(
+                    r,
+                    f"{inc.module}.{inc.attr} is selected for {sorted(allowed[id(p)])}, "
+                    f"not {want!r}",
+                )
     chosen: dict[tuple, list[int]] = {}
     not_gated: dict[str, str] = {}
     for r, mem in members.items():
@@ -251,12 +280,17 @@ def _unique_names(groups: list[Group]) -> None:
 
 
 def try_plan_groups(
-    model: nn.Module, targets: list[TargetParam], granularity: str | list[str], required: bool
+    model: nn.Module,
+    targets: list[TargetParam],
+    granularity: str | list[str],
+    required: bool,
+    allowed: dict[int, set[str]] | None = None,
+    example: tuple[tuple, dict] | None = None,
 ) -> GroupPlan | None:
     """``plan_groups``, or ``None`` with a warning when the model does not trace and the
     caller can fall back to per-layer gates (``required=False``)."""
     try:
-        return plan_groups(model, targets, granularity)
+        return plan_groups(model, targets, granularity, allowed, example)
     except GraphError as exc:
         if required:
             raise

@@ -47,7 +47,7 @@ from .gating import (
 from .graph_export import export_blockers, group_members, shrink_graph
 from .masking import masked_weights
 from .probe import count_reads, settle_hooks
-from .selection import Selector, select_params
+from .selection import Selector, select_granularities, select_params
 
 __all__ = ["L0Regularizer"]
 
@@ -76,10 +76,15 @@ class L0Regularizer(nn.Module):
             and the noise clamp).
         granularity: ``"weight"`` (one gate per parameter element, as in the paper),
             ``"output"`` (one per output unit / channel, dim 0 of the weight) or ``"input"``
-            (one per input feature, dim 1, the authors' L0Dense).
+            (one per input feature, dim 1, the authors' L0Dense); ``"head"`` (one per attention
+            head) or a list of ``"head"`` and ``"output"``: units placed by the model's data
+            flow (``docs/GRAPHS.md``).
         include, exclude: globs on parameter names or module types, or a callable
             ``(name, param, module) -> bool``. By default every parameter with two or more
-            dimensions is gated; ``include="*"`` gates everything.
+            dimensions is gated; ``include="*"`` gates everything. ``include`` may also map
+            patterns on module names to granularities, one per module:
+            ``{"blocks.*.attn": "head", "blocks.*.mlp.fc1": "output"}`` (then leave
+            ``granularity`` at its default; see ``l0core.selection.select_granularities``).
         per_sample: independent gates per example for structured gates applied on activations,
             drawn once per forward (a layer called twice in one forward sees the same ones).
         batch_dim: the dim of the examples in the activations of gated Linear layers, for
@@ -94,6 +99,10 @@ class L0Regularizer(nn.Module):
             step is driven by the measured eval sparsity, see ``SparsityController``.
         init: ``"random"`` (the authors' N(logit, 0.01)) or ``"magnitude"`` (gates of the
             largest pretrained weights start most open, to fine-tune a trained model).
+        example_inputs: the positional inputs of one forward (a tuple, or one tensor). Where
+            torch.fx cannot trace the model (Python control flow on data), the structured gates
+            are placed on the real call graph of a forward on them (``l0core.record``) instead
+            of layer by layer.
     """
 
     def __init__(
@@ -107,7 +116,7 @@ class L0Regularizer(nn.Module):
         limit_b: float = 1.1,
         epsilon: float = 1e-6,
         *,
-        granularity: str = "weight",
+        granularity: str | list[str] = "weight",
         include: Selector = None,
         exclude: Selector = None,
         per_sample: bool = False,
@@ -116,6 +125,7 @@ class L0Regularizer(nn.Module):
         target_sparsity: float | None = None,
         dual_lr: float = 0.005,
         init: str = "random",
+        example_inputs: Any = None,
     ) -> None:
         super().__init__()
         self.lam = _check_number("lam", lam, 0.0)
@@ -135,8 +145,20 @@ class L0Regularizer(nn.Module):
         self._zero_logit = eval_zero_logit(self.hc, test_gate)
         self.granularity, self.per_sample, self.test_gate = granularity, per_sample, test_gate
         self.module = model
-        targets = select_params(model, include, exclude)
-        self._wsites, self._asites = plan_sites(model, targets, granularity, per_sample)
+        if isinstance(include, Mapping):
+            if granularity != "weight":
+                raise ValueError(
+                    f"granularity={granularity!r} given with include={{pattern: granularity}}: "
+                    "give the granularities in include only"
+                )
+            targets, granularity = select_granularities(model, include, exclude)
+        else:
+            targets = select_params(model, include, exclude)
+        example = None
+        if example_inputs is not None:
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            example = (args, {})
+        self._wsites, self._asites = plan_sites(model, targets, granularity, per_sample, example)
         self._masked = [(s, m) for s in self._wsites for m in s.masked]
         self._group_plan = next((s.plan for s in self._asites if s.plan is not None), None)
         ref = targets[0].param
@@ -171,7 +193,8 @@ class L0Regularizer(nn.Module):
         self._module_id_set: set[int] | None = None
         self._dual_versions: tuple[tuple[int, int], ...] | None = None  # None: a step is due
         self._shapes: dict[str, tuple[int, ...]] | None = None
-        self._example: tuple[tuple, dict] | None = None  # two rows of the first input
+        # two rows of the first input (or of example_inputs): export checks its result on them
+        self._example = None if example is None else _example_rows(*example)
         self.last_shrink_report = None
 
     # ---- forward --------------------------------------------------------------------------
@@ -515,14 +538,23 @@ class L0Regularizer(nn.Module):
             if s.plan is not None
         ]
 
-    def check_export(self) -> list[str]:
+    def check_export(self, ungated: bool = False) -> list[str]:
         """Why each selected parameter will not shrink with ``prune(shrink=True)``: one line
         per parameter, naming the node and op that keeps it (empty when all of it can).
 
         Call it right after construction: it reads the plan, not the gates.
+
+        Args:
+            ungated: also one line per selected parameter whose units got no structured gate
+                because removing them would not be exact (a LayerNorm's input, a GroupNorm
+                without affine, the model's output...), with the reason.
         """
         if self._group_plan is not None:
-            return export_blockers(self._group_plan, self._asites, self._wsites)
+            lines = export_blockers(self._group_plan, self._asites, self._wsites)
+            if ungated:
+                lines += [f"{name}: not gated: {why}"
+                          for name, why in self._group_plan.not_gated.items()]  # fmt: skip
+            return lines
         return chain_export_blockers(self.module)
 
     def expected_flops(self, *example_args: Any, **example_kwargs: Any) -> float:

@@ -9,14 +9,24 @@ A selector is ``None`` (the default rule), a glob pattern, a list of patterns, o
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["Selector", "TargetParam", "iter_params", "select_params"]
+__all__ = [
+    "PER_MODULE_GRANULARITIES",
+    "Selector",
+    "TargetParam",
+    "iter_params",
+    "select_granularities",
+    "select_params",
+]
 
-Selector = str | Sequence[str] | Callable[[str, nn.Parameter, nn.Module], bool] | None
+Selector = (
+    str | Sequence[str] | Mapping[str, str] | Callable[[str, nn.Parameter, nn.Module], bool] | None
+)
+PER_MODULE_GRANULARITIES = ("weight", "output", "input", "head")
 
 
 @dataclass(frozen=True)
@@ -112,3 +122,68 @@ def select_params(
             "more dimensions is selected)"
         )
     return chosen
+
+
+def _matches_module(t: TargetParam, pattern: str) -> bool:
+    """``pattern`` names the parameter, its module's type, or the module or one of its parents
+    (``"blocks.*.attn"`` matches ``blocks.0.attn.qkv.weight``)."""
+    if fnmatch.fnmatchcase(t.name, pattern) or fnmatch.fnmatchcase(
+        type(t.module).__name__, pattern
+    ):
+        return True
+    parts = t.name.split(".")[:-1]
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+
+
+def select_granularities(
+    model: nn.Module, include: Mapping[str, str], exclude: Selector = None
+) -> tuple[list[TargetParam], dict[str, str]]:
+    """Per-module granularities: ``include={pattern: granularity}``.
+
+    A pattern names modules (a glob on their qualified names; a parameter belongs to its module
+    and every parent), parameter names or module types; each parameter of two or more
+    dimensions it matches gets that granularity (the first matching pattern wins; biases follow
+    their layer's structured gates). E.g. ``{"blocks.*.attn": "head", "blocks.*.mlp.fc1":
+    "output"}`` gates the heads and the MLP's hidden units.
+
+    Returns:
+        The selected parameters and, per matched parameter name (one-dimensional ones too: a
+        LayerNorm's affine entries create its output units), its granularity.
+
+    Raises:
+        ValueError: a granularity not in :data:`PER_MODULE_GRANULARITIES`, a pattern that
+            matches no parameter, or nothing left to regularize.
+    """
+    if not include:
+        raise ValueError("include={pattern: granularity} is empty; give at least one pattern")
+    targets = list(iter_params(model))
+    for pat, gran in include.items():
+        if not isinstance(pat, str) or not pat:
+            raise TypeError(f"include patterns must be non-empty strings, got {pat!r}")
+        if gran not in PER_MODULE_GRANULARITIES:
+            raise ValueError(
+                f"include[{pat!r}] = {gran!r} is not a granularity; allowed: "
+                f"{PER_MODULE_GRANULARITIES}"
+            )
+        if not any(_matches_module(t, pat) for t in targets):
+            names = sorted({t.name.rpartition(".")[0] for t in targets} - {""})
+            raise ValueError(
+                f"include pattern {pat!r} matches no module, parameter or module type; modules "
+                f"with parameters are: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}"
+            )
+    _check_all_patterns_match(exclude, targets, "exclude")
+    exc = _as_predicate(exclude, "exclude")
+    chosen, granularity = [], {}
+    for t in targets:
+        gran = next((g for pat, g in include.items() if _matches_module(t, pat)), None)
+        if gran is None or (exc and exc(t)):
+            continue
+        granularity[t.name] = gran  # a norm's entries too: it may create units (LayerNorm)
+        if t.param.dim() >= 2:
+            chosen.append(t)
+    if not chosen:
+        raise ValueError(
+            f"nothing to regularize in {type(model).__name__}: include={dict(include)!r} matches "
+            "no parameter of 2 or more dimensions"
+        )
+    return chosen, granularity

@@ -17,6 +17,7 @@ from torch import Tensor, fx, nn
 
 from ._values import TensorOps, Val, arg_of, flat_vals, op_name, positive
 from .graph import ChannelGraph, GraphError
+from .record import record_graph
 
 __all__ = ["trace_channels"]
 
@@ -46,10 +47,17 @@ _TIE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
 _SHAPE_METHODS = {"size", "dim"}
 
 
+def _zero_at_zero(activation: Any) -> bool:
+    """Whether a transformer layer's activation (a function or a module) keeps 0 at 0."""
+    if isinstance(activation, nn.Module):
+        return isinstance(activation, _KEEP_MODULES)
+    return activation in _KEEP_FUNCTIONS
+
+
 class _Walker(TensorOps):
-    def __init__(self, gm: fx.GraphModule, heads: bool, root: nn.Module) -> None:
+    def __init__(self, graph: fx.Graph, heads: bool, root: nn.Module) -> None:
         self.g = ChannelGraph()
-        self.gm = gm
+        self.graph = graph
         self.heads = heads
         self.vals: dict[fx.Node, Any] = {}
         self.modules = dict(root.named_modules())  # gm holds the same leaves, not the rest
@@ -64,7 +72,7 @@ class _Walker(TensorOps):
                 self.g.fix(v.ids, f"{why} at node {node.name!r} ({op_name(node)})")
 
     def run(self) -> ChannelGraph:
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             try:
                 self.vals[node] = self.visit(node)
             except GraphError:
@@ -106,12 +114,10 @@ class _Walker(TensorOps):
             elif x is not None:
                 self.fix_all(node, "a BatchNorm not on the channel dimension")
             return x
-        if isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
-            self.fix_all(node, "normalized together")
-            out = self._fresh(node, x, m)
-            if out is not None and getattr(m, "weight", None) is not None:
-                self._norm(name, m, out.ids, fixed_reason=f"{name} ({type(m).__name__})")
-            return out
+        if isinstance(m, nn.GroupNorm):
+            return self.group_norm(node, name, m, x)
+        if isinstance(m, nn.LayerNorm):
+            return self.layer_norm(node, name, m, x)
         if isinstance(m, _KEEP_MODULES):
             return x
         if isinstance(m, nn.Flatten):
@@ -121,31 +127,63 @@ class _Walker(TensorOps):
             return x
         if isinstance(m, nn.MultiheadAttention):
             return self.mha(node, name, m, x)
-        if isinstance(m, nn.TransformerEncoderLayer):
-            return self.encoder_layer(node, name, m, x)
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            return self.transformer_layer(node, name, m, x)
         if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.parameters()):
             self.g.unknown_modules[name] = type(m).__name__
         self.fix_all(node, "an op the graph walk does not know")
         return None
 
-    def _fresh(self, node: fx.Node, x: Val | None, m: nn.Module) -> Val | None:
+    def group_norm(self, node: fx.Node, name: str, m: nn.GroupNorm, x: Val | None) -> Val | None:
+        """GroupNorm normalizes each group of channels on its own, so a whole group is one unit:
+        its gate multiplies the group's affine entries (after the normalization), a closed group
+        is exactly zero, and removing it (``num_groups`` one lower) leaves the other groups'
+        statistics as they were. A single closed channel would change its group's statistics."""
         if x is None:
             return None
-        ids = self.g.new(x.ids.numel()).view(x.ids.shape)
-        self.g.fix(ids, f"normalized by {node.target} ({type(m).__name__})")
-        return Val(ids, x.cdims, x.ndim, x.block)
+        if x.ids.dim() != 1 or positive(x) not in ([1], None) or x.block:
+            self.fix_all(node, "a GroupNorm not on the channel dimension")
+            return None
+        for row in x.ids.view(m.num_groups, -1):
+            self.g.union(row[:1].expand_as(row), row)
+        if not m.affine:
+            self.g.fix(x.ids, f"{name} (GroupNorm) has no affine output to gate (a closed "
+                              "channel would change its group's statistics)")  # fmt: skip
+        self._norm(name, m, x.ids)
+        return x
 
-    def _norm(self, name: str, m: nn.Module, ids: Tensor, fixed_reason: str = "") -> None:
+    def layer_norm(self, node: fx.Node, name: str, m: nn.LayerNorm, x: Val | None) -> Val | None:
+        """LayerNorm over the features: removing an input feature changes the statistics of the
+        others, so its input keeps its width. Its outputs are fresh units gated on the affine
+        output (a closed one is exactly zero): export removes them from the LayerNorm's output
+        and from every consumer (``l0core.modules.NarrowLayerNorm``)."""
+        if x is None:
+            return None
+        self.fix_all(node, f"normalized together by {name} (LayerNorm)")
+        out = self.g.new(x.ids.numel()).view(x.ids.shape)
+        one_dim = len(m.normalized_shape) == 1 and x.ids.dim() == 1 and x.cdims == (-1,)
+        if not one_dim or x.block:
+            self.g.fix(out, f"normalized by {name} (LayerNorm over more than the feature dim)")
+        elif m.weight is None:
+            self.g.fix(out, f"{name} (LayerNorm) has no affine output to gate")
+        else:
+            self._norm(name, m, out)
+        return Val(out, x.cdims, x.ndim, x.block)
+
+    def _norm(self, name: str, m: nn.Module, ids: Tensor) -> None:
         for attr in ("weight", "bias", "running_mean", "running_var"):
             if getattr(m, attr, None) is not None:
-                gate = attr in ("weight", "bias") and not fixed_reason
-                self.g.touch(name, attr, 0, ids, "norm", gate)
+                self.g.touch(name, attr, 0, ids, "norm", attr in ("weight", "bias"))
 
-    def _only_bn_follows(self, node: fx.Node) -> bool:
+    def _only_norm_follows(self, node: fx.Node) -> bool:
+        """Whether the only user of ``node`` is a channel norm whose affine output the gate
+        multiplies instead (a gate before it would be normalized away)."""
         users = list(node.users)
         if len(users) != 1 or users[0].op != "call_module":
             return False
         m = self.modules[users[0].target]
+        if isinstance(m, nn.GroupNorm):
+            return m.affine
         return isinstance(m, _BN) and m.affine and m.track_running_stats
 
     def conv(self, node: fx.Node, name: str, m: nn.Module, x: Val | None) -> Val:
@@ -160,7 +198,7 @@ class _Walker(TensorOps):
             if x is not None:
                 self.g.touch(name, "weight", 0 if transposed else 1, x.ids, "cols")
             out = self.g.new(n_out)
-            gate = not self._only_bn_follows(node)
+            gate = not self._only_norm_follows(node)
             self.g.touch(name, "weight", 1 if transposed else 0, out, "rows", gate)
             if m.bias is not None:
                 self.g.touch(name, "bias", 0, out, "rows", gate)
@@ -194,17 +232,20 @@ class _Walker(TensorOps):
         return Val(out, (-1,), ndim)
 
     def mha(self, node: fx.Node, name: str, m: nn.MultiheadAttention, x: Val | None,
-            same: bool | None = None) -> Any:  # fmt: skip
-        """Self-attention: heads tie their q, k, v rows; out_proj reads v's channels."""
-        if not m._qkv_same_embed_dim:
-            self.fix_all(node, "an attention layout the walk does not know")
+            same: bool | None = None, inner: bool = False) -> Any:  # fmt: skip
+        """Heads tie their q, k, v rows; out_proj reads v's channels. The input columns follow
+        ``x`` for self-attention; cross-attention's inputs keep their width. ``inner``: called
+        for a transformer layer (its inputs were handled by the caller)."""
+        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+            self.fix_all(node, "an attention layout the walk does not know (separate q/k/v "
+                               "widths, bias_k or add_zero_attn)")  # fmt: skip
             return None
         e, h = m.embed_dim, m.num_heads
         if same is None:
             same = len(node.args) >= 3 and all(self.val(a) is x for a in node.args[:3])
         if x is not None and same and x.cdims == (-1,) and x.ids.dim() == 1:
             self.g.touch(name, "in_proj_weight", 1, x.ids, "cols")
-        else:
+        elif not inner:
             self.fix_all(node, "attention inputs")
         qkv = self.g.new(3 * e)
         self._tie_heads(qkv.view(3, h, e // h), f"{name} ({type(m).__name__})", name)
@@ -218,21 +259,28 @@ class _Walker(TensorOps):
             self.g.touch(f"{name}.out_proj", "bias", 0, out, "rows", True)
         return (Val(out, (-1,), None if x is None else x.ndim), None)
 
-    def encoder_layer(self, node: fx.Node, name: str, m: nn.Module, x: Val | None) -> Any:
-        """``nn.TransformerEncoderLayer``: its heads and its MLP's hidden units; the stream it
-        reads and writes is normalized by its LayerNorms, so it stays."""
-        if x is not None:
-            self.g.fix(x.ids, f"normalized inside {name} (TransformerEncoderLayer)")
-        inner = Val(self.g.new(m.self_attn.embed_dim), (-1,), None if x is None else x.ndim)
-        self.g.fix(inner.ids, f"normalized inside {name} (TransformerEncoderLayer)")
-        self.mha(node, f"{name}.self_attn", m.self_attn, inner, same=True)
-        self.g.fix(self.g._inc_at[(f"{name}.self_attn.out_proj", "weight", 0)].ids,
-                   f"normalized inside {name} (TransformerEncoderLayer)")  # fmt: skip
+    def transformer_layer(self, node: fx.Node, name: str, m: nn.Module, x: Val | None) -> Any:
+        """``nn.TransformerEncoderLayer``/``DecoderLayer``: the heads of its attention modules
+        (a decoder's cross-attention reads the memory) and its MLP's hidden units; the streams
+        it reads and writes are normalized by its LayerNorms, so they stay."""
+        why = f"normalized inside {name} ({type(m).__name__})"
+        for arg in node.args[:2] if isinstance(m, nn.TransformerDecoderLayer) else node.args[:1]:
+            for v in flat_vals(self.val(arg)):
+                self.g.fix(v.ids, why)
+        ndim = None if x is None else x.ndim
+        inner = Val(self.g.new(m.self_attn.embed_dim), (-1,), ndim)
+        self.g.fix(inner.ids, why)
+        attention = [("self_attn", True), ("multihead_attn", False)]
+        for attr, same in attention[: 2 if isinstance(m, nn.TransformerDecoderLayer) else 1]:
+            self.mha(node, f"{name}.{attr}", getattr(m, attr), inner, same=same, inner=True)
+            self.g.fix(self.g._inc_at[(f"{name}.{attr}.out_proj", "weight", 0)].ids, why)
         hidden = self.linear(node, f"{name}.linear1", m.linear1, inner)
+        if not _zero_at_zero(m.activation):
+            self.g.fix(hidden.ids, f"{name}.activation does not map a closed unit to zero")
         self.g.touch(f"{name}.linear2", "weight", 1, hidden.ids, "cols")
         out = self.g.new(m.linear2.out_features)
-        self.g.fix(out, f"normalized inside {name} (TransformerEncoderLayer)")
-        return Val(out, (-1,), inner.ndim)
+        self.g.fix(out, why)
+        return Val(out, (-1,), ndim)
 
     def _tie_heads(self, ids: Tensor, where: str, owner: str) -> None:
         """``ids``: (..., heads, head_dim) channel ids; one unit per head (``granularity
@@ -338,10 +386,14 @@ def _failing_submodule(model: nn.Module, exc: BaseException) -> str | None:
     return found
 
 
-def trace_channels(model: nn.Module, heads: bool = False) -> ChannelGraph:
+def trace_channels(
+    model: nn.Module, heads: bool = False, example: tuple[tuple, dict] | None = None
+) -> ChannelGraph:
     """Trace ``model`` (torch.fx) and tie its channels.
 
-    A submodule fx cannot trace through (data-dependent control flow, say) is kept whole as a
+    Where fx cannot trace the model (data-dependent control flow, say) and ``example`` inputs
+    are given, the real call graph of one forward on them is recorded instead
+    (:mod:`l0core.record`). Without them, a submodule fx cannot trace through is kept whole as a
     leaf: the walk does not know it, so its channels stay and its parameters are gated on their
     own (the caller warns, naming it).
 
@@ -349,9 +401,11 @@ def trace_channels(model: nn.Module, heads: bool = False) -> ChannelGraph:
         model: the module (fx does not run it).
         heads: tie each attention head into one unit (granularity ``"head"``); otherwise attention
             channels are fixed.
+        example: ``(args, kwargs)`` of one forward, for the recording.
 
     Raises:
-        GraphError: fx cannot trace the model's own forward; the message names the failing op.
+        GraphError: fx cannot trace the model's own forward and no example is given (or the
+            recorded forward fails); the message names the failing op.
     """
     leaves: set[str] = set()
     while True:
@@ -360,12 +414,23 @@ def trace_channels(model: nn.Module, heads: bool = False) -> ChannelGraph:
             graph = tracer.trace(model)
             break
         except Exception as exc:
+            if example is not None:
+                return _Walker(_recorded(model, example, exc), heads, model).run()
             name = _failing_submodule(model, exc)
             if name is None or name in leaves:
                 raise GraphError(
                     f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: "
-                    f"{exc}"
+                    f"{exc} (pass example_inputs to record the real call graph of one forward)"
                 ) from exc
             leaves.add(name)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    return _Walker(gm, heads, model).run()
+    return _Walker(graph, heads, model).run()
+
+
+def _recorded(model: nn.Module, example: tuple[tuple, dict], why: BaseException) -> fx.Graph:
+    try:
+        return record_graph(model, example)
+    except Exception as exc:
+        raise GraphError(
+            f"cannot trace {type(model).__name__} with torch.fx ({type(why).__name__}: {why}), "
+            f"and its forward on the example inputs fails: {type(exc).__name__}: {exc}"
+        ) from exc

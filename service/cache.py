@@ -27,9 +27,10 @@ from typing import Any
 
 from service.errors import BackendUnavailable, NotFound
 from service.record import ListedSweep, SweepRecord, SweepStore
-from service.schemas import ACTIVE, Progress
+from service.schemas import Progress
 from service.search import SweepSearch, like_fragment
 from service.summary import Summary, best_trial, end_ms, summarize, summarize_progress
+from sweeps.vocabulary import ACTIVE_SWEEP
 
 __all__ = ["SweepCache", "SweepView"]
 
@@ -219,7 +220,7 @@ class SweepCache:
         sweep_id = view.record.id
         with self._lock:
             self._dropped.discard(sweep_id)
-            if view.record.status in ACTIVE:
+            if view.record.status in ACTIVE_SWEEP:
                 self._active[sweep_id] = view
                 self._recent.pop(sweep_id, None)
                 header = view

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from service.client import ApiError, Client
 from service.schemas import ParetoFront, SweepOut, TrialOut
+from sweeps.vocabulary import SweepStatus
 
 __all__ = ["main"]
 
@@ -78,9 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=_submit)
 
     listing = sub.add_parser("list", help="list sweeps")
-    listing.add_argument(
-        "--status", choices=["PENDING", "RUNNING", "FINISHED", "FAILED", "CANCELLED"]
-    )
+    listing.add_argument("--status", choices=[s.value for s in SweepStatus])
     listing.add_argument("--name", help="substring of the name")
     listing.add_argument("--limit", type=int, default=50)
     listing.set_defaults(func=_list)
@@ -178,12 +177,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_spec(path: Path) -> dict[str, Any]:
-    """The spec file validated locally first, so errors name their fields before any request."""
+def _load_spec(path: Path, check_data: bool = False) -> dict[str, Any]:
+    """The spec file validated locally first, so errors name their fields before any request.
+
+    Args:
+        check_data: look for the dataset's files in this machine's data directory (``run``);
+            a submitted spec runs against the service's, which checks them itself.
+    """
     from sweeps.spec import SweepSpec
 
     try:
-        return SweepSpec.from_file(path).model_dump(mode="json")
+        return SweepSpec.from_file(path, check_data=check_data).model_dump(mode="json")
     except ValidationError as exc:
         lines = [
             f"  {'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()
@@ -205,9 +209,9 @@ def _submit(args: argparse.Namespace) -> int:
         final = api.wait(sweep.id, on_update=bar.update)
         bar.close()
         print(f"sweep {final.id} {final.status}" + (f": {final.message}" if final.message else ""))
-        if final.status == "FINISHED":
+        if final.status == SweepStatus.FINISHED:
             _print_pareto(api.pareto(final.id))
-        return 0 if final.status == "FINISHED" else 1
+        return 0 if final.status == SweepStatus.FINISHED else 1
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -280,7 +284,7 @@ def _run(args: argparse.Namespace) -> int:
     from sweeps.pareto import pareto_front
     from sweeps.spec import SweepSpec
 
-    spec = SweepSpec.model_validate(_load_spec(args.spec))
+    spec = SweepSpec.model_validate(_load_spec(args.spec, check_data=True))
     print(f"sweep {spec.name}: {_trials_text(spec.num_trials(), spec.duplicate_trials())}")
     tty = sys.stdout.isatty()
 
@@ -315,7 +319,7 @@ def _run(args: argparse.Namespace) -> int:
             num_trials=len(result.trials),
         )
     )
-    return 0 if result.status == "FINISHED" else 1
+    return 0 if result.status == SweepStatus.FINISHED else 1
 
 
 def _report(args: argparse.Namespace) -> int:

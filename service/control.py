@@ -22,17 +22,9 @@ from datetime import datetime, timezone
 from service.cache import SweepCache, SweepView
 from service.errors import BackendUnavailable, Conflict, TooManySweeps
 from service.jobs import JobRunner
-from service.record import (
-    TAG_CANCEL,
-    TAG_IDEMPOTENCY,
-    TAG_JOB_ATTEMPT,
-    TAG_JOB_ID,
-    SweepRecord,
-    SweepStore,
-    spec_digest,
-)
-from service.schemas import ACTIVE
+from service.record import SweepRecord, SweepStore, spec_digest
 from sweeps.spec import SweepSpec
+from sweeps.vocabulary import ACTIVE_SWEEP, TRUE, SweepStatus, Tag
 
 __all__ = ["SweepControl"]
 
@@ -102,12 +94,12 @@ class SweepControl:
             # Probe both back ends first so that an outage creates nothing.
             self.jobs.ping()
             self.store.ping()
-            extra = {TAG_IDEMPOTENCY: idempotency_key} if idempotency_key else {}
+            extra = {Tag.IDEMPOTENCY_KEY: idempotency_key} if idempotency_key else {}
             sweep_id = self.store.create(spec, extra)
             try:
                 job_id = self.jobs.submit(sweep_id, attempt=0)
-                self.store.set_tags(sweep_id, {TAG_JOB_ID: job_id})
-            except BackendUnavailable:
+                self.store.set_tags(sweep_id, {Tag.JOB_ID: job_id})
+            except Exception:  # Ray down, or Ray refusing our request (a bug): nothing is left
                 self._undo_create(sweep_id)
                 raise
             record = self.store.get(sweep_id)
@@ -138,14 +130,18 @@ class SweepControl:
                     f"marks it ended once it has been silent for {self.local_run_timeout_s:g} s"
                 )
             self.store.end(
-                sweep_id, "CANCELLED", f"marked ended by a cancel: {_silence(record, silent)}"
+                sweep_id,
+                SweepStatus.CANCELLED,
+                f"marked ended by a cancel: {_silence(record, silent)}",
             )
             return self._put(self.store.get(sweep_id))
-        self.store.set_tags(sweep_id, {TAG_CANCEL: "true"})
+        self.store.set_tags(sweep_id, {Tag.CANCEL_REQUESTED: TRUE})
         stopped = record.job_id is not None and self.jobs.stop(record.job_id)
         if not stopped:
             # No driver is running (never started, or already gone): nothing else will record it.
-            self.store.set_status(sweep_id, "CANCELLED", "cancelled before its driver ran")
+            self.store.set_status(
+                sweep_id, SweepStatus.CANCELLED, "cancelled before its driver ran"
+            )
         return self._put(self.store.get(sweep_id))
 
     def delete(self, sweep_id: str) -> None:
@@ -171,7 +167,7 @@ class SweepControl:
     def reconcile(self) -> None:
         """Follow, resubmit or close every sweep recorded as active (see the module docstring)."""
         for view in self.cache.active():
-            if view.record.status not in ACTIVE:
+            if view.record.status not in ACTIVE_SWEEP:
                 continue
             try:
                 if view.record.managed:
@@ -190,7 +186,7 @@ class SweepControl:
         if record.terminal or silent <= self.local_run_timeout_s:
             self._put(record)
             return
-        self.store.end(record.id, "FAILED", _silence(record, silent))
+        self.store.end(record.id, SweepStatus.FAILED, _silence(record, silent))
         logger.info("sweep %s: local run silent for %.0f s; ended FAILED", record.id, silent)
         self._put(self.store.get(record.id))
 
@@ -206,21 +202,21 @@ class SweepControl:
         if state is None and record.job_id is None:
             # Recorded, never submitted (the service died in between): submit it now.
             job_id = self.jobs.submit(record.id, attempt=record.job_attempt)
-            self.store.set_tags(record.id, {TAG_JOB_ID: job_id})
+            self.store.set_tags(record.id, {Tag.JOB_ID: job_id})
             logger.info("sweep %s: submitted its driver as job %s", record.id, job_id)
         elif record.cancel_requested:
-            self.store.end(record.id, "CANCELLED", "cancelled; its driver stopped")
+            self.store.end(record.id, SweepStatus.CANCELLED, "cancelled; its driver stopped")
         elif record.job_attempt >= self.max_resubmits:
             reason = state.message if state is not None else "the Ray job is gone"
             self.store.end(
                 record.id,
-                "FAILED",
+                SweepStatus.FAILED,
                 f"driver ended {record.job_attempt + 1} times without finishing: {reason}",
             )
         else:
             attempt = record.job_attempt + 1
             job_id = self.jobs.submit(record.id, attempt=attempt)
-            self.store.set_tags(record.id, {TAG_JOB_ATTEMPT: str(attempt), TAG_JOB_ID: job_id})
+            self.store.set_tags(record.id, {Tag.JOB_ATTEMPT: str(attempt), Tag.JOB_ID: job_id})
             logger.info(
                 "sweep %s: driver %s is %s; resubmitted as job %s (resumes from its experiment)",
                 record.id,

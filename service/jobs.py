@@ -8,41 +8,35 @@ driver SIGTERM, which the driver turns into Tune's graceful stop; ``stop_grace_s
 waits before it kills the driver. The job's runtime environment carries the MLflow retry window
 (``L0SWEEP_MLFLOW_RETRY_WINDOW_S``, `sweeps.config.mlflow_client_env`) to the driver and to every
 trial on every node: the service's setting is the one that counts, whatever the nodes' own.
+
+Ray's answers are told apart by type (`sweeps.raycompat`): a job the cluster does not know
+(`JobNotFound`) is an answer, Ray unable to serve (`raycompat.unreachable`) is
+`BackendUnavailable` (503), and anything else, our own bugs included, propagates (a 500 with its
+traceback in the log), never "Ray is unavailable".
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
-import requests
-from ray._private.authentication.authentication_token_setup import (
-    maybe_enable_token_auth_if_token_available,
-)
-from ray._private.authentication.http_token_authentication import (
-    get_auth_headers_if_auth_enabled,
-)
-from ray.exceptions import AuthenticationError
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.job_submission import JobStatus
 
 from service.errors import BackendUnavailable
+from sweeps import raycompat
 from sweeps.config import mlflow_client_env
+from sweeps.raycompat import JobClient, JobNotFound, JobServerError
+from sweeps.vocabulary import Tag
 
-__all__ = ["JobRunner", "JobState", "enable_ray_token_auth"]
+__all__ = ["JobRunner", "JobState"]
 
 logger = logging.getLogger(__name__)
-
-
-def enable_ray_token_auth() -> None:
-    """Send Ray's auth token the way the ``ray`` CLI does.
-
-    Ray turns token authentication on for a cluster when ``RAY_AUTH_MODE=token`` or a token file
-    (``~/.ray/auth_token``) exists; a client process must opt in the same way before its job
-    requests carry the token.
-    """
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,6 +62,9 @@ class JobRunner:
         mlflow_retry_window_s: how long the driver and trials ride out an MLflow outage; default:
             ``L0SWEEP_MLFLOW_RETRY_WINDOW_S`` as this process sees it when a job is submitted.
         timeout_s: how long :meth:`ping` waits for the job server's answer.
+
+    Raises:
+        RayVersionError: the installed Ray is not one l0sweep is tested on.
     """
 
     def __init__(
@@ -91,7 +88,8 @@ class JobRunner:
         self.stop_grace_s = stop_grace_s
         self.mlflow_retry_window_s = mlflow_retry_window_s
         self.timeout_s = timeout_s
-        self._client: JobSubmissionClient | None = None
+        self._client: JobClient | None = None
+        raycompat.check_ray_version()
 
     @staticmethod
     def submission_id(sweep_id: str, attempt: int) -> str:
@@ -125,10 +123,8 @@ class JobRunner:
         base = self.address if "://" in self.address else f"http://{self.address}"
         url = f"{base}/api/version"
         try:
-            enable_ray_token_auth()
-            response = httpx.get(
-                url, headers=get_auth_headers_if_auth_enabled({}), timeout=self.timeout_s
-            )
+            raycompat.enable_token_auth()
+            response = httpx.get(url, headers=raycompat.auth_headers(), timeout=self.timeout_s)
         except httpx.HTTPError as exc:
             self._client = None
             raise BackendUnavailable("Ray", f"{url}: {exc.__class__.__name__}") from exc
@@ -144,16 +140,18 @@ class JobRunner:
         """
         submission_id = self.submission_id(sweep_id, attempt)
 
-        def submit(client: JobSubmissionClient) -> str:
+        def submit(client: JobClient) -> str:
             try:
                 return client.submit_job(
                     entrypoint=self.entrypoint(sweep_id),
                     submission_id=submission_id,
-                    metadata={"l0sweep.sweep_id": sweep_id, "l0sweep.attempt": str(attempt)},
+                    metadata={Tag.JOB_SWEEP_ID: sweep_id, Tag.JOB_SUBMISSION_ATTEMPT: str(attempt)},
                     runtime_env=self.runtime_env(),
                 )
-            except RuntimeError as exc:
-                if "already exists" in str(exc):
+            except JobServerError as exc:
+                # Ray refuses (400) a submission id it has seen: the attempt was submitted
+                # already. Any other refusal has no job behind it, and is raised.
+                if exc.status_code < 500 and _exists(client, submission_id):
                     return submission_id
                 raise
 
@@ -162,13 +160,11 @@ class JobRunner:
     def state(self, submission_id: str) -> JobState | None:
         """The job's state, or None when the cluster does not know it (e.g. it was restarted)."""
 
-        def info(client: JobSubmissionClient) -> JobState | None:
+        def info(client: JobClient) -> JobState | None:
             try:
                 details = client.get_job_info(submission_id)
-            except RuntimeError as exc:
-                if "does not exist" in str(exc):
-                    return None
-                raise
+            except JobNotFound:
+                return None
             return JobState(submission_id, str(details.status.value), details.message)
 
         return self._call(f"read job {submission_id}", info)
@@ -176,38 +172,31 @@ class JobRunner:
     def stop(self, submission_id: str) -> bool:
         """Ask the driver to stop (SIGTERM, graceful). False when the job is not running."""
 
-        def stop(client: JobSubmissionClient) -> bool:
+        def stop(client: JobClient) -> bool:
             try:
                 return client.stop_job(submission_id)
-            except RuntimeError as exc:
-                if "does not exist" in str(exc):
-                    return False
-                raise
+            except JobNotFound:
+                return False
 
         return self._call(f"stop job {submission_id}", stop)
 
     def delete(self, submission_id: str) -> None:
         """Forget a finished job (its logs stay on disk); unknown jobs are ignored."""
 
-        def delete(client: JobSubmissionClient) -> None:
-            try:
+        def delete(client: JobClient) -> None:
+            with contextlib.suppress(JobNotFound):
                 client.delete_job(submission_id)
-            except RuntimeError as exc:
-                if "does not exist" not in str(exc):
-                    raise
 
         self._call(f"delete job {submission_id}", delete)
 
     def logs(self, submission_id: str) -> str | None:
         """The driver's log (stdout and stderr), or None when the cluster does not know the job."""
 
-        def logs(client: JobSubmissionClient) -> str | None:
+        def logs(client: JobClient) -> str | None:
             try:
                 return client.get_job_logs(submission_id)
-            except RuntimeError as exc:
-                if "does not exist" in str(exc):
-                    return None
-                raise
+            except JobNotFound:
+                return None
 
         return self._call(f"read the logs of job {submission_id}", logs)
 
@@ -216,23 +205,32 @@ class JobRunner:
             return None
         return f"{self.dashboard}/#/jobs/{submission_id}"
 
-    def _call(self, what: str, fn):
+    def _call(self, what: str, fn: Callable[[JobClient], T]) -> T:
+        """``fn`` with the job client (built on first use); Ray unable to serve it is
+        `BackendUnavailable`, anything else propagates as it is."""
         try:
             if self._client is None:
-                enable_ray_token_auth()
-                self._client = JobSubmissionClient(self.address)
+                raycompat.enable_token_auth()
+                self._client = self._connect()
             return fn(self._client)
-        except (
-            ConnectionError,
-            requests.RequestException,
-            RuntimeError,
-            ValueError,
-            AuthenticationError,
-        ) as exc:
+        except Exception as exc:
+            if not raycompat.unreachable(exc):
+                raise
             # A restarted head invalidates the client; build a new one on the next call.
             self._client = None
             logger.warning("Ray: could not %s: %s", what, _first_line(exc))
             raise BackendUnavailable("Ray", f"could not {what} at {self.address}") from exc
+
+    def _connect(self) -> JobClient:
+        return JobClient(self.address)
+
+
+def _exists(client: JobClient, submission_id: str) -> bool:
+    try:
+        client.get_job_info(submission_id)
+    except JobNotFound:
+        return False
+    return True
 
 
 def _first_line(exc: BaseException) -> str:

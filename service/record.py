@@ -24,34 +24,28 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from service.errors import BackendUnavailable, Conflict, NotFound, ServiceError, Unprocessable
-from service.schemas import ACTIVE, TERMINAL
 from sweeps import tracking
 from sweeps.note import write_sweep_note
 from sweeps.spec import SweepSpec
 from sweeps.tracking import spec_digest
+from sweeps.vocabulary import (
+    ACTIVE_SWEEP,
+    KIND_SWEEP,
+    MANAGED_BY_SERVICE,
+    TERMINAL_SWEEP,
+    TRUE,
+    SweepStatus,
+    Tag,
+    TrialStatus,
+    idempotency_filter,
+    request_filter,
+    trials_filter,
+)
 
 __all__ = ["ListedSweep", "MlflowErrors", "SweepRecord", "SweepStore", "spec_digest"]
 
 logger = logging.getLogger(__name__)
 
-TAG_KIND = "l0sweep.kind"
-TAG_NAME = "l0sweep.name"
-TAG_STATUS = "l0sweep.status"
-TAG_MESSAGE = "l0sweep.status_message"
-TAG_OBJECTIVES = "l0sweep.objectives"
-TAG_LEGACY_SPEC = "l0sweep.spec"  # the spec as a tag, written before l0sweep.objectives existed
-TAG_DUPLICATES = "l0sweep.duplicate_trials"
-TAG_HEARTBEAT = "l0sweep.heartbeat"
-TAG_JOB_ID = "l0sweep.job_id"
-TAG_JOB_ATTEMPT = "l0sweep.job_attempt"
-TAG_CANCEL = "l0sweep.cancel_requested"
-TAG_IDEMPOTENCY = "l0sweep.idempotency_key"
-TAG_SPEC_SHA = "l0sweep.spec_sha256"
-TAG_NUM_TRIALS = "l0sweep.num_trials"
-TAG_REQUEST = "l0sweep.request_id"
-TAG_MANAGED = "l0sweep.managed"  # "service": submitted by the service (not `l0sweep run`)
-TAG_SUMMARY = "l0sweep.summary"  # progress and best trial of an ended sweep (service.summary)
-TAG_TRIAL_SWEEP = "l0sweep.sweep_id"  # on a trial's child run: its sweep
 # MLflow's answers to a request it refuses (as opposed to failing to serve it).
 _MLFLOW_REFUSALS = {
     "INVALID_PARAMETER_VALUE",
@@ -60,7 +54,16 @@ _MLFLOW_REFUSALS = {
     "BAD_REQUEST",
 }
 
-_MLFLOW_ERRORS = (MlflowException, requests.RequestException, httpx.HTTPError, OSError)
+# What says MLflow failed to serve a request: its own errors, and the transport's (refused, reset,
+# timed out). Other OSErrors (a missing local file, a permission) are bugs or set-up errors of ours,
+# shown as such (a 500 with its traceback), not as "MLflow is down".
+_MLFLOW_ERRORS = (
+    MlflowException,
+    requests.RequestException,
+    httpx.HTTPError,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 @dataclass(frozen=True)
@@ -88,33 +91,33 @@ class SweepRecord:
     @classmethod
     def from_run(cls, run: Run) -> SweepRecord:
         tags = run.data.tags
-        objectives = _parse_json(tags.get(TAG_OBJECTIVES))
-        legacy = _parse_json(tags.get(TAG_LEGACY_SPEC))
+        objectives = _parse_json(tags.get(Tag.OBJECTIVES))
+        legacy = _parse_json(tags.get(Tag.LEGACY_SPEC))
         if objectives is None and isinstance(legacy, dict):
             objectives = legacy.get("objectives")
         return cls(
             id=run.info.run_id,
-            name=tags.get(TAG_NAME) or run.info.run_name or run.info.run_id,
+            name=tags.get(Tag.NAME) or run.info.run_name or run.info.run_id,
             experiment_id=run.info.experiment_id,
-            status=_status(tags.get(TAG_STATUS)),
-            message=tags.get(TAG_MESSAGE) or None,
+            status=_status(tags.get(Tag.STATUS)),
+            message=tags.get(Tag.STATUS_MESSAGE) or None,
             created_at=_ms_to_datetime(run.info.start_time),
             ended_at=_ms_to_datetime(run.info.end_time),
-            job_id=tags.get(TAG_JOB_ID) or None,
-            job_attempt=_to_int(tags.get(TAG_JOB_ATTEMPT), 0),
-            managed=tags.get(TAG_MANAGED) == "service",
-            cancel_requested=tags.get(TAG_CANCEL) == "true",
-            idempotency_key=tags.get(TAG_IDEMPOTENCY) or None,
-            spec_sha256=tags.get(TAG_SPEC_SHA) or None,
-            num_trials=_to_int(tags.get(TAG_NUM_TRIALS), 0),
+            job_id=tags.get(Tag.JOB_ID) or None,
+            job_attempt=_to_int(tags.get(Tag.JOB_ATTEMPT), 0),
+            managed=tags.get(Tag.MANAGED) == MANAGED_BY_SERVICE,
+            cancel_requested=tags.get(Tag.CANCEL_REQUESTED) == TRUE,
+            idempotency_key=tags.get(Tag.IDEMPOTENCY_KEY) or None,
+            spec_sha256=tags.get(Tag.SPEC_SHA256) or None,
+            num_trials=_to_int(tags.get(Tag.NUM_TRIALS), 0),
             objectives=_objectives(objectives),
-            duplicate_trials=_to_int(tags.get(TAG_DUPLICATES), 0),
-            last_heartbeat=_seconds_to_datetime(tags.get(TAG_HEARTBEAT)),
+            duplicate_trials=_to_int(tags.get(Tag.DUPLICATE_TRIALS), 0),
+            last_heartbeat=_seconds_to_datetime(tags.get(Tag.HEARTBEAT)),
         )
 
     @property
     def terminal(self) -> bool:
-        return self.status in TERMINAL
+        return self.status in TERMINAL_SWEEP
 
     def silent_for(self, now: datetime) -> float:
         """Seconds since the driver's last sign of life: its heartbeat, else the run's start."""
@@ -131,7 +134,7 @@ class ListedSweep:
 
     @classmethod
     def from_run(cls, run: Run) -> ListedSweep:
-        return cls(SweepRecord.from_run(run), run.data.tags.get(TAG_SUMMARY))
+        return cls(SweepRecord.from_run(run), run.data.tags.get(Tag.SUMMARY))
 
 
 class SweepStore:
@@ -170,9 +173,9 @@ class SweepStore:
         """
         request_id = uuid.uuid4().hex
         tags = {
-            TAG_JOB_ATTEMPT: "0",
-            TAG_REQUEST: request_id,
-            TAG_MANAGED: "service",
+            Tag.JOB_ATTEMPT: "0",
+            Tag.REQUEST_ID: request_id,
+            Tag.MANAGED: MANAGED_BY_SERVICE,
             **extra_tags,
         }
         try:
@@ -201,13 +204,13 @@ class SweepStore:
             with self._mlflow("clean up a failed creation"):
                 ids = [e.experiment_id for e in self._experiments()]
                 runs = self.client.search_runs(
-                    ids, f"tags.`{TAG_REQUEST}` = '{request_id}'", ViewType.ACTIVE_ONLY
+                    ids, request_filter(request_id), ViewType.ACTIVE_ONLY
                 ) if ids else []  # fmt: skip
                 for run in runs:
                     self.client.delete_run(run.info.run_id)
         except BackendUnavailable:
             logger.error(
-                "a sweep run tagged %s=%s may be left half-created", TAG_REQUEST, request_id
+                "a sweep run tagged %s=%s may be left half-created", Tag.REQUEST_ID, request_id
             )
 
     def get(self, sweep_id: str) -> SweepRecord:
@@ -223,7 +226,7 @@ class SweepStore:
                 if _is_not_found(exc):
                     raise NotFound(f"no sweep with id {sweep_id!r}") from exc
                 raise
-        if run.data.tags.get(TAG_KIND) != "sweep" or run.info.lifecycle_stage == "deleted":
+        if run.data.tags.get(Tag.KIND) != KIND_SWEEP or run.info.lifecycle_stage == "deleted":
             raise NotFound(f"no sweep with id {sweep_id!r}")
         return ListedSweep.from_run(run)
 
@@ -241,7 +244,7 @@ class SweepStore:
         open (KILLED), and its description in the MLflow UI (best effort)."""
         with self._mlflow(f"end sweep {sweep_id}"):
             tracking.set_sweep_status(sweep_id, status, message, self.tracking_uri)
-            tracking.close_open_trials(sweep_id, "KILLED", self.tracking_uri)
+            tracking.close_open_trials(sweep_id, TrialStatus.KILLED, self.tracking_uri)
         try:
             with self._mlflow(f"describe sweep {sweep_id}"):
                 spec = tracking.load_sweep_spec(sweep_id, self.tracking_uri)
@@ -262,7 +265,7 @@ class SweepStore:
             # A page at a time, from the start again: deleted runs leave the active view.
             while children := self.client.search_runs(
                 experiment_ids=[record.experiment_id],
-                filter_string=f"tags.`{TAG_TRIAL_SWEEP}` = '{sweep_id}'",
+                filter_string=trials_filter(sweep_id),
                 run_view_type=ViewType.ACTIVE_ONLY,
                 max_results=1000,
             ):
@@ -286,7 +289,7 @@ class SweepStore:
                 return None
             runs = self.client.search_runs(
                 experiment_ids=experiment_ids,
-                filter_string=f"tags.`{TAG_KIND}` = 'sweep' and tags.`{TAG_IDEMPOTENCY}` = '{key}'",
+                filter_string=idempotency_filter(key),
                 run_view_type=ViewType.ACTIVE_ONLY,
                 max_results=1,
             )
@@ -336,7 +339,7 @@ class MlflowErrors:
 
 
 def _status(tag: str | None) -> str:
-    return tag if tag in ACTIVE or tag in TERMINAL else "PENDING"
+    return tag if tag in ACTIVE_SWEEP or tag in TERMINAL_SWEEP else SweepStatus.PENDING.value
 
 
 def _objectives(objectives: Any) -> list[dict[str, Any]]:

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from sweeps import vocabulary
+
 __all__ = [
     "BackendHealth",
     "Health",
@@ -19,9 +21,11 @@ __all__ = [
     "TrialOut",
 ]
 
-SweepStatus = Literal["PENDING", "RUNNING", "FINISHED", "FAILED", "CANCELLED"]
-TERMINAL: frozenset[str] = frozenset({"FINISHED", "FAILED", "CANCELLED"})
-ACTIVE: frozenset[str] = frozenset({"PENDING", "RUNNING"})
+# The API's spelling of sweeps.vocabulary.SweepStatus: a Literal, so that the OpenAPI schema
+# lists the values inline as it always has.
+SweepStatus = Literal[tuple(s.value for s in vocabulary.SweepStatus)]  # type: ignore[valid-type]
+TERMINAL: frozenset[str] = vocabulary.TERMINAL_SWEEP
+ACTIVE: frozenset[str] = vocabulary.ACTIVE_SWEEP
 
 
 class Progress(BaseModel):

@@ -17,18 +17,22 @@ from mlflow.entities import Run, ViewType
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from service.record import (
-    TAG_KIND,
-    TAG_NAME,
-    TAG_STATUS,
-    TAG_SUMMARY,
-    TAG_TRIAL_SWEEP,
     ListedSweep,
     MlflowErrors,
     SweepStore,
     json_safe_trial,
 )
-from service.schemas import ACTIVE, TERMINAL
 from sweeps import tracking
+from sweeps.vocabulary import (
+    KIND_SWEEP,
+    KIND_TRIAL,
+    NEWEST_FIRST,
+    SweepStatus,
+    Tag,
+    ended_since_filter,
+    running_filter,
+    sweeps_filter,
+)
 
 __all__ = ["Changes", "SweepSearch", "like_fragment"]
 
@@ -83,24 +87,22 @@ class SweepSearch:
         Raises:
             ValueError: an unknown status, or a name fragment outside that alphabet.
         """
-        if status is not None and status not in ACTIVE | TERMINAL:
-            raise ValueError(f"unknown sweep status {status!r}; one of {sorted(ACTIVE | TERMINAL)}")
+        if status is not None and status not in set(SweepStatus):
+            raise ValueError(
+                f"unknown sweep status {status!r}; one of {sorted(s.value for s in SweepStatus)}"
+            )
         if name_like is not None and not _SAFE_LIKE.fullmatch(name_like):
             raise ValueError(f"name fragment {name_like!r} has characters MLflow needs escaped")
         if not experiment_ids:
             return [], None
-        query = f"tags.`{TAG_KIND}` = 'sweep'"
-        if status is not None:
-            query += f" and tags.`{TAG_STATUS}` = '{status}'"
-        if name_like:
-            query += f" and tags.`{TAG_NAME}` ILIKE '%{name_like}%'"
+        query = sweeps_filter(status=status, name_ilike=name_like or None)
         with MlflowErrors("list sweeps"):
             found = self.store.client.search_runs(
                 experiment_ids=experiment_ids,
                 filter_string=query,
                 run_view_type=ViewType.ACTIVE_ONLY,
                 max_results=max_results,
-                order_by=["attributes.start_time DESC"],
+                order_by=[NEWEST_FIRST],
                 page_token=page_token,
             )
         return [ListedSweep.from_run(run) for run in found], found.token or None
@@ -115,16 +117,16 @@ class SweepSearch:
             ids = [e.experiment_id for e in self.store._experiments()]
             if not ids:
                 return Changes({}, frozenset(), {})
-            running = self._all(ids, "attributes.status = 'RUNNING'")
-            ended = self._all(ids, f"attributes.end_time >= {int(since_ms)}")
+            running = self._all(ids, running_filter())
+            ended = self._all(ids, ended_since_filter(since_ms))
         sweeps: dict[str, ListedSweep] = {}
         trials: dict[str, dict[str, dict[str, Any]]] = {}
         for run in [*running, *ended]:
-            kind = run.data.tags.get(TAG_KIND)
-            if kind == "sweep":
+            kind = run.data.tags.get(Tag.KIND)
+            if kind == KIND_SWEEP:
                 sweeps[run.info.run_id] = ListedSweep.from_run(run)
-            elif kind == "trial" and run.data.tags.get(TAG_TRIAL_SWEEP):
-                by_run = trials.setdefault(run.data.tags[TAG_TRIAL_SWEEP], {})
+            elif kind == KIND_TRIAL and run.data.tags.get(Tag.SWEEP_ID):
+                by_run = trials.setdefault(run.data.tags[Tag.SWEEP_ID], {})
                 by_run[run.info.run_id] = json_safe_trial(tracking.trial_from_run(run))
         active = frozenset(r.info.run_id for r in running if r.info.run_id in sweeps)
         return Changes(sweeps, active, {k: list(v.values()) for k, v in trials.items()})
@@ -132,7 +134,7 @@ class SweepSearch:
     def write_summary(self, sweep_id: str, text: str) -> None:
         """Keep an ended sweep's summary on its parent run (``service.summary``)."""
         if len(text) <= MAX_TAG_VAL_LENGTH:
-            self.store.set_tags(sweep_id, {TAG_SUMMARY: text})
+            self.store.set_tags(sweep_id, {Tag.SUMMARY: text})
 
     def _all(self, experiment_ids: list[str], query: str) -> list[Run]:
         runs: list[Run] = []

@@ -31,12 +31,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-from ray._private.authentication.http_token_authentication import (
-    get_auth_headers_if_auth_enabled,
-)
 
-from service.jobs import enable_ray_token_auth
 from service.settings import Settings, is_loopback
+from sweeps import raycompat
 
 __all__ = [
     "EmbeddedStack",
@@ -201,8 +198,8 @@ def start_ray_head(
     url = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for_http(f"{url}/api/version", process, timeout_s, accept=frozenset({200, 401}))
-        enable_ray_token_auth()
-        headers = get_auth_headers_if_auth_enabled({})
+        raycompat.enable_token_auth()
+        headers = raycompat.auth_headers()
         # The port was free when chosen; make sure the dashboard answering is this head's.
         version = httpx.get(f"{url}/api/version", headers=headers, timeout=5).json()
         session = version.get("session_name", "")

@@ -7,8 +7,9 @@ environment sees the change without a restart.
 
 ``L0SWEEP_HOME`` (default ``~/.l0sweep``) is where a user's l0sweep keeps its state: the embedded
 MLflow store that ``l0sweep serve`` and ``l0sweep run`` share (``<home>/mlflow``), Tune's
-experiments (``<home>/ray_results``) and downloaded data (``<home>/data``), unless
-``L0SWEEP_STORAGE_PATH`` or ``L0SWEEP_DATA_DIR`` say otherwise.
+experiments (``<home>/ray_results``), downloaded data (``<home>/data``) and decoded image folders
+(``<home>/cache``), unless ``L0SWEEP_STORAGE_PATH``, ``L0SWEEP_DATA_DIR`` or ``L0SWEEP_CACHE_DIR``
+say otherwise.
 
 ``L0SWEEP_MLFLOW_RETRY_WINDOW_S`` is how long a sweep rides out an MLflow outage: every request a
 driver or a trial makes is retried for that long (``sweeps.retry``) before it fails. The service
@@ -53,6 +54,11 @@ class SweepSettings(BaseSettings):
     mnist_dir: Path | None = Field(
         default=None, description="MNIST IDX files; default: <data_dir>/mnist."
     )
+    cache_dir: Path | None = Field(
+        default=None,  # always a Path once validated (default: under home)
+        description="Decoded image folders, as tensors keyed by the folder's listing, so a "
+        "second trial or process does not decode them again; default: <home>/cache.",
+    )
     storage_path: Path | None = Field(
         default=None,  # always a Path once validated (default: under home)
         description="Tune experiments, one directory per sweep id; shared by all nodes; "
@@ -90,6 +96,8 @@ class SweepSettings(BaseSettings):
             self.data_dir = self.home / "data"
         if self.storage_path is None:
             self.storage_path = self.home / "ray_results"
+        if self.cache_dir is None:
+            self.cache_dir = self.home / "cache"
         return self
 
 
@@ -136,6 +144,8 @@ def resolve_data_path(relative: str, data_dir: Path | None = None) -> Path:
     candidate = Path(relative)
     if candidate.is_absolute() or relative.startswith("~"):
         raise DataPathError(f"path {relative!r} must be relative to the data directory {root}")
+    if "\x00" in relative:  # the OS refuses it with a message that does not name the path
+        raise DataPathError(f"path {relative!r} contains a NUL character")
     if ".." in candidate.parts:
         raise DataPathError(f"path {relative!r} must not contain '..'")
     resolved_root = root.resolve()

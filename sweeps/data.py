@@ -1,9 +1,15 @@
-"""Built-in datasets, all real and offline: IDX files, scikit-learn's digits, MNIST-1D, a sparse
-teacher, and a user's npz file.
+"""Built-in datasets, all real and offline: IDX files (Fashion-MNIST, MNIST), CIFAR-10/100 batch
+folders, a folder of images per class, scikit-learn's digits, MNIST-1D, a sparse teacher, and a
+user's npz file.
 
 A loader returns raw numpy arrays (and a test split where the dataset has an official one);
 :func:`load_dataset` splits off validation (and test where needed) with the spec's seed,
-standardises with training statistics only, and caches the result per process.
+standardises with training statistics only (per channel for images), and caches the result per
+process. Images stay uint8 until then: standardising makes the 0-255 scale irrelevant.
+
+A dataset's params may define ``check_data()``, which the spec calls as it validates (a missing
+file, an empty folder, a path leaving the data directory: a spec error, a 422 from the service,
+before any trial trains). The image datasets live in :mod:`sweeps.images` and :mod:`sweeps.cifar`.
 """
 
 from __future__ import annotations
@@ -13,13 +19,15 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from .cifar import Cifar10Params, Cifar100Params, cifar_split
 from .config import get_settings, resolve_data_path
+from .images import ImageFolderParams, fit_images, image_split
 from .registry import DATASETS, register_dataset
 
 __all__ = ["DataSplits", "RawData", "load_dataset", "read_idx"]
@@ -27,13 +35,15 @@ __all__ = ["DataSplits", "RawData", "load_dataset", "read_idx"]
 
 @dataclass
 class RawData:
-    """Arrays as a loader returns them; ``x_test`` is None when there is no official test split."""
+    """Arrays as a loader returns them; ``x_test`` is None when there is no official test split.
+    ``num_classes``: the dataset's own count, where a split may lack the last classes."""
 
     x: np.ndarray
     y: np.ndarray
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
 
 
 @dataclass
@@ -59,6 +69,27 @@ class IdxParams(_Params):
         "default: the dataset's directory setting.",
     )
     limit: PositiveInt | None = Field(default=None, description="Use the first N training images.")
+    size: int | None = Field(
+        default=None,
+        ge=8,
+        le=512,
+        description="Make the 28x28 images size x size (32 for CIFAR-style networks); None: 28.",
+    )
+    fit: Literal["pad", "resize"] = Field(
+        default="pad",
+        description="pad: centre the image in zeros (size >= 28); resize: bilinear.",
+    )
+    channels: Literal[1, 3] = Field(
+        default=1, description="3: repeat the grey channel, for networks that expect RGB."
+    )
+
+    @model_validator(mode="after")
+    def _reachable_size(self) -> IdxParams:
+        if self.fit == "pad" and self.size is not None and self.size < 28:
+            raise ValueError(
+                f"size {self.size} is below 28, which padding cannot reach; use fit: resize"
+            )
+        return self
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -87,7 +118,10 @@ def _load_idx_dir(directory: Path, params: IdxParams) -> RawData:
     y_test = read_idx(_find_idx(directory, "t10k-labels-idx1-ubyte"))
     if params.limit is not None:
         x, y = x[: params.limit], y[: params.limit]
-    return RawData(x[:, None] / 255.0, y, x_test[:, None] / 255.0, y_test, {"dir": str(directory)})
+    x, x_test = (
+        fit_images(a[:, None], params.size, params.fit, params.channels) for a in (x, x_test)
+    )
+    return RawData(x, y, x_test, y_test, {"dir": str(directory)}, num_classes=10)
 
 
 @register_dataset("fashion-mnist", params=IdxParams)
@@ -114,6 +148,25 @@ def digits(params: BaseModel) -> RawData:
 
     bunch = load_digits()
     return RawData(bunch.images[:, None] / 16.0, bunch.target)
+
+
+@register_dataset("image-folder", params=ImageFolderParams)
+def image_folder(params: ImageFolderParams) -> RawData:
+    """Images on disk, one sub-folder per class (PNG/JPEG), decoded once and cached as tensors."""
+    x, y, x_test, y_test, info = image_split(params)
+    return RawData(x, y, x_test, y_test, info, num_classes=len(info["classes"]))
+
+
+@register_dataset("cifar10", params=Cifar10Params)
+def cifar10(params: Cifar10Params) -> RawData:
+    """CIFAR-10 (32x32 colour images, 10 classes) from the python batch folder on disk."""
+    return RawData(*cifar_split(params), num_classes=10)
+
+
+@register_dataset("cifar100", params=Cifar100Params)
+def cifar100(params: Cifar100Params) -> RawData:
+    """CIFAR-100 (32x32 colour images, 100 fine or 20 coarse classes) from the python folder."""
+    return RawData(*cifar_split(params), num_classes=100 if params.labels == "fine" else 20)
 
 
 class Mnist1dParams(_Params):
@@ -176,8 +229,21 @@ def npz(params: NpzParams) -> RawData:
     return raw
 
 
-def _tensor_split(x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
-    return torch.as_tensor(x[idx], dtype=torch.float32), torch.as_tensor(y[idx], dtype=torch.int64)
+def _take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Float32 copy of some examples: the loader's uint8 images are converted split by split."""
+    return np.asarray(x[idx], dtype=np.float32)
+
+
+def _standardise(train: np.ndarray, *others: np.ndarray) -> None:
+    """Standardise in place with the training split's mean and deviation: one per channel for
+    images of several channels (N, C, H, W), one for everything else."""
+    axes = (0, 2, 3) if train.ndim == 4 and train.shape[1] > 1 else None
+    mean = train.mean(axis=axes, keepdims=axes is not None)
+    std = train.std(axis=axes, keepdims=axes is not None)
+    std = np.where(std > 0, std, 1.0).astype(np.float32) if axes else (float(std) or 1.0)
+    for x in (train, *others):
+        x -= mean
+        x /= std
 
 
 @lru_cache(maxsize=4)
@@ -186,26 +252,26 @@ def _load_cached(
 ) -> DataSplits:
     entry = DATASETS.get(name)
     raw: RawData = entry.factory(entry.params.model_validate(json.loads(params_json)))
-    x, y = np.asarray(raw.x, dtype=np.float32), np.asarray(raw.y).astype(np.int64)
+    y = np.asarray(raw.y).astype(np.int64)
     rng = np.random.default_rng(split_seed)
-    order = rng.permutation(len(x))
+    order = rng.permutation(len(raw.x))
     if raw.x_test is None:
-        n_test = max(1, round(test_fraction * len(x)))
+        n_test = max(1, round(test_fraction * len(order)))
         test_idx, order = order[:n_test], order[n_test:]
-        x_test, y_test = x[test_idx], y[test_idx]
+        x_test, y_test = _take(raw.x, test_idx), y[test_idx]
     else:
-        x_test = np.asarray(raw.x_test, dtype=np.float32)
+        x_test = np.array(raw.x_test, dtype=np.float32)  # a copy: standardised in place
         y_test = np.asarray(raw.y_test).astype(np.int64)
     n_val = max(1, round(val_fraction * len(order)))
     val_idx, train_idx = order[:n_val], order[n_val:]
-    mean, std = float(x[train_idx].mean()), float(x[train_idx].std()) or 1.0
-    x, x_test = (x - mean) / std, (x_test - mean) / std
-    num_classes = int(max(y.max(), y_test.max())) + 1
+    x_train, x_val = _take(raw.x, train_idx), _take(raw.x, val_idx)
+    _standardise(x_train, x_val, x_test)
+    num_classes = max(int(max(y.max(), y_test.max())) + 1, raw.num_classes or 0)
     return DataSplits(
-        train=_tensor_split(x, y, train_idx),
-        val=_tensor_split(x, y, val_idx),
-        test=_tensor_split(x_test, y_test, np.arange(len(x_test))),
-        input_shape=tuple(x.shape[1:]),
+        train=(torch.from_numpy(x_train), torch.from_numpy(y[train_idx])),
+        val=(torch.from_numpy(x_val), torch.from_numpy(y[val_idx])),
+        test=(torch.from_numpy(x_test), torch.from_numpy(y_test)),
+        input_shape=tuple(x_train.shape[1:]),
         num_classes=num_classes,
         info={**raw.info, "n_train": len(train_idx), "n_val": len(val_idx), "n_test": len(x_test)},
     )

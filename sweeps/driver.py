@@ -28,7 +28,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from . import tracking
+from . import raycompat, tracking
 from .config import get_settings, mlflow_client_env
 from .note import write_sweep_note
 from .preflight import preflight
@@ -36,7 +36,9 @@ from .progress import SweepCallback, SweepProgress
 from .report import finalize_sweep
 from .space import param_space, scheduler, search_algorithm, tune_num_samples
 from .spec import SweepSpec
+from .speedup import record_speedups
 from .trainable import SweepContext, train_trial
+from .vocabulary import SweepStatus, TrialStatus
 
 __all__ = ["SweepResult", "main", "run_sweep"]
 
@@ -71,7 +73,7 @@ def _tuner(
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
         # Tune restores the pickled RunConfig; this process's callback carries the live sink.
-        tuner._local_tuner.get_run_config().callbacks = [callback]
+        raycompat.set_tuner_callbacks(tuner, [callback])
         return tuner, True
     run_config = tune.RunConfig(
         name=sweep_id,
@@ -197,8 +199,8 @@ def _run(
     callback = SweepCallback(sweep_id, tracking_uri, spec, progress)
     tuner, restored = _tuner(spec, sweep_id, tracking_uri, storage, callback)
     message = "restored" if restored else None
-    tracking.set_sweep_status(sweep_id, "RUNNING", message, tracking_uri)
-    write_sweep_note(spec, sweep_id, "RUNNING", message, tracking_uri)
+    tracking.set_sweep_status(sweep_id, SweepStatus.RUNNING, message, tracking_uri)
+    write_sweep_note(spec, sweep_id, SweepStatus.RUNNING, message, tracking_uri)
     started = time.monotonic()
     with _Stop() as stop:
         try:
@@ -206,32 +208,48 @@ def _run(
         except KeyboardInterrupt:
             stop.asked = True
         except Exception as err:
-            tracking.close_open_trials(sweep_id, "KILLED", tracking_uri)
+            tracking.close_open_trials(sweep_id, TrialStatus.KILLED, tracking_uri)
             message = f"{type(err).__name__}: {err}"
-            tracking.set_sweep_status(sweep_id, "FAILED", message, tracking_uri)
-            write_sweep_note(spec, sweep_id, "FAILED", message, tracking_uri)
+            tracking.set_sweep_status(sweep_id, SweepStatus.FAILED, message, tracking_uri)
+            write_sweep_note(spec, sweep_id, SweepStatus.FAILED, message, tracking_uri)
             raise
     callback.flush()
     budget = spec.resources.time_budget_s
     out_of_time = budget is not None and time.monotonic() - started >= budget
     interrupted = stop.asked or (callback.unfinished() > 0 and not out_of_time)
-    killed = tracking.close_open_trials(sweep_id, "KILLED", tracking_uri)
+    killed = tracking.close_open_trials(sweep_id, TrialStatus.KILLED, tracking_uri)
+    if not interrupted:
+        _latency_pass(spec, sweep_id, tracking_uri)
     report = finalize_sweep(spec, sweep_id, tracking_uri)
     trials = tracking.sweep_trials(sweep_id, tracking_uri)
     if interrupted:
-        status, message = "CANCELLED", f"stopped; {killed} running trials killed; resumable"
-    elif trials and all(t["status"] == "FAILED" for t in trials):
-        status, message = "FAILED", f"every trial failed; {_commonest_failure(trials)}"
-    else:
-        failed = sum(t["status"] == "FAILED" for t in trials)
         status, message = (
-            "FINISHED",
+            SweepStatus.CANCELLED,
+            f"stopped; {killed} running trials killed; resumable",
+        )
+    elif trials and all(t["status"] == TrialStatus.FAILED for t in trials):
+        status, message = SweepStatus.FAILED, f"every trial failed; {_commonest_failure(trials)}"
+    else:
+        failed = sum(t["status"] == TrialStatus.FAILED for t in trials)
+        status, message = (
+            SweepStatus.FINISHED,
             f"{len(trials)} trials, {failed} failed"
             + (", time budget reached" if out_of_time else ""),
         )
     tracking.set_sweep_status(sweep_id, status, message, tracking_uri)
     write_sweep_note(spec, sweep_id, status, message, tracking_uri)
     return SweepResult(sweep_id, status, str(storage / sweep_id), restored, trials, report)
+
+
+def _latency_pass(spec: SweepSpec, sweep_id: str, tracking_uri: str) -> None:
+    """Time the front's models against the dense model (`sweeps.speedup`); a failure here costs
+    the sweep its ``speedup_vs_dense`` figures, never its result."""
+    try:
+        record_speedups(spec, sweep_id, tracking_uri)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}"
+        log.warning("latency pass of sweep %s failed: %s", sweep_id, reason)
+        tracking.client(tracking_uri).set_tag(sweep_id, tracking.TAG_SPEEDUP_ERROR, reason[:500])
 
 
 def _commonest_failure(trials: list[dict[str, Any]]) -> str:
@@ -254,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "--storage-path", default=None, help="Tune storage path shared by all nodes"
     )
     args = parser.parse_args(argv)
+    raycompat.check_ray_version()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -261,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = tracking.load_sweep_spec(args.sweep_id, args.tracking_uri)
     except Exception as err:
         tracking.set_sweep_status(
-            args.sweep_id, "FAILED", f"cannot read the spec: {err}", args.tracking_uri
+            args.sweep_id, SweepStatus.FAILED, f"cannot read the spec: {err}", args.tracking_uri
         )
         raise
     result = run_sweep(
@@ -269,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         progress=lambda p: log.info("%s", p.line()),
     )  # fmt: skip
     log.info("sweep %s %s", result.sweep_id, result.status)
-    return {"FINISHED": 0, "CANCELLED": 130}.get(result.status, 1)
+    return {SweepStatus.FINISHED: 0, SweepStatus.CANCELLED: 130}.get(result.status, 1)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
-
 from . import tracking
 from .pareto import pareto_front
 from .spec import SweepSpec
+from .vocabulary import ACTIVE_SWEEP, Tag
 
 __all__ = ["NOTE_TAG", "sweep_note", "write_sweep_note"]
 
-NOTE_TAG = "mlflow.note.content"
-_ACTIVE = ("PENDING", "RUNNING")
+NOTE_TAG = Tag.NOTE
 _ACCURACY = ("val_accuracy", "test_accuracy")
 
 
@@ -69,7 +67,7 @@ def sweep_note(
         + f"; objectives: {', '.join(f'{m} ({mode})' for m, mode in objectives)}.",
         "",
     ]
-    if status in _ACTIVE:
+    if status in ACTIVE_SWEEP:
         lines.append("The Pareto front is shown here when the sweep ends.")
         return "\n".join(lines)
     front = pareto_front(trials, objectives)
@@ -91,7 +89,7 @@ def sweep_note(
         rows.append("| " + " | ".join([*cells, _params(m), link]) + " |")
     # A tag holds MAX_TAG_VAL_LENGTH characters: a front too long for it is cut at a whole row.
     shown = len(rows)
-    while len("\n".join(lines + rows[:shown])) > MAX_TAG_VAL_LENGTH - 200:
+    while len("\n".join(lines + rows[:shown])) > tracking.MAX_TAG_VAL_LENGTH - 200:
         shown -= 1
     lines += rows[:shown]
     if shown < len(rows):
@@ -109,5 +107,5 @@ def write_sweep_note(
     """Write (or rewrite) the description of the sweep's parent run from what MLflow holds."""
     c = tracking.client(tracking_uri)
     experiment_id = c.get_run(sweep_id).info.experiment_id
-    trials = tracking.sweep_trials(sweep_id, tracking_uri) if status not in _ACTIVE else []
+    trials = tracking.sweep_trials(sweep_id, tracking_uri) if status not in ACTIVE_SWEEP else []
     c.set_tag(sweep_id, NOTE_TAG, sweep_note(spec, status, message, trials, experiment_id))

@@ -19,10 +19,8 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Run, RunTag
-from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 from ray import cloudpickle
 from ray.exceptions import RayTaskError
 from ray.tune import Callback
@@ -31,6 +29,10 @@ from . import tracking
 from .space import trial_config
 from .spec import SweepSpec
 from .variants import run_name
+from .vocabulary import RunStatus, Tag, TrialStatus
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 
 __all__ = ["SweepCallback", "SweepProgress"]
 
@@ -126,7 +128,9 @@ class SweepCallback(Callback):
         if last.get("epoch", self.epochs) < self.epochs:
             self._stopped.add(trial.trial_id)
             self._end_if_open(
-                trial, "STOPPED", f"stopped early by the scheduler at epoch {last.get('epoch')}"
+                trial,
+                TrialStatus.STOPPED,
+                f"stopped early by the scheduler at epoch {last.get('epoch')}",
             )
         self._emit(trials)
 
@@ -135,9 +139,9 @@ class SweepCallback(Callback):
             run = self._run(trial)
             if run is not None:  # the retry continues it (RUNNING again once the retry starts)
                 self._record_failure(run, trial, retries=trial.num_failures)
-                if "l0sweep.failure_reason" in run.data.tags:  # the failed attempt's own record
+                if Tag.FAILURE_REASON in run.data.tags:  # the failed attempt's own record
                     tracking.client(self.tracking_uri).delete_tag(
-                        run.info.run_id, "l0sweep.failure_reason"
+                        run.info.run_id, Tag.FAILURE_REASON
                     )
         self._emit(trials)
 
@@ -153,8 +157,10 @@ class SweepCallback(Callback):
                 )
                 run = tracking.client(self.tracking_uri).get_run(run_id)
             reason = self._record_failure(run, trial, retries=max(0, trial.num_failures - 1))
-            if run.info.status == "RUNNING":
-                tracking.end_trial_run(run.info.run_id, "FAILED", reason, self.tracking_uri)
+            if run.info.status == RunStatus.RUNNING:
+                tracking.end_trial_run(
+                    run.info.run_id, TrialStatus.FAILED, reason, self.tracking_uri
+                )
         self._emit(trials)
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
@@ -176,14 +182,13 @@ class SweepCallback(Callback):
 
     def _record_failure(self, run: Run, trial: Any, retries: int) -> str:
         reason = _error_summary(trial)
-        tags = [RunTag("l0sweep.retries", str(retries)),
-                RunTag("l0sweep.last_error", reason[:MAX_TAG_VAL_LENGTH])]  # fmt: skip
-        tracking.client(self.tracking_uri).log_batch(run.info.run_id, tags=tags)
+        tags = {Tag.RETRIES: str(retries), Tag.LAST_ERROR: reason}
+        tracking.tag_run(run.info.run_id, tags, self.tracking_uri)
         return reason
 
     def _end_if_open(self, trial: Any, status: str, reason: str) -> None:
         run = self._run(trial)
-        if run is not None and run.info.status == "RUNNING":
+        if run is not None and run.info.status == RunStatus.RUNNING:
             tracking.end_trial_run(run.info.run_id, status, reason, self.tracking_uri)
 
 

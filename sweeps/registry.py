@@ -4,13 +4,14 @@ Built-in entries live in :mod:`sweeps.models` and :mod:`sweeps.data`. A lab adds
 installing a package that declares a Python entry point in the group ``l0sweep.models`` or
 ``l0sweep.datasets``; loading the entry point imports the package, whose ``@register_model`` /
 ``@register_dataset`` decorators add the entries (the pattern of timm's ``@register_model``).
+A plugin that fails to import stops the process that loads the registry (:class:`PluginLoadError`,
+naming the entry point and its exception) rather than leaving a spec to say "unknown model".
 Each entry carries a Pydantic model of its parameters, so a spec's ``params`` are validated with
 field paths and published as JSON Schema (``GET /models``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
@@ -24,6 +25,7 @@ __all__ = [
     "MODELS",
     "Entry",
     "NoParams",
+    "PluginLoadError",
     "Registry",
     "UnknownNameError",
     "list_datasets",
@@ -32,8 +34,6 @@ __all__ = [
     "register_dataset",
     "register_model",
 ]
-
-log = logging.getLogger(__name__)
 
 
 class NoParams(BaseModel):
@@ -47,6 +47,18 @@ class UnknownNameError(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class PluginLoadError(RuntimeError):
+    """An installed plugin (a Python entry point of ``l0sweep.models`` or ``l0sweep.datasets``)
+    failed to import: the lab's set-up is broken, not the spec that names its entry."""
+
+    def __init__(self, kind: str, group: str, name: str, value: str, exc: BaseException) -> None:
+        self.entry_point = name
+        super().__init__(
+            f"the {kind} plugin {name!r} (entry point {value!r} in group {group!r}) failed to "
+            f"import: {type(exc).__name__}: {exc}; fix or uninstall the package that declares it"
+        )
 
 
 @dataclass(frozen=True)
@@ -119,11 +131,16 @@ class Registry:
         return [self._entries[n] for n in sorted(self._entries)]
 
     def _load_entry_points(self) -> None:
+        """Import every installed plugin of this registry.
+
+        Raises:
+            PluginLoadError: a plugin failed to import.
+        """
         for ep in entry_points(group=self.group):
             try:
                 ep.load()
-            except Exception:
-                log.exception("could not load %s entry point %r (%s)", self.kind, ep.name, ep.value)
+            except Exception as exc:
+                raise PluginLoadError(self.kind, self.group, ep.name, ep.value, exc) from exc
 
 
 MODELS = Registry("model", "l0sweep.models")
@@ -135,15 +152,23 @@ _loaded = False
 
 
 def load_builtins() -> None:
-    """Import the built-in entries and the installed entry points (once per process)."""
+    """Import the built-in entries and the installed entry points (once per process).
+
+    Raises:
+        PluginLoadError: an installed plugin failed to import (raised again on every call).
+    """
     global _loaded
     if _loaded:
         return
-    _loaded = True
-    import_module("sweeps.models")
-    import_module("sweeps.data")
-    MODELS._load_entry_points()
-    DATASETS._load_entry_points()
+    _loaded = True  # before the imports: a module they import may read the registry
+    try:
+        import_module("sweeps.models")
+        import_module("sweeps.data")
+        MODELS._load_entry_points()
+        DATASETS._load_entry_points()
+    except BaseException:
+        _loaded = False
+        raise
 
 
 def list_models() -> list[dict[str, Any]]:

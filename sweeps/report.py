@@ -14,11 +14,13 @@ from typing import Any
 from . import tracking
 from .pareto import best_at_sparsity, eligible, hypervolume, pareto_front
 from .spec import SweepSpec
+from .vocabulary import FALSE, TRUE, Tag
 
 __all__ = ["SPARSITY_LEVELS", "finalize_sweep", "format_pareto_table", "pareto_report", "plot_png"]
 
 SPARSITY_LEVELS = (0.5, 0.8, 0.9, 0.95, 0.98)
-_COLUMNS = ("val_accuracy", "test_accuracy", "sparsity", "nonzero_params", "expected_flops")
+_COLUMNS = ("val_accuracy", "test_accuracy", "sparsity", "nonzero_params", "expected_flops",
+            "latency_ms_b1", "throughput", "speedup_vs_dense")  # fmt: skip
 
 
 def pareto_report(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
@@ -140,13 +142,17 @@ def _plot_html(spec: SweepSpec, trials: list[dict[str, Any]], front: list[dict[s
 def finalize_sweep(
     spec: SweepSpec, sweep_id: str, tracking_uri: str | None = None
 ) -> dict[str, Any]:
-    """Write the parent artifacts and the ``pareto`` tags; returns the Pareto report."""
+    """Write the parent artifacts and the trials' Pareto tags; returns the Pareto report."""
     c = tracking.client(tracking_uri)
     trials = tracking.sweep_trials(sweep_id, tracking_uri)
     report = pareto_report(spec, trials)
     winners = {t["run_id"] for t in report["front"]}
     for t in trials:
-        c.set_tag(t["run_id"], "pareto", "true" if t["run_id"] in winners else "false")
+        on_front = TRUE if t["run_id"] in winners else FALSE
+        c.set_tag(t["run_id"], Tag.PARETO, on_front)
+        if (t.get("model_uri") or "").startswith("models:/"):
+            model_id = t["model_uri"].removeprefix("models:/")
+            c.set_logged_model_tags(model_id, {tracking.MODEL_TAG_PARETO: on_front})
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "pareto.json").write_text(json.dumps(report, indent=2))

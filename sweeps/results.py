@@ -17,6 +17,7 @@ from typing import Any
 
 from . import tracking
 from .pareto import pareto_front
+from .vocabulary import KIND_SWEEP, SweepStatus, Tag, TrialStatus, sweeps_filter
 
 __all__ = [
     "MEAN_METRICS",
@@ -30,10 +31,12 @@ __all__ = [
     "find_sweeps",
     "method_front",
     "method_label",
+    "speed_front",
 ]
 
 MEAN_METRICS = ("sparsity", "val_accuracy", "test_accuracy", "nonzero_params", "total_params",
-                "shrunk_params", "expected_flops")  # fmt: skip
+                "shrunk_params", "expected_flops", "latency_ms_b1", "throughput", "model_bytes",
+                "speedup_vs_dense", "latency_speedup_b1")  # fmt: skip
 _IGNORED = {"seed"}  # config keys that only tell seeds apart
 
 
@@ -50,10 +53,11 @@ class Point:
     architectures: list[str]
     trial_seconds: float
     experiment_id: str = ""
+    export_formats: list[str] = field(default_factory=list)
 
     def as_trial(self) -> dict[str, Any]:
         """The shape :func:`sweeps.pareto.pareto_front` reads."""
-        return {"metrics": self.metrics, "status": "FINISHED", "point": self}
+        return {"metrics": self.metrics, "status": TrialStatus.FINISHED.value, "point": self}
 
 
 @dataclass
@@ -131,7 +135,7 @@ def aggregate(trials: list[dict[str, Any]]) -> list[Point]:
     """Finished trials with a test accuracy, one :class:`Point` per method and configuration."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for t in trials:
-        if t.get("status") != "FINISHED" or "test_accuracy" not in t.get("metrics", {}):
+        if t.get("status") != TrialStatus.FINISHED or "test_accuracy" not in t.get("metrics", {}):
             continue
         config = {k: v for k, v in t["config"].items() if k not in _IGNORED}
         groups.setdefault(json.dumps(config, sort_keys=True), []).append(t)
@@ -154,6 +158,7 @@ def aggregate(trials: list[dict[str, Any]]) -> list[Point]:
                 architectures=sorted({t.get("architecture") or "" for t in members} - {""}),
                 trial_seconds=sum(_seconds(t) for t in members),
                 experiment_id=members[0].get("experiment_id", ""),
+                export_formats=sorted({t.get("export_format") or "" for t in members} - {""}),
             )
         )
     return sorted(points, key=lambda p: (p.method, p.metrics.get("sparsity", 0.0)))
@@ -164,6 +169,14 @@ def method_front(points: list[Point]) -> list[Point]:
     objectives = [("sparsity", "max"), ("val_accuracy", "max")]
     front = [t["point"] for t in pareto_front([p.as_trial() for p in points], objectives)]
     return sorted(front, key=lambda p: p.metrics["sparsity"])
+
+
+def speed_front(points: list[Point]) -> list[Point]:
+    """The non-dominated points on (mean measured ``speedup_vs_dense``, mean val_accuracy), by
+    rising speedup; only points the driver timed against the dense model take part."""
+    objectives = [("speedup_vs_dense", "max"), ("val_accuracy", "max")]
+    front = [t["point"] for t in pareto_front([p.as_trial() for p in points], objectives)]
+    return sorted(front, key=lambda p: p.metrics["speedup_vs_dense"])
 
 
 def dense_reference(points: list[Point]) -> Point | None:
@@ -192,23 +205,23 @@ def collect(sweep_ids: list[str], tracking_uri: str | None = None) -> ReportData
     Raises:
         ValueError: a run id is not an l0sweep sweep.
     """
-    from mlflow.exceptions import MlflowException
-
     c = tracking.client(tracking_uri)
     sweeps = []
     for sweep_id in sweep_ids:
         try:
             run = c.get_run(sweep_id)
-        except MlflowException as err:
+        except tracking.MlflowException as err:
             raise ValueError(f"no sweep {sweep_id!r} in MLflow: {err.message}") from err
         tags = run.data.tags
-        if tags.get("l0sweep.kind") != "sweep":
-            raise ValueError(f"run {sweep_id} is not an l0sweep sweep (no l0sweep.kind=sweep tag)")
+        if tags.get(Tag.KIND) != KIND_SWEEP:
+            raise ValueError(
+                f"run {sweep_id} is not an l0sweep sweep (no {Tag.KIND}={KIND_SWEEP} tag)"
+            )
         sweeps.append(
             SweepInfo(
                 sweep_id=sweep_id,
-                name=tags.get("l0sweep.name", run.info.run_name or sweep_id),
-                status=tags.get("l0sweep.status", "PENDING"),
+                name=tags.get(Tag.NAME, run.info.run_name or sweep_id),
+                status=tags.get(Tag.STATUS, SweepStatus.PENDING.value),
                 experiment_id=run.info.experiment_id,
                 start_ms=run.info.start_time,
                 end_ms=run.info.end_time,
@@ -227,17 +240,14 @@ def find_sweeps(name_contains: str, tracking_uri: str | None = None) -> list[str
     """
     c = tracking.client(tracking_uri)
     pattern = name_contains.replace("'", "")
-    query = (
-        f"tags.`l0sweep.kind` = 'sweep' and tags.`l0sweep.status` = 'FINISHED' "
-        f"and tags.`l0sweep.name` LIKE '%{pattern}%'"
-    )
+    query = sweeps_filter(status=SweepStatus.FINISHED, name_like=pattern)
     experiments = [e.experiment_id for e in c.search_experiments()]
     latest: dict[str, Any] = {}
     token = None
     while True:
         page = c.search_runs(experiments, query, max_results=1000, page_token=token)
         for run in page:
-            name = run.data.tags["l0sweep.name"]
+            name = run.data.tags[Tag.NAME]
             if name not in latest or run.info.start_time > latest[name].info.start_time:
                 latest[name] = run
         token = page.token

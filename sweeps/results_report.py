@@ -5,7 +5,10 @@ The report is never typed by hand: every number comes from the sweeps' MLflow ru
 ``report.md`` holds the sweeps (status, wall time, trial time), a summary row per method (dense
 accuracy, best sparsity within 1 point of dense, the front's sparsest point) and, per method,
 its Pareto front table (test accuracy vs sparsity, nonzero and shrunk parameters, expected
-FLOPs, pruned architecture, MLflow run ids) with a plot; ``fronts.png`` overlays all fronts.
+FLOPs, measured speedup, export format, pruned architecture, MLflow run ids) with a plot;
+``fronts.png`` overlays all fronts. "Measured speed" holds each method's front of accuracy against
+the speedup over the dense model that the sweeps' drivers measured (``speed.png``), saying of an
+unstructured export that its dense tensors are not faster.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from .results import (
     dense_reference,
     find_sweeps,
     method_front,
+    speed_front,
     varying_keys,
 )
+from .tracking import EXPORT_DENSE, EXPORT_SHRUNK, EXPORT_UNPRUNED
+from .vocabulary import TrialStatus
 
-__all__ = ["plot_fronts", "render_markdown", "slug", "write_report"]
+__all__ = ["plot_fronts", "plot_speed", "render_markdown", "slug", "write_report"]
 
 
 def slug(method: str) -> str:
@@ -69,6 +75,53 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+_EXPORT_WORDS = {
+    EXPORT_SHRUNK: "structured: shrunk",
+    EXPORT_DENSE: "unstructured: dense tensors, no speedup",
+    EXPORT_UNPRUNED: "dense model",
+}
+
+
+def _export_text(p: Point) -> str:
+    return " / ".join(_EXPORT_WORDS.get(f, f) for f in p.export_formats) or "-"
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _speed_section(points: list[Point], methods: list[str], plots: dict[str, str]) -> list[str]:
+    """Accuracy against measured speedup: each method's front on (speedup_vs_dense, val acc)."""
+    timed = [p for p in points if "speedup_vs_dense" in p.metrics]
+    out = ["", "## Measured speed", ""]
+    if not timed:
+        return [*out, "No trial was timed against the dense model (no `speedup_vs_dense`)."]
+    out.append(
+        "Each sweep's driver timed its front's exported models and a dense model of the same "
+        "architecture side by side, interleaved, in one process: speedup is the dense model's "
+        "time over the model's (throughput on batches of 256, and latency on one example). "
+        "Unstructured methods export full-size tensors holding zeros, which run at dense speed."
+    )
+    if "speed" in plots:
+        out += ["", f"![test accuracy vs measured speedup]({plots['speed']})"]
+    rows = []
+    for method in methods:
+        for p in speed_front([q for q in timed if q.method == method]):
+            rows.append([
+                method, _ratio(p.metrics.get("speedup_vs_dense")),
+                _ratio(p.metrics.get("latency_speedup_b1")), _acc(p),
+                _pct(p.metrics.get("sparsity")),
+                "-" if "latency_ms_b1" not in p.metrics else f"{p.metrics['latency_ms_b1']:.3f}",
+                _int(p.metrics.get("throughput")), _int(p.metrics.get("model_bytes")),
+                _export_text(p), " / ".join(p.architectures) or "-",
+            ])  # fmt: skip
+    return [*out, "", *_table(
+        ["method", "speedup vs dense (batch 256)", "speedup batch 1", "test acc", "sparsity",
+         "latency batch 1 (ms)", "throughput (ex/s)", "model bytes", "export", "architecture"],
+        rows,
+    )]  # fmt: skip
+
+
 def _config_text(p: Point, keys: list[str]) -> str:
     return ", ".join(f"{k.split('.', 1)[-1]}={p.config.get(k)}" for k in keys) or "-"
 
@@ -94,7 +147,7 @@ def render_markdown(data: ReportData, plots: dict[str, str]) -> str:
     ]
     rows = []
     for s in data.sweeps:
-        done = sum(t["status"] == "FINISHED" for t in s.trials)
+        done = sum(t["status"] == TrialStatus.FINISHED for t in s.trials)
         trial_s = sum(
             (t["end_time"] - t["start_time"]) / 1000
             for t in s.trials
@@ -127,6 +180,7 @@ def render_markdown(data: ReportData, plots: dict[str, str]) -> str:
                    "(test acc)", "sparsest front point (test acc)", "trial time (sum)"], rows)  # fmt: skip
     if "" in plots:
         out += ["", f"![Pareto fronts of all methods]({plots['']})"]
+    out += _speed_section(points, methods, plots)
     for method in methods:
         group = [p for p in points if p.method == method]
         front = method_front(group)
@@ -145,13 +199,14 @@ def render_markdown(data: ReportData, plots: dict[str, str]) -> str:
             [_pct(p.metrics.get("sparsity")), _acc(p), _pct(p.metrics.get("val_accuracy")),
              _int(p.metrics.get("nonzero_params")), _int(p.metrics.get("shrunk_params")),
              f"{p.metrics['expected_flops'] / 1e6:.3f}" if "expected_flops" in p.metrics else "-",
+             _ratio(p.metrics.get("speedup_vs_dense")), _export_text(p),
              " / ".join(p.architectures) or "-", _config_text(p, keys), str(len(p.run_ids)),
              _runs(p, data.tracking_uri)]
             for p in front
         ]  # fmt: skip
         out += _table(["sparsity", "test acc", "val acc", "nonzero params", "params after "
-                       "shrink", "expected MFLOPs", "architecture", "config", "seeds",
-                       "MLflow runs"], rows)  # fmt: skip
+                       "shrink", "expected MFLOPs", "measured speedup", "export", "architecture",
+                       "config", "seeds", "MLflow runs"], rows)  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -182,6 +237,42 @@ def plot_fronts(points: list[Point], methods: list[str], title: str) -> bytes:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_speed(points: list[Point], methods: list[str], title: str) -> bytes:
+    """Test accuracy vs measured speedup over the dense model: each method's speed front, its
+    other timed points faint, 1x (dense speed) dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ax.axvline(1.0, ls="--", c="0.4", label="dense speed")
+    for i, method in enumerate(methods):
+        group = [p for p in points if p.method == method and "speedup_vs_dense" in p.metrics]
+        if not group:
+            continue
+        front = speed_front(group)
+        ax.scatter(
+            [p.metrics["speedup_vs_dense"] for p in group],
+            [p.metrics["test_accuracy"] for p in group],
+            c=f"C{i % 10}",
+            s=10,
+            alpha=0.35,
+        )
+        ax.plot([p.metrics["speedup_vs_dense"] for p in front],
+                [p.metrics["test_accuracy"] for p in front], "o-", c=f"C{i % 10}", ms=4,
+                label=method)  # fmt: skip
+    ax.set(xlabel="measured speedup over dense (throughput, batch 256)", ylabel="test accuracy",
+           title=title)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -227,6 +318,10 @@ def write_report(
         title = f"{common or 'all methods'}: test accuracy vs sparsity"
         (out / "fronts.png").write_bytes(plot_fronts(points, methods, title))
         plots[""] = "fronts.png"
+        if any("speedup_vs_dense" in p.metrics for p in points):
+            speed_title = f"{common or 'all methods'}: test accuracy vs measured speedup"
+            (out / "speed.png").write_bytes(plot_speed(points, methods, speed_title))
+            plots["speed"] = "speed.png"
     for method in methods:
         if method == "dense":
             continue

@@ -9,6 +9,9 @@ MLflow answers (:func:`until_answered`); the service turns retries off (``retry_
 
 MLflow's own retries (urllib3's, about four minutes by default) are left to the environment; a
 sweep's job turns them off (``sweeps.config.mlflow_client_env``) so that the window governs.
+
+The waits are measured and slept on a :class:`Clock` (:func:`use_clock`): the process's own, or a
+test's fake one, so that tests check the window without timing a busy machine.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import requests
 from mlflow.exceptions import MlflowException, RestException
@@ -29,7 +32,15 @@ from mlflow.tracking import MlflowClient
 
 from .config import get_settings
 
-__all__ = ["MlflowUnavailable", "RetryingClient", "retry_window", "until_answered", "with_retries"]
+__all__ = [
+    "Clock",
+    "MlflowUnavailable",
+    "RetryingClient",
+    "retry_window",
+    "until_answered",
+    "use_clock",
+    "with_retries",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,6 +64,33 @@ _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.5, 10.0
 _WARN_EVERY_S = 60.0
 # Set by `retry_window`; None: the setting (the end of a run: until MLflow answers).
 _window_override: ContextVar[float | None] = ContextVar("l0sweep_mlflow_retry_window", default=None)
+
+
+class Clock(Protocol):
+    """What the retries measure the window and wait on."""
+
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class _SystemClock:
+    monotonic = staticmethod(time.monotonic)
+    sleep = staticmethod(time.sleep)
+
+
+_clock: Clock = _SystemClock()
+
+
+@contextlib.contextmanager
+def use_clock(clock: Clock) -> Iterator[Clock]:
+    """Measure and wait on ``clock`` in this block, in every thread (tests: a fake clock)."""
+    global _clock
+    previous, _clock = _clock, clock
+    try:
+        yield clock
+    finally:
+        _clock = previous
 
 
 class MlflowUnavailable(MlflowException):
@@ -121,6 +159,7 @@ def with_retries(fn: Callable[[], T], what: str, tracking_uri: str) -> T:
     Raises:
         MlflowUnavailable: MLflow failed every attempt for the whole window.
     """
+    clock = _clock
     first_failure: float | None = None
     window = 0.0
     attempt = 0
@@ -131,7 +170,7 @@ def with_retries(fn: Callable[[], T], what: str, tracking_uri: str) -> T:
         except Exception as exc:
             if not _transient(exc):
                 raise
-            now = time.monotonic()
+            now = clock.monotonic()
             if first_failure is None:
                 first_failure = warned_at = now
                 override = _window_override.get()
@@ -149,13 +188,13 @@ def with_retries(fn: Callable[[], T], what: str, tracking_uri: str) -> T:
             if now - warned_at >= _WARN_EVERY_S:
                 warned_at = now
                 log.warning("MLflow at %s: still unavailable after %.0f s", tracking_uri, waited)
-            time.sleep(min(_BACKOFF_FIRST_S * 2**attempt, _BACKOFF_MAX_S, window - waited))
+            clock.sleep(min(_BACKOFF_FIRST_S * 2**attempt, _BACKOFF_MAX_S, window - waited))
             attempt += 1
         else:
             if first_failure is not None:
                 log.warning(
                     "MLflow at %s answered again after %.0f s (%s)",
-                    tracking_uri, time.monotonic() - first_failure, what,
+                    tracking_uri, clock.monotonic() - first_failure, what,
                 )  # fmt: skip
             return result
 

@@ -22,10 +22,12 @@ from pydantic import (
     Field,
     PositiveInt,
     Tag,
+    ValidationInfo,
     create_model,
     model_validator,
 )
 
+from .augment import AugmentSpec
 from .config import get_settings
 from .domains import (
     DOMAIN_KINDS,
@@ -49,6 +51,7 @@ __all__ = [
     "DOMAIN_KINDS",
     "EPOCH_METRICS",
     "FINAL_METRICS",
+    "SPEED_METRICS",
     "Choice",
     "DatasetSpec",
     "Grid",
@@ -81,6 +84,17 @@ EPOCH_METRICS = {
     "nonzero_params": "nonzero parameters of the exported model",
     "total_params": "parameters of the dense model",
     "epoch_seconds": "wall time of the epoch's training",
+}
+# ... once, at the end, measured on the exported model: objectives may use these (the Pareto front
+# and the report do; a search or scheduler cannot, they never see them during training) ...
+SPEED_METRICS = {
+    "latency_ms_b1": ("min", "median forward time of the exported model on one example, ms"),
+    "throughput": ("max", "examples per second of the exported model on batches of 256"),
+    "speedup_vs_dense": (
+        "max",
+        "throughput over the dense model's, timed side by side by the driver (front trials)",
+    ),
+    "model_bytes": ("min", "bytes of the exported model's parameters and buffers"),
 }
 # ... and once, at the end, on the test split: never an objective (choose on validation).
 FINAL_METRICS = {
@@ -259,21 +273,38 @@ def _registry_union(registry: Any, kind: str) -> Any:
     for entry in registry.entries():
         cls = create_model(
             f"{kind}_{entry.name}".replace("-", "_"),
-            __base__=_Strict,
+            __base__=_DatasetSpec if kind == "dataset" else _Strict,
             name=(Literal[entry.name], ...),
             params=(entry.params, Field(default_factory=entry.params)),
             **({"__doc__": entry.description} if entry.description else {}),
-            **(_DATASET_FIELDS if kind == "dataset" else {}),
         )
         members.append(Annotated[cls, Tag(entry.name)])
     return Annotated[Union[tuple(members)], Discriminator("name")]  # noqa: UP007
 
 
-_DATASET_FIELDS: dict[str, Any] = {
-    "val_fraction": (float, Field(default=0.1, gt=0, lt=0.5)),
-    "test_fraction": (float, Field(default=0.2, gt=0, lt=0.5, description="If no test split.")),
-    "split_seed": (int, 0),
-}
+class _DatasetSpec(_Strict):
+    """What every dataset takes besides its own params: the splits and the augmentation."""
+
+    val_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(default=0.2, gt=0, lt=0.5, description="If no test split.")
+    split_seed: int = 0
+    augment: AugmentSpec | None = Field(
+        default=None,
+        description="Augment the training batches (images only) on the trial's device; "
+        "validation and test are never augmented.",
+    )
+
+    @model_validator(mode="after")
+    def _data_on_disk(self, info: ValidationInfo) -> _DatasetSpec:
+        # Params that name files check them here, so a bad path is a spec error (a 422) before
+        # any trial trains; validation context {"check_data": False} skips it (a spec read back
+        # to be shown, or written for another machine's data directory).
+        check = getattr(self.params, "check_data", None)  # params: a field of each subclass
+        if check is not None and (info.context or {}).get("check_data", True):
+            check()
+        return self
+
+
 ModelSpec = _registry_union(MODELS, "model")
 DatasetSpec = _registry_union(DATASETS, "dataset")
 
@@ -289,9 +320,10 @@ class Objective(_Strict):
                 f"{self.metric!r} is measured once on the test split and cannot be an objective; "
                 "choose on validation metrics"
             )
-        if self.metric not in EPOCH_METRICS:
+        if self.metric not in EPOCH_METRICS and self.metric not in SPEED_METRICS:
             raise ValueError(
-                f"unknown metric {self.metric!r}; reported: {', '.join(EPOCH_METRICS)}"
+                f"unknown metric {self.metric!r}; allowed: {', '.join(EPOCH_METRICS)} (every "
+                f"epoch), {', '.join(SPEED_METRICS)} (measured on the exported model)"
             )
         return self
 
@@ -355,11 +387,16 @@ class SweepSpec(_Strict):
         return data
 
     @classmethod
-    def from_file(cls, path: str | Path) -> SweepSpec:
-        """Load a spec from a YAML (.yaml/.yml) or JSON file."""
+    def from_file(cls, path: str | Path, *, check_data: bool = True) -> SweepSpec:
+        """Load a spec from a YAML (.yaml/.yml) or JSON file.
+
+        Args:
+            check_data: check the files the dataset names in this machine's data directory;
+                False for a spec that runs elsewhere (submitted to a cluster's service).
+        """
         text = Path(path).read_text()
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        return cls.model_validate(data)
+        return cls.model_validate(data, context={"check_data": check_data})
 
     def searched_fields(self) -> dict[str, Any]:
         """``{"section.field": domain}`` for every searched field."""
@@ -419,6 +456,12 @@ class SweepSpec(_Strict):
         no_heads = _head_without_attention(self)
         if no_heads:
             problems.append(no_heads)
+        speed = [o.metric for o in self.objectives if o.metric in SPEED_METRICS]
+        if speed and self.search.algorithm == "optuna":
+            problems.append(
+                f"objectives {speed} are measured once the model is exported, after training: "
+                "optuna never sees them; use search.algorithm random (the front uses them)"
+            )
         names = [o.metric for o in self.objectives]
         if len(set(names)) != len(names):
             problems.append(f"objectives repeat a metric: {names}")

@@ -32,17 +32,30 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from .config import get_settings
 from .retry import MlflowUnavailable, RetryingClient, retry_window, until_answered, with_retries
 from .spec import SweepSpec
+from .vocabulary import (
+    KIND_SWEEP,
+    KIND_TRIAL,
+    SWEEP_RUN_STATUS,
+    TRIAL_RUN_STATUS,
+    RunStatus,
+    SweepStatus,
+    Tag,
+    TrialStatus,
+    is_pareto,
+    trials_filter,
+)
 
 __all__ = [
     "EXPERIMENT_KIND",
-    "SWEEP_STATUSES",
-    "TRIAL_STATUSES",
+    "MAX_TAG_VAL_LENGTH",
+    "MlflowException",
     "MlflowUnavailable",
     "absolute_uri",
     "client",
@@ -52,6 +65,7 @@ __all__ = [
     "find_trial_run",
     "flatten",
     "heartbeat",
+    "json_digest",
     "load_sweep_spec",
     "log_epoch",
     "retry_window",
@@ -60,20 +74,33 @@ __all__ = [
     "start_trial_run",
     "sweep_status",
     "sweep_trials",
+    "tag_run",
     "trial_from_run",
     "trial_run_tags",
 ]
 
-SWEEP_STATUSES = ("PENDING", "RUNNING", "FINISHED", "FAILED", "CANCELLED")
-# l0sweep.trial_status of a child run; the MLflow run status follows it.
-TRIAL_STATUSES = {"RUNNING": "RUNNING", "FINISHED": "FINISHED", "STOPPED": "FINISHED",
-                  "FAILED": "FAILED", "KILLED": "KILLED"}  # fmt: skip
-_MLFLOW_SWEEP_STATUS = {"FINISHED": "FINISHED", "FAILED": "FAILED", "CANCELLED": "KILLED"}
 _MAX_PARAM = 6000
 # MLflow 3's experiment kind: "custom_model_development" is the UI's "Machine learning" (training
 # runs) view; without the tag the UI may open a sweep's experiment in its GenAI view.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 SPEC_ARTIFACT = "spec.json"
+# What a finished trial records about the speed of its exported model (sweeps.model_log) and what
+# the driver's side-by-side comparison adds (sweeps.speedup); the metric names are the spec's
+# SPEED_METRICS.
+TAG_SPEED_DEVICE = "l0sweep.speed_device"  # where latency_ms_b1 / throughput were measured
+TAG_SPEED_THREADS = "l0sweep.speed_threads"  # CPU threads used for them
+TAG_EXPORT_FORMAT = "l0sweep.export_format"  # EXPORT_SHRUNK | EXPORT_DENSE | EXPORT_UNPRUNED
+TAG_ONNX_ERROR = "l0sweep.onnx_error"  # why the model has no ONNX export
+TAG_MODEL_URI = "l0sweep.model_uri"  # the MLflow logged model (models:/<model_id>)
+TAG_SPEEDUP_DEVICE = "l0sweep.speedup_device"  # where speedup_vs_dense was measured
+TAG_SPEEDUP_THREADS = "l0sweep.speedup_threads"
+TAG_SPEEDUP_ERROR = "l0sweep.speedup_error"  # why a front trial has no speedup_vs_dense
+MODEL_TAG_PARETO = "l0sweep.pareto"  # on a logged model: "true" when its trial is Pareto-optimal
+ONNX_ARTIFACT = "onnx/model.onnx"
+LOGGED_MODEL_NAME = "model"
+EXPORT_SHRUNK = "shrunk"  # structured: dead units removed, smaller dense tensors
+EXPORT_DENSE = "dense tensors"  # unstructured: zeros inside full-size tensors, no speedup expected
+EXPORT_UNPRUNED = "unpruned"  # a dense trial (regularizer kind none): the model as trained
 
 
 def absolute_uri(tracking_uri: str | None) -> str:
@@ -88,11 +115,16 @@ def absolute_uri(tracking_uri: str | None) -> str:
     return uri if "://" in uri or uri.startswith("/") else str(Path(uri).resolve())
 
 
+def json_digest(data: Any) -> str:
+    """The SHA-256 of ``data``'s canonical JSON (sorted keys, no spaces)."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def spec_digest(spec: SweepSpec) -> str:
     """A stable digest of a spec: tells a replayed POST from a different one, and checks the
     ``spec.json`` artifact read back."""
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return json_digest(spec.model_dump(mode="json"))
 
 
 def client(tracking_uri: str | None = None) -> MlflowClient:
@@ -153,15 +185,15 @@ def create_sweep_run(
     dumped = spec.model_dump(mode="json")
     objectives = [o.model_dump(mode="json") for o in spec.objectives]
     tags = {
-        "l0sweep.kind": "sweep",
-        "l0sweep.name": spec.name,
-        "l0sweep.status": "PENDING",
-        "l0sweep.num_trials": str(spec.num_trials()),
-        "l0sweep.duplicate_trials": str(spec.duplicate_trials()),
-        "l0sweep.objectives": json.dumps(objectives, separators=(",", ":")),
-        "l0sweep.spec_sha256": spec_digest(spec),
-        "mlflow.runName": spec.name,
-        **{f"user.{k}": v for k, v in spec.tags.items()},
+        Tag.KIND: KIND_SWEEP,
+        Tag.NAME: spec.name,
+        Tag.STATUS: SweepStatus.PENDING.value,
+        Tag.NUM_TRIALS: str(spec.num_trials()),
+        Tag.DUPLICATE_TRIALS: str(spec.duplicate_trials()),
+        Tag.OBJECTIVES: json.dumps(objectives, separators=(",", ":")),
+        Tag.SPEC_SHA256: spec_digest(spec),
+        Tag.RUN_NAME: spec.name,
+        **{f"{Tag.USER_PREFIX}{k}": v for k, v in spec.tags.items()},
         **(extra_tags or {}),
     }
     run = c.create_run(exp_id, tags=tags, run_name=spec.name)
@@ -179,25 +211,27 @@ def set_sweep_status(
     Retried until MLflow answers (the record of the sweep), unless :func:`retry_window` says not.
 
     Raises:
-        ValueError: ``status`` is not one of :data:`SWEEP_STATUSES`.
+        ValueError: ``status`` is not a :class:`~sweeps.vocabulary.SweepStatus`.
     """
-    if status not in SWEEP_STATUSES:
-        raise ValueError(f"unknown sweep status {status!r}; one of {SWEEP_STATUSES}")
+    if status not in set(SweepStatus):
+        raise ValueError(
+            f"unknown sweep status {status!r}; one of {tuple(s.value for s in SweepStatus)}"
+        )
     c = client(tracking_uri)
-    tags = [RunTag("l0sweep.status", status)]
+    tags = [RunTag(Tag.STATUS, str(status))]
     if message is not None:
-        tags.append(RunTag("l0sweep.status_message", message[:MAX_TAG_VAL_LENGTH]))
+        tags.append(RunTag(Tag.STATUS_MESSAGE, message[:MAX_TAG_VAL_LENGTH]))
     with until_answered():
         c.log_batch(run_id, tags=tags)
-        if status in _MLFLOW_SWEEP_STATUS:
-            c.set_terminated(run_id, status=_MLFLOW_SWEEP_STATUS[status])
-        elif c.get_run(run_id).info.status != "RUNNING":
-            c.update_run(run_id, status="RUNNING")
+        if status in SWEEP_RUN_STATUS:
+            c.set_terminated(run_id, status=SWEEP_RUN_STATUS[SweepStatus(status)].value)
+        elif c.get_run(run_id).info.status != RunStatus.RUNNING:
+            c.update_run(run_id, status=RunStatus.RUNNING.value)
 
 
 def sweep_status(run_id: str, tracking_uri: str | None = None) -> str:
     """The ``l0sweep.status`` tag of a sweep's parent run."""
-    return client(tracking_uri).get_run(run_id).data.tags.get("l0sweep.status", "PENDING")
+    return client(tracking_uri).get_run(run_id).data.tags.get(Tag.STATUS, SweepStatus.PENDING.value)
 
 
 def load_sweep_spec(run_id: str, tracking_uri: str | None = None) -> SweepSpec:
@@ -208,29 +242,30 @@ def load_sweep_spec(run_id: str, tracking_uri: str | None = None) -> SweepSpec:
     """
     c = client(tracking_uri)
     tags = c.get_run(run_id).data.tags
-    if tags.get("l0sweep.kind") != "sweep":
-        raise ValueError(f"run {run_id} is not an l0sweep sweep (no l0sweep.kind=sweep tag)")
+    if tags.get(Tag.KIND) != KIND_SWEEP:
+        raise ValueError(f"run {run_id} is not an l0sweep sweep (no {Tag.KIND}={KIND_SWEEP} tag)")
     with tempfile.TemporaryDirectory() as tmp:
         path = c.download_artifacts(run_id, SPEC_ARTIFACT, tmp)
-        spec = SweepSpec.model_validate_json(Path(path).read_text())
-    expected = tags.get("l0sweep.spec_sha256")
-    if expected is not None and spec_digest(spec) != expected:
+        written = json.loads(Path(path).read_text())
+    # The digest covers the artifact as written: a spec recorded before a field was added (its
+    # default now fills it in) still matches. Its data files are not this reader's to check.
+    expected = tags.get(Tag.SPEC_SHA256)
+    if expected is not None and json_digest(written) != expected:
         raise ValueError(
             f"the {SPEC_ARTIFACT} artifact of sweep {run_id} does not match its digest "
-            f"(l0sweep.spec_sha256={expected}): it was changed or only partly written"
+            f"({Tag.SPEC_SHA256}={expected}): it was changed or only partly written"
         )
-    return spec
+    return SweepSpec.model_validate(written, context={"check_data": False})
 
 
 def heartbeat(run_id: str, tracking_uri: str | None = None) -> None:
     """Write the sweep's heartbeat now (``l0sweep.heartbeat``, Unix time in seconds); one try."""
     raw = _plain_client(tracking_uri or get_settings().tracking_uri)
-    raw.set_tag(run_id, "l0sweep.heartbeat", f"{time.time():.0f}")
+    raw.set_tag(run_id, Tag.HEARTBEAT, f"{time.time():.0f}")
 
 
-def _search_children(c: MlflowClient, sweep_id: str, extra: str = "") -> list[Any]:
+def _search_children(c: MlflowClient, sweep_id: str, query: str) -> list[Any]:
     exp_id = c.get_run(sweep_id).info.experiment_id
-    query = f"tags.`l0sweep.sweep_id` = '{sweep_id}'{extra}"
     runs, token = [], None
     while True:
         page = c.search_runs([exp_id], query, max_results=1000, page_token=token)
@@ -242,7 +277,7 @@ def _search_children(c: MlflowClient, sweep_id: str, extra: str = "") -> list[An
 
 def find_trial_run(c: MlflowClient, sweep_id: str, trial_id: str) -> str | None:
     """The child run of ``trial_id`` in ``sweep_id``, if one exists."""
-    runs = _search_children(c, sweep_id, f" and tags.`l0sweep.trial_id` = '{trial_id}'")
+    runs = _search_children(c, sweep_id, trials_filter(sweep_id, trial_id))
     return min(runs, key=lambda r: r.info.start_time).info.run_id if runs else None
 
 
@@ -268,8 +303,8 @@ def start_trial_run(
         if created:
             _log_params(c, run_id, flatten(config))
             return run_id
-    c.update_run(run_id, status="RUNNING")
-    c.set_tag(run_id, "l0sweep.trial_status", "RUNNING")
+    c.update_run(run_id, status=RunStatus.RUNNING.value)
+    c.set_tag(run_id, Tag.TRIAL_STATUS, TrialStatus.RUNNING.value)
     return run_id
 
 
@@ -307,46 +342,52 @@ def log_epoch(
 def end_trial_run(
     run_id: str, status: str, reason: str | None = None, tracking_uri: str | None = None
 ) -> None:
-    """End a child run: ``status`` is a key of :data:`TRIAL_STATUSES` (STOPPED = early-stopped).
+    """End a child run: ``status`` is a :class:`~sweeps.vocabulary.TrialStatus` (STOPPED = early-stopped).
 
     Retried until MLflow answers: a trial that gave up on MLflow still records why, once it can.
     """
     c = client(tracking_uri)
-    tags = [RunTag("l0sweep.trial_status", status)]
+    tags = [RunTag(Tag.TRIAL_STATUS, str(status))]
     if reason:
-        tags.append(RunTag("l0sweep.failure_reason", reason[:MAX_TAG_VAL_LENGTH]))
+        tags.append(RunTag(Tag.FAILURE_REASON, reason[:MAX_TAG_VAL_LENGTH]))
     with until_answered():
         c.log_batch(run_id, tags=tags)
-        c.set_terminated(run_id, status=TRIAL_STATUSES[status])
+        c.set_terminated(run_id, status=TRIAL_RUN_STATUS[TrialStatus(status)].value)
 
 
 def close_open_trials(
-    sweep_id: str, status: str = "KILLED", tracking_uri: str | None = None
+    sweep_id: str, status: str = TrialStatus.KILLED, tracking_uri: str | None = None
 ) -> int:
     """End every child run of a sweep still RUNNING (after a cancel or a crash); returns how many."""
     c = client(tracking_uri)
     with until_answered():
-        runs = _search_children(c, sweep_id, " and attributes.status = 'RUNNING'")
+        runs = _search_children(c, sweep_id, trials_filter(sweep_id, run_status=RunStatus.RUNNING))
         for run in runs:
             end_trial_run(run.info.run_id, status, tracking_uri=tracking_uri)
     return len(runs)
 
 
+def tag_run(run_id: str, tags: dict[str, str], tracking_uri: str | None = None) -> None:
+    """Set ``tags`` on a run in one request, each value cut to MLflow's limit."""
+    items = [RunTag(k, v[:MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
+    client(tracking_uri).log_batch(run_id, tags=items)
+
+
 def sweep_trials(run_id: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Every trial of a sweep read from MLflow: ids, config (params), latest metrics, status."""
     c = client(tracking_uri)
-    trials = [trial_from_run(run) for run in _search_children(c, run_id)]
+    trials = [trial_from_run(run) for run in _search_children(c, run_id, trials_filter(run_id))]
     return sorted(trials, key=lambda t: t["trial_id"] or "")
 
 
 def trial_run_tags(sweep_id: str, trial_id: str) -> dict[str, str]:
     """The tags a trial's child run starts with: what finds it again, nested under its sweep."""
     return {
-        "l0sweep.kind": "trial",
-        "l0sweep.sweep_id": sweep_id,
-        "l0sweep.trial_id": trial_id,
-        "l0sweep.trial_status": "RUNNING",
-        "mlflow.parentRunId": sweep_id,
+        Tag.KIND: KIND_TRIAL,
+        Tag.SWEEP_ID: sweep_id,
+        Tag.TRIAL_ID: trial_id,
+        Tag.TRIAL_STATUS: TrialStatus.RUNNING.value,
+        Tag.PARENT_RUN_ID: sweep_id,
     }
 
 
@@ -354,16 +395,18 @@ def trial_from_run(run: Any) -> dict[str, Any]:
     """A trial's child run as a dict: ids, config (params), latest metrics, status, times."""
     tags = run.data.tags
     return {
-        "trial_id": tags.get("l0sweep.trial_id"),
+        "trial_id": tags.get(Tag.TRIAL_ID),
         "run_id": run.info.run_id,
         "name": run.info.run_name,
-        "status": tags.get("l0sweep.trial_status", run.info.status),
+        "status": tags.get(Tag.TRIAL_STATUS, run.info.status),
         "run_status": run.info.status,
         "config": dict(run.data.params),
         "metrics": dict(run.data.metrics),
-        "pareto": tags.get("pareto") == "true",
-        "failure_reason": tags.get("l0sweep.failure_reason"),
-        "architecture": tags.get("l0sweep.architecture"),
+        "pareto": is_pareto(tags),
+        "failure_reason": tags.get(Tag.FAILURE_REASON),
+        "architecture": tags.get(Tag.ARCHITECTURE),
+        "export_format": tags.get(TAG_EXPORT_FORMAT),
+        "model_uri": tags.get(TAG_MODEL_URI),
         "start_time": run.info.start_time,
         "end_time": run.info.end_time,
     }

@@ -7,6 +7,8 @@ hold yet (training is seeded per epoch and the RNG state travels in the checkpoi
 done again gives the same figures). A diverged trial (NaN/inf loss) ends FAILED with the reason in
 MLflow and is not retried. A trial whose run already ended FINISHED or STOPPED (Tune restored it
 from an experiment state saved before it ended) reports its recorded metrics and trains no more.
+A finished trial's exported model is timed, exported to ONNX and logged as an MLflow logged
+model (:mod:`sweeps.model_log`) before the run ends; the speed metrics join its last report.
 """
 
 from __future__ import annotations
@@ -15,17 +17,21 @@ import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
-from mlflow.entities import Run
 from ray import tune
 
 from . import tracking
+from .model_log import record_exported_model
 from .space import concrete_config, trial_config
 from .training import TrainResult, TrialDiverged, train
 from .variants import run_name
+from .vocabulary import TRUE, RunStatus, Tag, TrialStatus
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
 from .warmstart import load_init_weights, resolve_init_run
 
 __all__ = ["SweepContext", "train_trial"]
@@ -70,7 +76,7 @@ def _init_weights(
     )
     if source is None:
         return None
-    tracking.client(context.tracking_uri).set_tag(run_id, "l0sweep.init_from_run", source)
+    tracking.client(context.tracking_uri).set_tag(run_id, Tag.INIT_FROM_RUN, source)
     return load_init_weights(source, context.tracking_uri)
 
 
@@ -86,12 +92,13 @@ def _log_artifacts(run_id: str, result: TrainResult, tracking_uri: str | None) -
     c.log_table(
         run_id, {k: [str(r.get(k)) for r in result.layers] for k in result.layers[0]}, "layers.json"
     )
-    c.set_tag(run_id, "l0sweep.architecture", result.architecture)
+    c.set_tag(run_id, Tag.ARCHITECTURE, result.architecture)
 
 
 def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     """Tune function trainable (bind ``context`` with ``tune.with_parameters``)."""
-    torch.set_num_threads(max(1, math.floor(context.cpus_per_trial)))
+    threads = max(1, math.floor(context.cpus_per_trial))
+    torch.set_num_threads(threads)
     own = trial_config(config)
     cfg = concrete_config(own)
     trial_id = tune.get_context().get_trial_id()
@@ -108,7 +115,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     logged = 0  # the last epoch the run holds: a killed attempt may have logged past its checkpoint
     if prior is not None:
         logged = int(prior.data.metrics.get("epoch", 0))
-        c.set_tag(run_id, "l0sweep.resumed_from_epoch", str(state["epoch"] if state else 0))
+        c.set_tag(run_id, Tag.RESUMED_FROM_EPOCH, str(state["epoch"] if state else 0))
 
     def log(metrics: dict[str, float]) -> None:
         if int(metrics["epoch"]) > logged:
@@ -120,20 +127,24 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
 
     try:
         init = _init_weights(cfg, run_id, context)
-        result = train(cfg, _device(), on_epoch, state, init)
+        device = _device()
+        result = train(cfg, device, on_epoch, state, init)
         log(result.metrics)
         _log_artifacts(run_id, result, context.tracking_uri)
+        result.metrics.update(
+            record_exported_model(run_id, result, cfg, device, threads, context.tracking_uri)
+        )
     except TrialDiverged as err:
-        c.set_tag(run_id, "l0sweep.diverged", "true")
-        tracking.end_trial_run(run_id, "FAILED", str(err), context.tracking_uri)
+        c.set_tag(run_id, Tag.DIVERGED, TRUE)
+        tracking.end_trial_run(run_id, TrialStatus.FAILED, str(err), context.tracking_uri)
         raise
     except Exception as err:
         tracking.end_trial_run(
-            run_id, "FAILED", f"{type(err).__name__}: {err}", context.tracking_uri
+            run_id, TrialStatus.FAILED, f"{type(err).__name__}: {err}", context.tracking_uri
         )
         raise
     # Record first: a scheduler may stop the trial at its last report (ASHA does at max_t).
-    tracking.end_trial_run(run_id, "FINISHED", tracking_uri=context.tracking_uri)
+    tracking.end_trial_run(run_id, TrialStatus.FINISHED, tracking_uri=context.tracking_uri)
     _report(result.metrics, {**result.state, "run_id": run_id})
 
 
@@ -144,12 +155,14 @@ def _ended_before(run: Run, context: SweepContext) -> bool:
         TrialDiverged: the trial diverged before; a retry would diverge again.
     """
     tags = run.data.tags
-    if tags.get("l0sweep.diverged") == "true":
-        reason = tags.get("l0sweep.failure_reason", "diverged")
-        if run.info.status == "RUNNING":  # killed between its two records
-            tracking.end_trial_run(run.info.run_id, "FAILED", reason, context.tracking_uri)
+    if tags.get(Tag.DIVERGED) == TRUE:
+        reason = tags.get(Tag.FAILURE_REASON, "diverged")
+        if run.info.status == RunStatus.RUNNING:  # killed between its two records
+            tracking.end_trial_run(
+                run.info.run_id, TrialStatus.FAILED, reason, context.tracking_uri
+            )
         raise TrialDiverged(f"not retried: {reason}")
-    if tags.get("l0sweep.trial_status") in ("FINISHED", "STOPPED"):
+    if tags.get(Tag.TRIAL_STATUS) in (TrialStatus.FINISHED, TrialStatus.STOPPED):
         tune.report(dict(run.data.metrics))
         return True
     return False

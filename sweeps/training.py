@@ -3,7 +3,9 @@
 The Tune trainable (:mod:`sweeps.trainable`) and the overhead benchmark's plain loop call the
 same :func:`train`; everything a trial reports comes from here. Seeded and reproducible on CPU:
 the batch order of epoch ``e`` comes from a generator seeded with ``(seed, e)`` and the global
-RNG state travels in the checkpoint, so a resumed trial continues the same sequence.
+RNG state travels in the checkpoint, so a resumed trial continues the same sequence. Augmentation
+(``dataset.augment``, :mod:`sweeps.augment`) transforms each training batch on the device with its
+own generator, seeded with ``(seed, e)`` too; evaluation batches are never augmented.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from l0core import FixedMask
 
+from .augment import augmenter
 from .data import DataSplits, load_dataset
 from .methods import build_method, is_structured
 from .registry import MODELS
@@ -155,6 +158,7 @@ def train(
         except RuntimeError as err:
             raise ValueError(f"train.init_from: the weights do not fit this model: {err}") from err
     x_train, y_train = data.train
+    augment = augmenter(ds.get("augment"), data.input_shape, ds["name"])  # training batches only
     batch, epochs = cfg["train"]["batch_size"], cfg["train"]["epochs"]
     sparse_epochs = epochs - cfg["train"]["finetune_epochs"]  # then the fine-tuning phase
     steps = math.ceil(len(x_train) / batch) * sparse_epochs
@@ -183,12 +187,15 @@ def train(
             len(x_train), generator=torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)
         )
         loss_sum = torch.zeros((), device=device)
+        # Augmentation's own stream, seeded per epoch like the batch order.
+        aug_rng = torch.Generator(device).manual_seed(cfg["seed"] * 100003 + epoch + 2**40)
         for i in range(0, len(order), batch):
             idx = order[i : i + batch]
             xb, yb = (
                 x_train[idx].to(device, non_blocking=True),
                 y_train[idx].to(device, non_blocking=True),
             )
+            xb = augment(xb, aug_rng)
             task = F.cross_entropy(method(xb), yb)
             loss = task + method.regularization()
             opt.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import tracking
+from .vocabulary import NEWEST_FIRST, SweepStatus, TrialStatus, sweeps_filter
 
 __all__ = ["InitFromError", "load_init_weights", "resolve_init_run"]
 
@@ -29,11 +30,8 @@ class InitFromError(ValueError):
 
 def _sweep_by_name(name: str, experiment_id: str, tracking_uri: str | None) -> str:
     c = tracking.client(tracking_uri)
-    query = (
-        f"tags.`l0sweep.kind` = 'sweep' and tags.`l0sweep.name` = '{name}' "
-        "and tags.`l0sweep.status` = 'FINISHED'"
-    )
-    runs = c.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
+    query = sweeps_filter(status=SweepStatus.FINISHED, name=name)
+    runs = c.search_runs([experiment_id], query, order_by=[NEWEST_FIRST])
     if not runs:
         exp = c.get_experiment(experiment_id).name
         raise InitFromError(
@@ -60,7 +58,7 @@ def resolve_init_run(
     trials = [
         t
         for t in tracking.sweep_trials(ref, tracking_uri)
-        if t["status"] == "FINISHED" and "val_accuracy" in t["metrics"]
+        if t["status"] == TrialStatus.FINISHED and "val_accuracy" in t["metrics"]
     ]
     if not trials:
         raise InitFromError(f"init_from: sweep {ref} has no finished trial to start from")

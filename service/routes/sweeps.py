@@ -23,11 +23,12 @@ from service.schemas import ParetoFront, SweepLinks, SweepOut, SweepPage, SweepS
 from service.settings import Settings
 from sweeps.pareto import eligible, hypervolume, pareto_front
 from sweeps.spec import SweepSpec
+from sweeps.vocabulary import TrialStatus
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"], dependencies=[Depends(require_token)])
 
 # Running trials compete with their latest metrics: the front is live while the sweep runs.
-_COMPETING = ("FINISHED", "RUNNING")
+_COMPETING = (TrialStatus.FINISHED, TrialStatus.RUNNING)
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _ERRORS = {
     404: {"description": "No such sweep."},

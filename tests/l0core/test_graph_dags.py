@@ -8,6 +8,8 @@ from torch import nn
 
 from l0core import L0Regularizer
 
+from .exact import close_half, gated_and_shrunk
+
 
 class Dag(nn.Module):
     """Node 0 is the stem; node i applies ``spec[i-1]`` to earlier nodes:
@@ -88,18 +90,10 @@ def test_shrunk_dag_equals_the_gated_dag(case):
     assert reg.check_export() == []
     if reg.unit_log_alpha is None:
         return  # nothing to gate (every channel reaches the head unchanged... or is fixed)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        closed = torch.rand(reg.unit_log_alpha.shape, generator=g) < 0.5
-        reg.unit_log_alpha.copy_(torch.where(closed, -8.0, 4.0))
+    close_half(reg, seed, open_low=4.0)
     x = torch.randn(4, 3, 6, 6)
-    reg.train()
+    gated, small = gated_and_shrunk(reg, x)
     with torch.no_grad():
-        reg(x)
-    reg.eval()
-    with torch.no_grad():
-        gated = reg(x)
-        small = reg.prune(shrink=True)
         out = small(x)
     assert (out - gated).abs().max() <= 1e-5 * max(1.0, float(gated.abs().max()))
     report = reg.last_shrink_report

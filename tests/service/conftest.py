@@ -20,13 +20,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
-from ray._private.authentication.http_token_authentication import (
-    get_auth_headers_if_auth_enabled,
-)
 
 from service.app import create_app
 from service.settings import Settings
 from service.stack import free_port, start_mlflow, start_ray_head
+from sweeps import raycompat
 
 TINY_SPEC = {
     "name": "tiny-digits",
@@ -37,6 +35,15 @@ TINY_SPEC = {
     "train": {"epochs": 1, "batch_size": 64},
     "resources": {"cpus_per_trial": 1},
 }
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep a tally test (marker ``tally``) after the tests of its module that it counts, in any
+    order the suite runs in (pytest-randomly shuffles before this hook)."""
+    for tally in [item for item in items if item.get_closest_marker("tally")]:
+        items.remove(tally)
+        same = [i for i, item in enumerate(items) if item.module is tally.module]
+        items.insert(same[-1] + 1 if same else len(items), tally)
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +141,7 @@ def alive_actors(ray_address: str) -> list[str]:
     response = httpx.get(
         f"{ray_address}/api/v0/actors",
         params={"filter_keys": "state", "filter_predicates": "=", "filter_values": "ALIVE"},
-        headers=get_auth_headers_if_auth_enabled({}),
+        headers=raycompat.auth_headers(),
         timeout=10,
     )
     response.raise_for_status()

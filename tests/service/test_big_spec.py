@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from sweeps import tracking
@@ -49,5 +52,23 @@ def test_a_spec_artifact_that_does_not_match_its_digest_is_refused(mlflow_uri, m
         assert "does not match its digest" in str(err)
     else:
         raise AssertionError("a spec that does not match its digest was accepted")
+    finally:
+        tracking.set_sweep_status(sweep_id, "CANCELLED", tracking_uri=mlflow_uri)
+
+
+def test_a_spec_recorded_before_a_field_was_added_reads_back(mlflow_uri, mlflow_client):
+    """A sweep recorded by an older l0sweep (its spec.json lacks a field added since, with a
+    default) still loads: the digest covers what was written, not today's re-dump of it."""
+    spec = SweepSpec.model_validate({**TINY_SPEC, "name": "older-spec"})
+    sweep_id = tracking.create_sweep_run(spec, mlflow_uri)
+    older = spec.model_dump(mode="json")
+    del older["dataset"]["augment"]  # added to the dataset spec later; its default is None
+    mlflow_client.log_dict(sweep_id, older, tracking.SPEC_ARTIFACT)
+    canonical = json.dumps(older, sort_keys=True, separators=(",", ":"))  # as it was recorded
+    mlflow_client.set_tag(
+        sweep_id, "l0sweep.spec_sha256", hashlib.sha256(canonical.encode()).hexdigest()
+    )
+    try:
+        assert tracking.load_sweep_spec(sweep_id, mlflow_uri) == spec
     finally:
         tracking.set_sweep_status(sweep_id, "CANCELLED", tracking_uri=mlflow_uri)

@@ -30,24 +30,21 @@ import httpx
 import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from ray._private.authentication.http_token_authentication import (
-    get_auth_headers_if_auth_enabled,
-)
 
 from service.cache import SweepCache
 from service.client import Client
 from service.control import SweepControl
 from service.jobs import JobRunner
-from service.record import TAG_JOB_ID, SweepStore
+from service.record import SweepStore
 from service.stack import free_port, start_mlflow, start_ray_head
-from sweeps import tracking
+from sweeps import raycompat, tracking
 from sweeps.spec import SweepSpec
+from sweeps.vocabulary import ACTIVE_SWEEP, Tag
 from tests.service.conftest import TINY_SPEC, ApiProcess, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EPOCHS = 30
-ACTIVE = {"PENDING", "RUNNING"}
 
 
 # --- waiting and reading MLflow -----------------------------------------------------------------
@@ -101,7 +98,7 @@ def _assert_ran_to_the_end(client: MlflowClient, run: Run) -> None:
 
 
 def _ray_get(ray_address: str, path: str, **params: str) -> Any:
-    headers = get_auth_headers_if_auth_enabled({})
+    headers = raycompat.auth_headers()
     response = httpx.get(f"{ray_address}{path}", params=params, headers=headers, timeout=10)
     response.raise_for_status()
     return response.json()
@@ -201,7 +198,7 @@ def _both_midway(client: MlflowClient, sweep_id: str) -> Callable[[], dict[str, 
 
 
 def _cancel_if_active(api: Any, sweep_id: str) -> None:
-    if api.get(f"/sweeps/{sweep_id}").json().get("status") in ACTIVE:
+    if api.get(f"/sweeps/{sweep_id}").json().get("status") in ACTIVE_SWEEP:
         api.post(f"/sweeps/{sweep_id}/cancel")
 
 
@@ -231,7 +228,7 @@ def _kill_one_trial_and_wait(
         at_kill = _kill_one_trial_midway(client, ray_address, sweep_id)
         done = _wait(
             lambda: api.get(f"/sweeps/{sweep_id}").json(),
-            lambda s: s["status"] not in ACTIVE,
+            lambda s: s["status"] not in ACTIVE_SWEEP,
             what="for the sweep to end",
         )
     finally:
@@ -321,7 +318,7 @@ def test_killed_driver_is_resubmitted_and_resumes(make_api, mlflow_client) -> No
             _kill(drivers)
             done = _wait(
                 lambda: api.get(f"/sweeps/{sweep['id']}").json(),
-                lambda s: s["status"] not in ACTIVE,
+                lambda s: s["status"] not in ACTIVE_SWEEP,
                 what="for the sweep to end",
             )
         finally:
@@ -351,7 +348,7 @@ def test_reconcile_reads_the_trials_of_a_sweep_that_ended(mlflow_uri, ray_addres
                            max_resubmits=1)  # fmt: skip
     sweep_id = store.create(SweepSpec.model_validate(TINY_SPEC | {"name": "ends-unseen"}), {})
     store.set_status(sweep_id, "RUNNING")
-    store.set_tags(sweep_id, {TAG_JOB_ID: JobRunner.submission_id(sweep_id, 0)})  # ended: no job
+    store.set_tags(sweep_id, {Tag.JOB_ID: JobRunner.submission_id(sweep_id, 0)})  # ended: no job
     trial = tracking.start_trial_run(sweep_id, "ends_00000", {}, mlflow_uri)
     control.cache.refresh()
     assert control.cache.get(sweep_id).progress.running == 1

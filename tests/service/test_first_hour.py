@@ -16,6 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from service.stack import free_port, start_mlflow
+from sweeps.vocabulary import is_pareto
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -116,7 +117,7 @@ def test_the_mlflow_ui_shows_the_front_on_the_parent_run(fresh_run, tmp_path) ->
     trials = client.search_runs(
         [experiment.experiment_id], f"tags.`l0sweep.sweep_id` = '{sweep.info.run_id}'"
     )
-    front = [t for t in trials if t.data.tags.get("pareto") == "true"]
+    front = [t for t in trials if is_pareto(t.data.tags)]
     assert front
     # the store as `l0sweep serve` serves it
     process, uri = start_mlflow(fresh_run.store, port=free_port())

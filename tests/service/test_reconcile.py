@@ -13,8 +13,9 @@ import time
 import pytest
 
 from service.jobs import JobRunner
-from service.record import TAG_JOB_ID, SweepStore
+from service.record import SweepStore
 from sweeps.spec import SweepSpec
+from sweeps.vocabulary import Tag
 from tests.service.conftest import TINY_SPEC
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -36,7 +37,7 @@ def test_reconcile_submits_and_resubmits(make_api, mlflow_uri) -> None:
     lost_spec = copy.deepcopy(TINY_SPEC) | {"name": "job-lost"}
     lost = store.create(SweepSpec.model_validate(lost_spec), {})
     store.set_status(lost, "RUNNING")
-    store.set_tags(lost, {TAG_JOB_ID: JobRunner.submission_id(lost, 0)})  # unknown to Ray
+    store.set_tags(lost, {Tag.JOB_ID: JobRunner.submission_id(lost, 0)})  # unknown to Ray
 
     with make_api() as api:
         jobs = api.app.state.control.jobs

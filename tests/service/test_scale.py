@@ -18,10 +18,11 @@ from mlflow.store.tracking import rest_store
 
 from service.app import create_app
 from service.cache import SweepCache
-from service.record import TAG_SUMMARY, SweepStore
+from service.record import SweepStore
 from service.settings import Settings
 from sweeps import tracking
 from sweeps.spec import SweepSpec
+from sweeps.vocabulary import Tag
 from tests.service.conftest import TINY_SPEC
 
 OBJECTIVES = [{"metric": "val_accuracy", "mode": "max"}, {"metric": "sparsity", "mode": "max"}]
@@ -111,7 +112,7 @@ def test_a_sweep_that_ends_is_read_once_more_and_summarized(mlflow_uri, recorded
     assert view.record.status == "FINISHED" and view.progress.finished == 2
     assert sweep_id not in cache.active_ids()
     tags = SweepStore(mlflow_uri).client.get_run(sweep_id).data.tags
-    assert '"finished":2' in tags[TAG_SUMMARY]
+    assert '"finished":2' in tags[Tag.SUMMARY]
 
     restarted = SweepCache(SweepStore(mlflow_uri))
     restarted.refresh()

@@ -113,6 +113,7 @@ def test_every_answer_is_below_500_and_rejections_say_why(case, fuzzed: FuzzedSe
         _launched(fuzzed, response.json()["id"])
 
 
+@pytest.mark.tally
 def test_thousands_of_requests_reached_every_operation(request: pytest.FixtureRequest) -> None:
     """The tally of the generated tests above: it checks them, so it needs them run first
     (alone, or ordered before them, it has nothing to check and says so)."""

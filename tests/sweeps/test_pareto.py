@@ -2,7 +2,13 @@ import math
 
 import pytest
 
-from sweeps.pareto import best_at_sparsity, dominates, hypervolume, pareto_front
+from sweeps.pareto import (
+    best_at_sparsity,
+    dominates,
+    hypervolume,
+    pareto_front,
+    speed_candidates,
+)
 
 OBJ = [("acc", "max"), ("sparsity", "max")]
 
@@ -66,3 +72,23 @@ def test_best_at_sparsity_chooses_on_validation():
     ]
     assert best_at_sparsity(trials, 0.9)["trial_id"] == "b"
     assert best_at_sparsity(trials, 0.99) is None
+
+
+def test_speed_candidates_unite_the_fronts_a_speed_comparison_needs():
+    def trial(run_id, val, sparsity, throughput, status="FINISHED"):
+        metrics = {"val_accuracy": val, "sparsity": sparsity, "throughput": throughput}
+        return {"run_id": run_id, "status": status, "metrics": metrics}
+
+    trials = [
+        trial("accurate", 0.95, 0.1, 100.0),
+        trial("sparse", 0.80, 0.9, 150.0),  # on the accuracy/sparsity front
+        trial("fast", 0.85, 0.5, 900.0),  # on the accuracy/throughput front
+        trial("worse", 0.70, 0.4, 90.0),  # dominated everywhere
+        trial("failed", 0.99, 0.99, 9999.0, status="FAILED"),
+    ]
+    # speedup_vs_dense is not measured yet: the trial's own throughput stands in for it
+    own = [("val_accuracy", "max"), ("speedup_vs_dense", "max")]
+    chosen = [t["run_id"] for t in speed_candidates(trials, own)]
+    assert chosen == ["accurate", "fast", "sparse"]
+    assert [t["run_id"] for t in speed_candidates(trials, own, limit=2)] == ["accurate", "fast"]
+    assert speed_candidates([], own) == []

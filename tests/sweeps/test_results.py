@@ -107,8 +107,36 @@ def test_markdown_tables_show_the_numbers_and_run_ids():
     )
     row = next(line for line in text.splitlines() if line.startswith("| 80.00% |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:8] == ["80.00%", "93.21% ± 0.00", "94.50%", "200", "420", "2.000", "64-7-10",
-                         "target_sparsity=0.8"]  # fmt: skip
+    assert cells[:10] == ["80.00%", "93.21% ± 0.00", "94.50%", "200", "420", "2.000", "-", "-",
+                          "64-7-10", "target_sparsity=0.8"]  # fmt: skip
     run_id = trials[1]["run_id"]
-    assert cells[9] == f"[{run_id}](http://mlflow:5000/#/experiments/1/runs/{run_id})"
+    assert cells[11] == f"[{run_id}](http://mlflow:5000/#/experiments/1/runs/{run_id})"
+    assert "No trial was timed against the dense model" in text
+
+
+def test_the_report_shows_accuracy_against_measured_speedup_and_says_unstructured_is_not_faster():
+    trials = [
+        _trial(_config("none", 0), 0.95, 0.94, 0.0, speedup_vs_dense=1.0,
+               latency_speedup_b1=1.0, latency_ms_b1=0.2, throughput=50000.0),
+        _trial(_config("l0", 0, granularity="output", lam=0.1), 0.945, 0.93, 0.8,
+               speedup_vs_dense=4.5, latency_speedup_b1=2.2, latency_ms_b1=0.09,
+               throughput=225000.0, model_bytes=1234.0),
+        _trial(_config("l0", 0, granularity="output", lam=1.0), 0.90, 0.89, 0.9,
+               speedup_vs_dense=4.0, latency_speedup_b1=2.0),  # slower and worse: off the front
+        _trial(_config("magnitude", 0, target_sparsity=0.9), 0.94, 0.93, 0.9,
+               speedup_vs_dense=1.02, latency_speedup_b1=0.99),
+    ]  # fmt: skip
+    trials[0]["export_format"], trials[3]["export_format"] = "unpruned", "dense tensors"
+    trials[1]["export_format"] = trials[2]["export_format"] = "shrunk"
+    sweep = SweepInfo("b" * 32, "speed", "FINISHED", "1", 0, 1000, trials)
+    text = render_markdown(ReportData(None, [sweep]), {"speed": "speed.png"})
+    assert "## Measured speed" in text and "![test accuracy vs measured speedup](speed.png)" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines()
+            if line.startswith("| ") and "x |" in line}  # fmt: skip
+    structured = [c.strip() for c in rows["L0 output"].strip("|").split("|")]
+    assert structured[:4] == ["L0 output", "4.50x", "2.20x", "93.00% ± 0.00"]
+    assert structured[5:9] == ["0.090", "225,000", "1,234", "structured: shrunk"]
+    magnitude = rows[next(k for k in rows if k.startswith("magnitude"))]
+    assert "1.02x" in magnitude and "unstructured: dense tensors, no speedup" in magnitude
+    assert "| L0 output | 4.00x" not in text  # dominated on (speedup, val accuracy)
     assert "Best sparsity within 1 point of dense val accuracy: 80.00%" in text

@@ -184,3 +184,40 @@ def test_benchmark_specs_are_two_stage_sets_with_two_seeds():
         assert {0.5, 0.8, 0.9, 0.95} <= set(targets), bench
         matched = set(specs["magnitude"].regularizer.target_sparsity.grid)
         assert set(targets) <= matched, bench  # magnitude at the L0 targets
+
+
+def test_measured_speed_metrics_can_be_objectives_of_a_random_search():
+    spec = SweepSpec.model_validate(
+        tiny_spec(
+            objectives=[
+                {"metric": "val_accuracy"},
+                {"metric": "latency_ms_b1", "mode": "min"},
+                {"metric": "throughput", "mode": "max"},
+                {"metric": "speedup_vs_dense", "mode": "max"},
+            ]
+        )
+    )
+    assert [o.metric for o in spec.objectives][1:] == [
+        "latency_ms_b1", "throughput", "speedup_vs_dense"
+    ]  # fmt: skip
+
+
+def test_a_misspelt_speed_metric_names_the_field_and_the_metrics_allowed():
+    errors = _errors(tiny_spec(objectives=[{"metric": "latency_ms", "mode": "min"}]))
+    message = errors["objectives.0"]
+    assert "'latency_ms'" in message
+    assert "latency_ms_b1" in message and "speedup_vs_dense" in message
+    assert "val_accuracy" in message
+
+
+def test_speed_objectives_are_refused_where_the_search_or_scheduler_would_need_them_early():
+    errors = _errors(
+        tiny_spec(
+            search={"algorithm": "optuna", "num_samples": 2},
+            regularizer={"lam": {"loguniform": [1e-3, 1.0]}},
+            objectives=[{"metric": "val_accuracy"}, {"metric": "latency_ms_b1", "mode": "min"}],
+        )
+    )
+    assert "optuna never sees them" in errors[""] and "latency_ms_b1" in errors[""]
+    errors = _errors(tiny_spec(scheduler={"kind": "asha"}, objectives=[{"metric": "throughput"}]))
+    assert "scheduler.metric 'throughput' is not reported" in errors[""]

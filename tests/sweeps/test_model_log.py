@@ -1,0 +1,103 @@
+"""A trial's exported model through a real ``mlflow server``: speed metrics, the ONNX artifact
+checked with ONNX Runtime, and the MLflow logged model registered and loaded back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from service.stack import free_port, start_mlflow
+from sweeps import tracking
+from sweeps.model_log import record_exported_model, timing_inputs
+from sweeps.space import concrete_config
+from sweeps.training import train
+from tests.sweeps.conftest import tiny_spec
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    process, uri = start_mlflow(tmp_path_factory.mktemp("mlflow-server"), port=free_port())
+    yield uri
+    process.stop()
+
+
+def _trained(**regularizer) -> tuple[dict, object]:
+    spec = tiny_spec(regularizer=regularizer)
+    cfg = concrete_config({**spec, "seed": 0})
+    return cfg, train(cfg, "cpu")
+
+
+def _new_run(uri: str, name: str) -> str:
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("model-log") or c.get_experiment(
+        c.create_experiment("model-log")
+    )
+    return c.create_run(exp.experiment_id, run_name=name).info.run_id
+
+
+def test_structured_trial_model_round_trips_through_a_real_mlflow_server(server, tmp_path):
+    cfg, result = _trained(kind="l0", lam=0.1, granularity="output")
+    run_id = _new_run(server, "structured")
+    metrics = record_exported_model(run_id, result, cfg, torch.device("cpu"), 1, server)
+
+    c = tracking.client(server)
+    run = c.get_run(run_id)
+    for name in ("latency_ms_b1", "throughput", "model_bytes", "onnx_latency_ms_b1"):
+        assert run.data.metrics[name] == pytest.approx(metrics[name]) and metrics[name] > 0
+    tags = run.data.tags
+    assert tags[tracking.TAG_SPEED_DEVICE] == "cpu" and tags[tracking.TAG_SPEED_THREADS] == "1"
+    assert tags[tracking.TAG_EXPORT_FORMAT] == tracking.EXPORT_SHRUNK
+    assert tracking.TAG_ONNX_ERROR not in tags
+    assert metrics["model_bytes"] == 4 * sum(p.numel() for p in result.shrunk.parameters())
+
+    # ONNX: the artifact reproduces the torch model on validation inputs.
+    import onnxruntime as ort
+
+    onnx_path = c.download_artifacts(run_id, tracking.ONNX_ARTIFACT, str(tmp_path))
+    x = timing_inputs(cfg)
+    got = ort.InferenceSession(onnx_path).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, result.shrunk(x).detach().numpy(), atol=1e-4)
+
+    # The logged model: under the run, registered, loaded back with the same outputs.
+    model_uri = tags[tracking.TAG_MODEL_URI]
+    model_id = model_uri.removeprefix("models:/")
+    logged = c.get_logged_model(model_id)
+    assert logged.source_run_id == run_id and logged.name == tracking.LOGGED_MODEL_NAME
+    mlflow.set_tracking_uri(server)
+    outputs = [o.model_id for o in mlflow.get_run(run_id).outputs.model_outputs]
+    assert model_id in outputs
+    version = mlflow.register_model(model_uri, "l0sweep-model-log-test")
+    loaded = mlflow.pytorch.load_model(f"models:/l0sweep-model-log-test/{version.version}")
+    torch.testing.assert_close(loaded(x), result.shrunk(x))
+    info = mlflow.models.get_model_info(model_uri)
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 8, 8]
+
+
+def test_unstructured_trial_is_logged_as_dense_tensors_and_an_onnx_failure_is_a_tag(
+    server, monkeypatch
+):
+    cfg, result = _trained(kind="l0", lam=0.1, granularity="weight")
+    assert result.shrunk is None
+    import sweeps.onnx_export as onnx_export
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::made_up' to ONNX is not supported")
+
+    monkeypatch.setattr(onnx_export, "_export", refuse)
+    run_id = _new_run(server, "unstructured")
+    metrics = record_exported_model(run_id, result, cfg, torch.device("cpu"), 1, server)
+    tags = tracking.client(server).get_run(run_id).data.tags
+    assert tags[tracking.TAG_EXPORT_FORMAT] == tracking.EXPORT_DENSE
+    assert tags[tracking.TAG_ONNX_ERROR].startswith("export failed: RuntimeError: Exporting")
+    assert "onnx_latency_ms_b1" not in metrics and metrics["latency_ms_b1"] > 0
+    onnx_files = {f.path for f in tracking.client(server).list_artifacts(run_id, "onnx")}
+    assert tracking.ONNX_ARTIFACT not in onnx_files
+    loaded = mlflow.pytorch.load_model(tags[tracking.TAG_MODEL_URI])  # the model is still logged
+    x = timing_inputs(cfg)
+    torch.testing.assert_close(loaded(x), result.pruned(x))
