@@ -129,6 +129,10 @@ class _Walker(TensorOps):
             return self.mha(node, name, m, x)
         if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
             return self.transformer_layer(node, name, m, x)
+        if isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder)):
+            for i, layer in enumerate(m.layers):
+                x = self.transformer_layer(node, f"{name}.layers.{i}", layer, x)
+            return x if m.norm is None else self.module_norm(node, f"{name}.norm", m.norm, x)
         if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.parameters()):
             self.g.unknown_modules[name] = type(m).__name__
         self.fix_all(node, "an op the graph walk does not know")
@@ -169,6 +173,14 @@ class _Walker(TensorOps):
         else:
             self._norm(name, m, out)
         return Val(out, x.cdims, x.ndim, x.block)
+
+    def module_norm(self, node: fx.Node, name: str, m: nn.Module, x: Val | None) -> Val | None:
+        """A norm that a container module applies to ``x`` (its final ``norm``)."""
+        if isinstance(m, nn.LayerNorm):
+            return self.layer_norm(node, name, m, x)
+        for v in flat_vals(x):
+            self.g.fix(v.ids, f"normalized by {name} ({type(m).__name__})")
+        return None if x is None else Val(self.g.new(x.ids.numel()), x.cdims, x.ndim, x.block)
 
     def _norm(self, name: str, m: nn.Module, ids: Tensor) -> None:
         for attr in ("weight", "bias", "running_mean", "running_var"):

@@ -177,3 +177,34 @@ def test_per_module_granularities_mix_weight_gates_with_groups():
 def test_bad_per_module_granularities_name_the_value(include, granularity, match):
     with pytest.raises(ValueError, match=match):
         L0Regularizer(Encoder(), 0.1, include=include, granularity=granularity)
+
+
+class Stack(nn.Module):
+    """``nn.TransformerEncoder`` (a stack of layers and a final LayerNorm), with padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16),
+                                         enable_nested_tensor=False)  # fmt: skip
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, pad=None):
+        return self.head(self.enc(x, src_key_padding_mask=pad).mean(1))
+
+
+def test_transformer_encoder_stack_loses_heads_and_hidden_units():
+    reg = L0Regularizer(Stack(), 0.1, granularity=["head", "output"])
+    assert reg.check_export() == []
+    assert sorted(g["kind"] for g in reg.group_summary()) == ["channels"] * 2 + ["heads"] * 2
+    _close(reg, "heads", [1])
+    with torch.no_grad():
+        reg.unit_log_alpha[4:14] = -10.0
+    x = torch.randn(2, 5, 16)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    reg.eval()
+    with torch.no_grad():
+        small = reg.prune(shrink=True)
+        for mask in (None, pad):
+            assert torch.allclose(small(x, mask), reg(x, mask), atol=1e-5)
+    assert [layer.self_attn.num_heads for layer in small.enc.layers] == [3, 3]

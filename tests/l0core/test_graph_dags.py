@@ -1,5 +1,5 @@
-"""Randomly generated DAGs of convolutions, norms, adds and concatenations: for any gate state,
-the shrunk model computes what the gated one does."""
+"""Randomly generated DAGs of convolutions, BatchNorms, GroupNorms, adds and concatenations: for
+any gate state, the shrunk model computes what the gated one does."""
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +13,8 @@ from .exact import close_half, gated_and_shrunk
 
 class Dag(nn.Module):
     """Node 0 is the stem; node i applies ``spec[i-1]`` to earlier nodes:
-    ``("conv", a, width, bn)``, ``("dw", a)``, ``("add", a, b)`` (same width) or ``("cat", a, b)``;
+    ``("conv", a, width, norm)`` (norm: ``None``, ``"bn"`` or ``"gn"``), ``("dw", a)``,
+    ``("add", a, b)`` (same width) or ``("cat", a, b)``;
     the head pools the last node."""
 
     def __init__(self, spec: list[tuple], stem: int) -> None:
@@ -24,9 +25,12 @@ class Dag(nn.Module):
         widths = [stem]
         for i, op in enumerate(spec):
             if op[0] == "conv":
-                _, a, w, bn = op
-                seq = [nn.Conv2d(widths[a], w, 3, padding=1, bias=not bn)]
-                seq += [nn.BatchNorm2d(w)] if bn else []
+                _, a, w, norm = op
+                seq = [nn.Conv2d(widths[a], w, 3, padding=1, bias=norm is None)]
+                if norm == "bn":
+                    seq.append(nn.BatchNorm2d(w))
+                elif norm == "gn":  # a group closes whole
+                    seq.append(nn.GroupNorm(2 if w % 2 == 0 else 1, w))
                 self.layers[str(i)] = nn.Sequential(*seq, nn.ReLU())
                 widths.append(w)
             elif op[0] == "dw":
@@ -75,7 +79,7 @@ def dags(draw):
             widths.append(widths[a])
         else:
             w = draw(st.integers(2, 6))
-            spec.append(("conv", a, w, draw(st.booleans())))
+            spec.append(("conv", a, w, draw(st.sampled_from([None, "bn", "gn"]))))
             widths.append(w)
     return spec, widths[0], draw(st.integers(0, 2**31 - 1))
 
