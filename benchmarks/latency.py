@@ -104,7 +104,7 @@ def _table(
         for n, (m, _) in models.items():
             onnx[n] = export_onnx(m, example, Path(tmp) / f"{n}.onnx", threads, rounds=rounds)
     seconds = time.perf_counter() - t0
-    ort_dense = onnx["dense"].throughput
+    ort_dense = onnx["dense"]
     lines = [
         f"### {title}",
         "",
@@ -112,14 +112,17 @@ def _table(
         f"{rounds} interleaved rounds ({seconds:.0f} s for the timings).",
         "",
         "| model | export | architecture | params | bytes | test acc | latency b1 (ms) | "
-        "throughput b256 (ex/s) | speedup b256 | speedup b1 | ONNX Runtime speedup b256 |",
+        "throughput b256 (ex/s) | speedup b256 | speedup b1 | ONNX Runtime speedup b256 / b1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, (r, _) in results.items():
         m, kind = models[n]
         s, q, o = speeds[n], ratios[n], onnx[n]
         ort = (
-            "-" if o.throughput is None or ort_dense is None else f"{o.throughput / ort_dense:.2f}x"
+            "-"
+            if o.throughput is None or ort_dense.throughput is None
+            else f"{o.throughput / ort_dense.throughput:.2f}x / "
+            f"{ort_dense.latency_ms_b1 / o.latency_ms_b1:.2f}x"
         )
         lines.append(
             f"| {n} | {kind} | {r.architecture} | {sum(p.numel() for p in m.parameters()):,} | "
