@@ -37,7 +37,7 @@ from sweeps.model_log import exported_model
 from sweeps.onnx_export import export_onnx
 from sweeps.registry import register_dataset, register_model
 from sweeps.spec import RegularizerSpec, TrainSpec
-from sweeps.training import TrainResult, train
+from sweeps.training import TrainResult, build_model, train
 from sweeps.zoo import cifar_resnet
 
 
@@ -56,10 +56,15 @@ def _fashion_32(params: _Padded) -> RawData:
     return RawData(np.pad(raw.x, pad), raw.y, np.pad(raw.x_test, pad), raw.y_test, raw.info)
 
 
-@register_model("bench-resnet20")
-def _resnet20(params: BaseModel, input_shape: tuple[int, ...], num_classes: int) -> Any:
-    """CIFAR ResNet-20 (He et al., 2016)."""
-    return cifar_resnet(20, input_shape, num_classes)
+class _Width(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    width: float = 1.0
+
+
+@register_model("bench-resnet20", params=_Width)
+def _resnet20(params: _Width, input_shape: tuple[int, ...], num_classes: int) -> Any:
+    """CIFAR ResNet-20 (He et al., 2016); ``width`` scales every stage's channels."""
+    return cifar_resnet(20, input_shape, num_classes, params.width)
 
 
 def _cfg(model: dict, dataset: dict, regularizer: dict, train_: dict) -> dict[str, Any]:
@@ -91,10 +96,16 @@ def _table(
     example: torch.Tensor,
     threads: int,
     rounds: int,
+    floor: torch.nn.Module | None = None,
 ) -> str:
+    """The models' table; ``floor``, the same layers one unit wide, is timed with them to show
+    the fixed per-call cost that no pruning removes."""
     models = {n: exported_model(r, c) for n, (r, c) in results.items()}
     t0 = time.perf_counter()
-    speeds = compare({n: m for n, (m, _) in models.items()}, example, "cpu", threads, rounds)
+    timed = {n: m for n, (m, _) in models.items()}
+    if floor is not None:
+        timed["floor"] = floor
+    speeds = compare(timed, example, "cpu", threads, rounds)
     ratios = speedups(speeds, "dense")
     onnx = {}
     import tempfile
@@ -130,6 +141,12 @@ def _table(
             f"{s.latency_ms_b1:.3f} | {s.throughput:,.0f} | {q['speedup_vs_dense']:.2f}x | "
             f"{q['latency_speedup_b1']:.2f}x | {ort} |"
         )
+    if floor is not None:
+        f, d = speeds["floor"], speeds["dense"]
+        lines += ["", f"Floor: the same layers one unit wide take {f.latency_ms_b1:.3f} ms at "
+                  f"batch 1 (throughput {f.throughput:,.0f} ex/s): no pruning of this model can "
+                  f"be faster than {d.latency_ms_b1 / f.latency_ms_b1:.2f}x at batch 1 in eager "
+                  "PyTorch."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -157,7 +174,9 @@ def mlp(threads: int, rounds: int, target: float) -> str:
     example = load_dataset("fashion-mnist", {}, 0.1, 0.2, 0).val[0][:64]
     results = {"dense": (dense, dense_cfg), f"L0 output {target}": (l0, l0_cfg),
                "magnitude 0.9": (magnitude, mag_cfg)}  # fmt: skip
-    return _table("Fashion-MNIST MLP 784-300-100", results, example, threads, rounds)
+    floor = build_model(_cfg({**model, "params": {"hidden": [1, 1]}}, data, {}, {}),
+                        load_dataset("fashion-mnist", {}, 0.1, 0.2, 0))  # fmt: skip
+    return _table("Fashion-MNIST MLP 784-300-100", results, example, threads, rounds, floor)
 
 
 def resnet(threads: int, rounds: int, n_train: int, target: float, epochs: int) -> str:
@@ -178,7 +197,11 @@ def resnet(threads: int, rounds: int, n_train: int, target: float, epochs: int) 
     example = load_dataset("bench-fashion-mnist-32", {"limit": n_train}, 0.1, 0.2, 0).val[0][:64]
     results = {"dense": (dense, dense_cfg), f"L0 output {target}": (l0, l0_cfg)}
     title = f"ResNet-20, Fashion-MNIST 32x32 ({n_train} training images, {epochs} epochs each)"
-    return _table(title, results, example, threads, rounds)
+    floor = build_model(
+        _cfg({**model, "params": {"width": 1 / 16}}, data, {}, {}),
+        load_dataset("bench-fashion-mnist-32", {"limit": n_train}, 0.1, 0.2, 0),
+    )
+    return _table(title, results, example, threads, rounds, floor)
 
 
 def main() -> None:
