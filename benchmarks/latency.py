@@ -36,6 +36,7 @@ from sweeps.latency import compare, model_bytes, speedups
 from sweeps.model_log import exported_model
 from sweeps.onnx_export import export_onnx
 from sweeps.registry import register_dataset, register_model
+from sweeps.sparse_export import CsrLinear, to_csr
 from sweeps.spec import RegularizerSpec, TrainSpec
 from sweeps.training import TrainResult, build_model, train
 from sweeps.zoo import cifar_resnet
@@ -90,6 +91,13 @@ def _train(name: str, cfg: dict[str, Any], init: TrainResult | None = None) -> T
     return result
 
 
+def _params(model: torch.nn.Module) -> int:
+    """Parameters, a CSR layer's stored weights (nonzeros) and bias included."""
+    csr = [b for m in model.modules() if isinstance(m, CsrLinear) for b in m.buffers()]
+    stored = sum(b._nnz() if b.layout == torch.sparse_csr else b.numel() for b in csr)
+    return stored + sum(p.numel() for p in model.parameters())
+
+
 def _table(
     title: str,
     results: dict[str, tuple[TrainResult, dict[str, Any]]],
@@ -101,6 +109,11 @@ def _table(
     """The models' table; ``floor``, the same layers one unit wide, is timed with them to show
     the fixed per-call cost that no pruning removes."""
     models = {n: exported_model(r, c) for n, (r, c) in results.items()}
+    for n, (r, c) in list(results.items()):
+        model, kind = models[n]
+        if kind == "dense tensors":  # the same weights, stored sparse: is that faster?
+            models[f"{n} (CSR)"] = (to_csr(model)[0], "csr")
+            results[f"{n} (CSR)"] = (r, c)
     t0 = time.perf_counter()
     timed = {n: m for n, (m, _) in models.items()}
     if floor is not None:
@@ -136,7 +149,7 @@ def _table(
             f"{ort_dense.latency_ms_b1 / o.latency_ms_b1:.2f}x"
         )
         lines.append(
-            f"| {n} | {kind} | {r.architecture} | {sum(p.numel() for p in m.parameters()):,} | "
+            f"| {n} | {kind} | {r.architecture} | {_params(m):,} | "
             f"{model_bytes(m):,} | {100 * r.metrics['test_accuracy']:.2f}% | "
             f"{s.latency_ms_b1:.3f} | {s.throughput:,.0f} | {q['speedup_vs_dense']:.2f}x | "
             f"{q['latency_speedup_b1']:.2f}x | {ort} |"
