@@ -192,10 +192,10 @@ def mlp(threads: int, rounds: int, target: float) -> str:
     return _table("Fashion-MNIST MLP 784-300-100", results, example, threads, rounds, floor)
 
 
-def resnet(threads: int, rounds: int, n_train: int, target: float, epochs: int) -> str:
+def resnet(threads: int, rounds: int, n_train: int, target: float, epochs: int, lr: float) -> str:
     model = {"name": "bench-resnet20", "params": {}}
     data = {"name": "bench-fashion-mnist-32", "params": {"limit": n_train}, "val_fraction": 0.1}
-    base = {"batch_size": 128, "lr": 0.002}
+    base = {"batch_size": 128, "lr": lr}
     dense_cfg = _cfg(model, data, {"kind": "none"}, {**base, "epochs": epochs})
     dense = _train("ResNet-20 dense", dense_cfg)
     l0_cfg = _cfg(
@@ -226,13 +226,14 @@ def main() -> None:
     parser.add_argument("--resnet-train", type=int, default=8000)
     parser.add_argument("--resnet-target", type=float, default=0.5)
     parser.add_argument("--resnet-epochs", type=int, default=4)
+    parser.add_argument("--resnet-lr", type=float, default=0.001)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if "mlp" in args.which:
         print(mlp(args.threads, args.rounds, args.mlp_target), flush=True)
     if "resnet" in args.which:
         print(resnet(args.threads, args.rounds, args.resnet_train, args.resnet_target,
-                     args.resnet_epochs), flush=True)  # fmt: skip
+                     args.resnet_epochs, args.resnet_lr), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
