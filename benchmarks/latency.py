@@ -36,8 +36,9 @@ from sweeps.latency import compare, model_bytes, speedups
 from sweeps.model_log import exported_model
 from sweeps.onnx_export import export_onnx
 from sweeps.registry import register_dataset, register_model
+from sweeps.sparse_export import CsrLinear, to_csr
 from sweeps.spec import RegularizerSpec, TrainSpec
-from sweeps.training import TrainResult, train
+from sweeps.training import TrainResult, build_model, train
 from sweeps.zoo import cifar_resnet
 
 
@@ -56,10 +57,15 @@ def _fashion_32(params: _Padded) -> RawData:
     return RawData(np.pad(raw.x, pad), raw.y, np.pad(raw.x_test, pad), raw.y_test, raw.info)
 
 
-@register_model("bench-resnet20")
-def _resnet20(params: BaseModel, input_shape: tuple[int, ...], num_classes: int) -> Any:
-    """CIFAR ResNet-20 (He et al., 2016)."""
-    return cifar_resnet(20, input_shape, num_classes)
+class _Width(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    width: float = 1.0
+
+
+@register_model("bench-resnet20", params=_Width)
+def _resnet20(params: _Width, input_shape: tuple[int, ...], num_classes: int) -> Any:
+    """CIFAR ResNet-20 (He et al., 2016); ``width`` scales every stage's channels."""
+    return cifar_resnet(20, input_shape, num_classes, params.width)
 
 
 def _cfg(model: dict, dataset: dict, regularizer: dict, train_: dict) -> dict[str, Any]:
@@ -85,16 +91,34 @@ def _train(name: str, cfg: dict[str, Any], init: TrainResult | None = None) -> T
     return result
 
 
+def _params(model: torch.nn.Module) -> int:
+    """Parameters, a CSR layer's stored weights (nonzeros) and bias included."""
+    csr = [b for m in model.modules() if isinstance(m, CsrLinear) for b in m.buffers()]
+    stored = sum(b._nnz() if b.layout == torch.sparse_csr else b.numel() for b in csr)
+    return stored + sum(p.numel() for p in model.parameters())
+
+
 def _table(
     title: str,
     results: dict[str, tuple[TrainResult, dict[str, Any]]],
     example: torch.Tensor,
     threads: int,
     rounds: int,
+    floor: torch.nn.Module | None = None,
 ) -> str:
+    """The models' table; ``floor``, the same layers one unit wide, is timed with them to show
+    the fixed per-call cost that no pruning removes."""
     models = {n: exported_model(r, c) for n, (r, c) in results.items()}
+    for n, (r, c) in list(results.items()):
+        model, kind = models[n]
+        if kind == "dense tensors":  # the same weights, stored sparse: is that faster?
+            models[f"{n} (CSR)"] = (to_csr(model)[0], "csr")
+            results[f"{n} (CSR)"] = (r, c)
     t0 = time.perf_counter()
-    speeds = compare({n: m for n, (m, _) in models.items()}, example, "cpu", threads, rounds)
+    timed = {n: m for n, (m, _) in models.items()}
+    if floor is not None:
+        timed["floor"] = floor
+    speeds = compare(timed, example, "cpu", threads, rounds)
     ratios = speedups(speeds, "dense")
     onnx = {}
     import tempfile
@@ -104,7 +128,7 @@ def _table(
         for n, (m, _) in models.items():
             onnx[n] = export_onnx(m, example, Path(tmp) / f"{n}.onnx", threads, rounds=rounds)
     seconds = time.perf_counter() - t0
-    ort_dense = onnx["dense"].throughput
+    ort_dense = onnx["dense"]
     lines = [
         f"### {title}",
         "",
@@ -112,21 +136,30 @@ def _table(
         f"{rounds} interleaved rounds ({seconds:.0f} s for the timings).",
         "",
         "| model | export | architecture | params | bytes | test acc | latency b1 (ms) | "
-        "throughput b256 (ex/s) | speedup b256 | speedup b1 | ONNX Runtime speedup b256 |",
+        "throughput b256 (ex/s) | speedup b256 | speedup b1 | ONNX Runtime speedup b256 / b1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, (r, _) in results.items():
         m, kind = models[n]
         s, q, o = speeds[n], ratios[n], onnx[n]
         ort = (
-            "-" if o.throughput is None or ort_dense is None else f"{o.throughput / ort_dense:.2f}x"
+            "-"
+            if o.throughput is None or ort_dense.throughput is None
+            else f"{o.throughput / ort_dense.throughput:.2f}x / "
+            f"{ort_dense.latency_ms_b1 / o.latency_ms_b1:.2f}x"
         )
         lines.append(
-            f"| {n} | {kind} | {r.architecture} | {sum(p.numel() for p in m.parameters()):,} | "
+            f"| {n} | {kind} | {r.architecture} | {_params(m):,} | "
             f"{model_bytes(m):,} | {100 * r.metrics['test_accuracy']:.2f}% | "
             f"{s.latency_ms_b1:.3f} | {s.throughput:,.0f} | {q['speedup_vs_dense']:.2f}x | "
             f"{q['latency_speedup_b1']:.2f}x | {ort} |"
         )
+    if floor is not None:
+        f, d = speeds["floor"], speeds["dense"]
+        lines += ["", f"Floor: the same layers one unit wide take {f.latency_ms_b1:.3f} ms at "
+                  f"batch 1 (throughput {f.throughput:,.0f} ex/s): no pruning of this model can "
+                  f"be faster than {d.latency_ms_b1 / f.latency_ms_b1:.2f}x at batch 1 in eager "
+                  "PyTorch."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -154,13 +187,15 @@ def mlp(threads: int, rounds: int, target: float) -> str:
     example = load_dataset("fashion-mnist", {}, 0.1, 0.2, 0).val[0][:64]
     results = {"dense": (dense, dense_cfg), f"L0 output {target}": (l0, l0_cfg),
                "magnitude 0.9": (magnitude, mag_cfg)}  # fmt: skip
-    return _table("Fashion-MNIST MLP 784-300-100", results, example, threads, rounds)
+    floor = build_model(_cfg({**model, "params": {"hidden": [1, 1]}}, data, {}, {}),
+                        load_dataset("fashion-mnist", {}, 0.1, 0.2, 0))  # fmt: skip
+    return _table("Fashion-MNIST MLP 784-300-100", results, example, threads, rounds, floor)
 
 
-def resnet(threads: int, rounds: int, n_train: int, target: float, epochs: int) -> str:
+def resnet(threads: int, rounds: int, n_train: int, target: float, epochs: int, lr: float) -> str:
     model = {"name": "bench-resnet20", "params": {}}
     data = {"name": "bench-fashion-mnist-32", "params": {"limit": n_train}, "val_fraction": 0.1}
-    base = {"batch_size": 128, "lr": 0.002}
+    base = {"batch_size": 128, "lr": lr}
     dense_cfg = _cfg(model, data, {"kind": "none"}, {**base, "epochs": epochs})
     dense = _train("ResNet-20 dense", dense_cfg)
     l0_cfg = _cfg(
@@ -175,7 +210,11 @@ def resnet(threads: int, rounds: int, n_train: int, target: float, epochs: int) 
     example = load_dataset("bench-fashion-mnist-32", {"limit": n_train}, 0.1, 0.2, 0).val[0][:64]
     results = {"dense": (dense, dense_cfg), f"L0 output {target}": (l0, l0_cfg)}
     title = f"ResNet-20, Fashion-MNIST 32x32 ({n_train} training images, {epochs} epochs each)"
-    return _table(title, results, example, threads, rounds)
+    floor = build_model(
+        _cfg({**model, "params": {"width": 1 / 16}}, data, {}, {}),
+        load_dataset("bench-fashion-mnist-32", {"limit": n_train}, 0.1, 0.2, 0),
+    )
+    return _table(title, results, example, threads, rounds, floor)
 
 
 def main() -> None:
@@ -187,13 +226,14 @@ def main() -> None:
     parser.add_argument("--resnet-train", type=int, default=8000)
     parser.add_argument("--resnet-target", type=float, default=0.5)
     parser.add_argument("--resnet-epochs", type=int, default=4)
+    parser.add_argument("--resnet-lr", type=float, default=0.001)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if "mlp" in args.which:
         print(mlp(args.threads, args.rounds, args.mlp_target), flush=True)
     if "resnet" in args.which:
         print(resnet(args.threads, args.rounds, args.resnet_train, args.resnet_target,
-                     args.resnet_epochs), flush=True)  # fmt: skip
+                     args.resnet_epochs, args.resnet_lr), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

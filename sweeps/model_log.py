@@ -6,7 +6,10 @@ Called by the trainable once training is done, before the run ends:
   model with its zeros in full-size tensors otherwise), measured on the trial's device with the
   trial's thread count (:mod:`sweeps.latency`): metrics ``latency_ms_b1``, ``throughput``,
   ``model_bytes``, tags for the device, the threads and the export format, so a report can say
-  that an unstructured model's dense tensors are not expected to be faster;
+  that an unstructured model's dense tensors are not expected to be faster. On CPU an
+  unstructured model is also timed with its Linear weights in CSR (:mod:`sweeps.sparse_export`),
+  side by side, and the CSR model is kept when it is faster at both batch sizes; the
+  ``l0sweep.sparse_export`` tag gives both ratios and says which was kept;
 * the ONNX export, checked and timed with ONNX Runtime (:mod:`sweeps.onnx_export`), logged as
   the artifact ``onnx/model.onnx``, or a tag saying why there is none;
 * the model as an MLflow logged model (``mlflow.pytorch.log_model``, MLflow 3's first-class
@@ -29,8 +32,9 @@ from torch import nn
 
 from . import tracking
 from .data import load_dataset
-from .latency import measure, model_bytes
+from .latency import compare, model_bytes
 from .onnx_export import export_onnx
+from .sparse_export import to_csr
 from .training import TrainResult
 
 __all__ = [
@@ -83,17 +87,35 @@ def record_exported_model(
     started = time.perf_counter()
     model, kind = exported_model(result, cfg)
     example = timing_inputs(cfg)
-    speed = measure(model, example, device, threads)
-    model.cpu()
-    metrics = {**speed.metrics(), "model_bytes": float(model_bytes(model))}
-    tags = {
+    candidates = {kind: model}
+    if kind == tracking.EXPORT_DENSE and device.type == "cpu":
+        csr, converted = to_csr(model)
+        if converted:
+            candidates[tracking.EXPORT_CSR] = csr
+    speeds = compare(candidates, example, device, threads, rounds=5)
+    speed, extra, tags = speeds[kind], {}, {}
+    if tracking.EXPORT_CSR in speeds:
+        sparse = speeds[tracking.EXPORT_CSR]
+        faster = sparse.throughput > speed.throughput and sparse.latency_ms_b1 < speed.latency_ms_b1
+        extra = {"csr_latency_ms_b1": sparse.latency_ms_b1, "csr_throughput": sparse.throughput}
+        tags[tracking.TAG_SPARSE_EXPORT] = (
+            f"CSR Linear weights: {sparse.throughput / speed.throughput:.2f}x throughput, "
+            f"{speed.latency_ms_b1 / sparse.latency_ms_b1:.2f}x batch-1 speed of the dense "
+            f"tensors; kept {'CSR' if faster else 'dense tensors'}"
+        )
+        if faster:
+            kind, speed = tracking.EXPORT_CSR, sparse
+    onnx_source, model = model.cpu(), candidates[kind].cpu()
+    metrics = {**speed.metrics(), **extra, "model_bytes": float(model_bytes(model))}
+    tags.update({
         tracking.TAG_SPEED_DEVICE: speed.device,
         tracking.TAG_SPEED_THREADS: str(speed.threads),
         tracking.TAG_EXPORT_FORMAT: kind,
-    }
+    })  # fmt: skip
     c = tracking.client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        onnx = export_onnx(model, example, Path(tmp) / "model.onnx", threads)
+        # ONNX has no sparse Linear: a CSR export goes to ONNX as its dense tensors.
+        onnx = export_onnx(onnx_source, example, Path(tmp) / "model.onnx", threads)
         if onnx.path is not None:
             c.log_artifact(run_id, str(onnx.path), str(Path(tracking.ONNX_ARTIFACT).parent))
             metrics.update(onnx.metrics())

@@ -31,7 +31,7 @@ from .results import (
     speed_front,
     varying_keys,
 )
-from .tracking import EXPORT_DENSE, EXPORT_SHRUNK, EXPORT_UNPRUNED
+from .tracking import EXPORT_CSR, EXPORT_DENSE, EXPORT_SHRUNK, EXPORT_UNPRUNED
 from .vocabulary import TrialStatus
 
 __all__ = ["plot_fronts", "plot_speed", "render_markdown", "slug", "write_report"]
@@ -78,6 +78,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 _EXPORT_WORDS = {
     EXPORT_SHRUNK: "structured: shrunk",
     EXPORT_DENSE: "unstructured: dense tensors, no speedup",
+    EXPORT_CSR: "unstructured: CSR sparse weights (measured faster)",
     EXPORT_UNPRUNED: "dense model",
 }
 

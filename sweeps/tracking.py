@@ -89,7 +89,9 @@ SPEC_ARTIFACT = "spec.json"
 # SPEED_METRICS.
 TAG_SPEED_DEVICE = "l0sweep.speed_device"  # where latency_ms_b1 / throughput were measured
 TAG_SPEED_THREADS = "l0sweep.speed_threads"  # CPU threads used for them
-TAG_EXPORT_FORMAT = "l0sweep.export_format"  # EXPORT_SHRUNK | EXPORT_DENSE | EXPORT_UNPRUNED
+TAG_EXPORT_FORMAT = (
+    "l0sweep.export_format"  # EXPORT_SHRUNK | EXPORT_DENSE | EXPORT_CSR | EXPORT_UNPRUNED
+)
 TAG_ONNX_ERROR = "l0sweep.onnx_error"  # why the model has no ONNX export
 TAG_MODEL_URI = "l0sweep.model_uri"  # the MLflow logged model (models:/<model_id>)
 TAG_SPEEDUP_DEVICE = "l0sweep.speedup_device"  # where speedup_vs_dense was measured
@@ -101,6 +103,8 @@ LOGGED_MODEL_NAME = "model"
 EXPORT_SHRUNK = "shrunk"  # structured: dead units removed, smaller dense tensors
 EXPORT_DENSE = "dense tensors"  # unstructured: zeros inside full-size tensors, no speedup expected
 EXPORT_UNPRUNED = "unpruned"  # a dense trial (regularizer kind none): the model as trained
+EXPORT_CSR = "csr"  # unstructured, Linear weights stored sparse: kept when measured faster
+TAG_SPARSE_EXPORT = "l0sweep.sparse_export"  # the CSR export's measured ratios and which was kept
 
 
 def absolute_uri(tracking_uri: str | None) -> str:

@@ -82,7 +82,9 @@ def test_digits_benchmark_report_comes_from_mlflow(
 
     text = (out / "report.md").read_text()
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert len(pngs) == 1 + len(METHODS) and "fronts.png" in pngs
+    # the fronts, one per method, and accuracy against measured speedup
+    assert len(pngs) == 2 + len(METHODS) and {"fronts.png", "speed.png"} <= set(pngs)
+    assert "## Measured speed" in text and "unstructured: dense tensors, no speedup" in text
     assert all((out / p).read_bytes().startswith(b"\x89PNG") for p in pngs)
     for png in pngs:
         assert f"]({png})" in text
@@ -102,11 +104,12 @@ def test_digits_benchmark_report_comes_from_mlflow(
                 mean = statistics.fmean(r.data.metrics[metric] for r in runs)
                 assert _pct(cell) == pytest.approx(mean, abs=5e-5), (method, metric)
             archs = sorted({r.data.tags["l0sweep.architecture"] for r in runs})
-            assert row[6] == " / ".join(archs)
+            assert row[8] == " / ".join(archs)
             mean_params = statistics.fmean(r.data.metrics["shrunk_params"] for r in runs)
             assert int(row[4].replace(",", "")) == round(mean_params)
     for row in sections["L0 output + target, from dense"]:
-        assert all(re.fullmatch(r"64-\d+-\d+-10", a) for a in row[6].split(" / "))
+        assert all(re.fullmatch(r"64-\d+-\d+-10", a) for a in row[8].split(" / "))
+        assert row[7] == "structured: shrunk"
 
     # Change what MLflow holds: the regenerated report follows.
     dense_runs = _RUN.findall(sections["dense"][0][-1])

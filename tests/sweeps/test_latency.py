@@ -119,3 +119,17 @@ def test_a_model_onnx_cannot_export_or_reproduce_says_why(tmp_path, example) -> 
     assert drifted.max_abs_diff > 1e-4 and drifted.metrics() == {
         "onnx_max_abs_diff": drifted.max_abs_diff
     }
+
+
+def test_csr_export_computes_the_same_function_and_counts_its_real_size(example) -> None:
+    from sweeps.sparse_export import CsrLinear, to_csr
+
+    model = _mlp(64, 32, 10)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.1)  # ~90% zeros
+    sparse, converted = to_csr(model)
+    assert converted == 2 and isinstance(sparse[0], CsrLinear)
+    torch.testing.assert_close(sparse(example), model(example), atol=1e-5, rtol=1e-5)
+    assert model_bytes(sparse) < model_bytes(model) / 2
+    assert to_csr(nn.Sequential(nn.ReLU()))[1] == 0
