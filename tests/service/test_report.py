@@ -62,15 +62,20 @@ def _pct(cell: str) -> float:
 def test_digits_benchmark_report_comes_from_mlflow(
     ray_address, mlflow_uri, storage_path, tmp_path, monkeypatch, capsys
 ) -> None:
-    server = ApiProcess(ray_address, mlflow_uri, storage_path, tmp_path / "api.log").start()
+    server = ApiProcess(ray_address, mlflow_uri, storage_path, tmp_path / "api.log")
+    server.env["L0SWEEP_MAX_CONCURRENT_SWEEPS"] = str(len(STAGE_2))
+    server.start()
     try:
         with Client(server.url) as api:
-            ids = []
-            for name in ("dense", *STAGE_2):  # the dense stage first: the others start from it
-                sweep = api.submit(_toy(name))
-                done = api.wait(sweep.id, poll_s=1, timeout_s=300)
+            # The dense stage first: the others start from it; then the stage-2 sweeps side by
+            # side, as a lab runs them (their drivers' start-up overlaps the others' trials).
+            dense = api.wait(api.submit(_toy("dense")).id, poll_s=1, timeout_s=300)
+            assert dense.status == "FINISHED", ("dense", dense)
+            stage_2 = [api.submit(_toy(name)).id for name in STAGE_2]
+            for name, sweep_id in zip(STAGE_2, stage_2, strict=True):
+                done = api.wait(sweep_id, poll_s=1, timeout_s=600)
                 assert done.status == "FINISHED", (name, done)
-                ids.append(sweep.id)
+            ids = [dense.id, *stage_2]
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
         monkeypatch.delenv("L0SWEEP_TRACKING_URI", raising=False)
         out = tmp_path / "report"
