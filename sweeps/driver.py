@@ -38,7 +38,7 @@ from .space import param_space, scheduler, search_algorithm, tune_num_samples
 from .spec import SweepSpec
 from .speedup import record_speedups
 from .trainable import SweepContext, train_trial
-from .vocabulary import SweepStatus, TrialStatus
+from .vocabulary import SweepStatus, Tag, TrialStatus
 
 __all__ = ["SweepResult", "main", "run_sweep"]
 
@@ -249,7 +249,7 @@ def _latency_pass(spec: SweepSpec, sweep_id: str, tracking_uri: str) -> None:
     except Exception as err:
         reason = f"{type(err).__name__}: {err}"
         log.warning("latency pass of sweep %s failed: %s", sweep_id, reason)
-        tracking.client(tracking_uri).set_tag(sweep_id, tracking.TAG_SPEEDUP_ERROR, reason[:500])
+        tracking.client(tracking_uri).set_tag(sweep_id, Tag.SPEEDUP_ERROR, reason[:500])
 
 
 def _commonest_failure(trials: list[dict[str, Any]]) -> str:

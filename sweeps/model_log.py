@@ -36,6 +36,7 @@ from .latency import compare, model_bytes
 from .onnx_export import export_onnx
 from .sparse_export import to_csr
 from .training import TrainResult
+from .vocabulary import ExportFormat, Tag
 
 __all__ = [
     "EXAMPLE_SIZE",
@@ -56,10 +57,10 @@ def exported_model(result: TrainResult, cfg: dict[str, Any]) -> tuple[nn.Module,
     """The model a trial exports and its format: shrunk (structured), dense tensors holding
     zeros (unstructured), or unpruned (a dense trial)."""
     if result.shrunk is not None:
-        return result.shrunk, tracking.EXPORT_SHRUNK
+        return result.shrunk, ExportFormat.SHRUNK
     if cfg["regularizer"]["kind"] == "none":
-        return result.pruned, tracking.EXPORT_UNPRUNED
-    return result.pruned, tracking.EXPORT_DENSE
+        return result.pruned, ExportFormat.UNPRUNED
+    return result.pruned, ExportFormat.DENSE
 
 
 def timing_inputs(cfg: dict[str, Any]) -> torch.Tensor:
@@ -88,29 +89,29 @@ def record_exported_model(
     model, kind = exported_model(result, cfg)
     example = timing_inputs(cfg)
     candidates = {kind: model}
-    if kind == tracking.EXPORT_DENSE and device.type == "cpu":
+    if kind == ExportFormat.DENSE and device.type == "cpu":
         csr, converted = to_csr(model)
         if converted:
-            candidates[tracking.EXPORT_CSR] = csr
+            candidates[ExportFormat.CSR] = csr
     speeds = compare(candidates, example, device, threads, rounds=5)
     speed, extra, tags = speeds[kind], {}, {}
-    if tracking.EXPORT_CSR in speeds:
-        sparse = speeds[tracking.EXPORT_CSR]
+    if ExportFormat.CSR in speeds:
+        sparse = speeds[ExportFormat.CSR]
         faster = sparse.throughput > speed.throughput and sparse.latency_ms_b1 < speed.latency_ms_b1
         extra = {"csr_latency_ms_b1": sparse.latency_ms_b1, "csr_throughput": sparse.throughput}
-        tags[tracking.TAG_SPARSE_EXPORT] = (
+        tags[Tag.SPARSE_EXPORT] = (
             f"CSR Linear weights: {sparse.throughput / speed.throughput:.2f}x throughput, "
             f"{speed.latency_ms_b1 / sparse.latency_ms_b1:.2f}x batch-1 speed of the dense "
             f"tensors; kept {'CSR' if faster else 'dense tensors'}"
         )
         if faster:
-            kind, speed = tracking.EXPORT_CSR, sparse
+            kind, speed = ExportFormat.CSR, sparse
     onnx_source, model = model.cpu(), candidates[kind].cpu()
     metrics = {**speed.metrics(), **extra, "model_bytes": float(model_bytes(model))}
     tags.update({
-        tracking.TAG_SPEED_DEVICE: speed.device,
-        tracking.TAG_SPEED_THREADS: str(speed.threads),
-        tracking.TAG_EXPORT_FORMAT: kind,
+        Tag.SPEED_DEVICE: speed.device,
+        Tag.SPEED_THREADS: str(speed.threads),
+        Tag.EXPORT_FORMAT: kind,
     })  # fmt: skip
     c = tracking.client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +121,7 @@ def record_exported_model(
             c.log_artifact(run_id, str(onnx.path), str(Path(tracking.ONNX_ARTIFACT).parent))
             metrics.update(onnx.metrics())
         else:
-            tags[tracking.TAG_ONNX_ERROR] = onnx.error or "unknown"
+            tags[Tag.ONNX_ERROR] = onnx.error or "unknown"
     step = int(result.metrics.get("epoch", 0))
     now = _now_ms()
     c.log_batch(
@@ -134,7 +135,7 @@ def record_exported_model(
     c.log_batch(
         run_id,
         metrics=[Metric(RECORD_SECONDS, seconds, _now_ms(), step)],
-        tags=[RunTag(tracking.TAG_MODEL_URI, uri)],
+        tags=[RunTag(Tag.MODEL_URI, uri)],
     )
     return {**metrics, RECORD_SECONDS: seconds}
 

@@ -152,7 +152,7 @@ def finalize_sweep(
         c.set_tag(t["run_id"], Tag.PARETO, on_front)
         if (t.get("model_uri") or "").startswith("models:/"):
             model_id = t["model_uri"].removeprefix("models:/")
-            c.set_logged_model_tags(model_id, {tracking.MODEL_TAG_PARETO: on_front})
+            c.set_logged_model_tags(model_id, {Tag.PARETO: on_front})
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "pareto.json").write_text(json.dumps(report, indent=2))

@@ -31,8 +31,7 @@ from .results import (
     speed_front,
     varying_keys,
 )
-from .tracking import EXPORT_CSR, EXPORT_DENSE, EXPORT_SHRUNK, EXPORT_UNPRUNED
-from .vocabulary import TrialStatus
+from .vocabulary import ExportFormat, TrialStatus
 
 __all__ = ["plot_fronts", "plot_speed", "render_markdown", "slug", "write_report"]
 
@@ -76,10 +75,10 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 _EXPORT_WORDS = {
-    EXPORT_SHRUNK: "structured: shrunk",
-    EXPORT_DENSE: "unstructured: dense tensors, no speedup",
-    EXPORT_CSR: "unstructured: CSR sparse weights (measured faster)",
-    EXPORT_UNPRUNED: "dense model",
+    ExportFormat.SHRUNK: "structured: shrunk",
+    ExportFormat.DENSE: "unstructured: dense tensors, no speedup",
+    ExportFormat.CSR: "unstructured: CSR sparse weights (measured faster)",
+    ExportFormat.UNPRUNED: "dense model",
 }
 
 

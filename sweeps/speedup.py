@@ -27,6 +27,7 @@ from .model_log import timing_inputs
 from .pareto import speed_candidates
 from .spec import SweepSpec
 from .training import build_model, seed_everything
+from .vocabulary import Tag
 
 __all__ = ["record_speedups"]
 
@@ -69,15 +70,15 @@ def record_speedups(
     }
     models: dict[str, torch.nn.Module] = {_DENSE: _dense_model(spec, cfg)}
     for t in candidates:
-        uri = c.get_run(t["run_id"]).data.tags.get(tracking.TAG_MODEL_URI)
+        uri = c.get_run(t["run_id"]).data.tags.get(Tag.MODEL_URI)
         try:
             if uri is None:
-                raise LookupError(f"the run has no {tracking.TAG_MODEL_URI} tag (no logged model)")
+                raise LookupError(f"the run has no {Tag.MODEL_URI} tag (no logged model)")
             models[t["run_id"]] = mlflow.pytorch.load_model(uri, map_location="cpu")
         except Exception as err:
             reason = f"{type(err).__name__}: {err}"[:500]
             log.warning("trial %s not timed against dense: %s", t["trial_id"], reason)
-            c.set_tag(t["run_id"], tracking.TAG_SPEEDUP_ERROR, reason)
+            c.set_tag(t["run_id"], Tag.SPEEDUP_ERROR, reason)
     threads = max(1, math.floor(spec.resources.cpus_per_trial))
     speeds = compare(models, timing_inputs(cfg), "cpu", threads, rounds)
     ratios = speedups(speeds, _DENSE)
@@ -89,8 +90,8 @@ def record_speedups(
             run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in r.items()],
             tags=[
-                RunTag(tracking.TAG_SPEEDUP_DEVICE, speeds[run_id].device),
-                RunTag(tracking.TAG_SPEEDUP_THREADS, str(threads)),
+                RunTag(Tag.SPEEDUP_DEVICE, speeds[run_id].device),
+                RunTag(Tag.SPEEDUP_THREADS, str(threads)),
             ],
         )
     dense = speeds[_DENSE]

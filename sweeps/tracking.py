@@ -84,27 +84,9 @@ _MAX_PARAM = 6000
 # runs) view; without the tag the UI may open a sweep's experiment in its GenAI view.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 SPEC_ARTIFACT = "spec.json"
-# What a finished trial records about the speed of its exported model (sweeps.model_log) and what
-# the driver's side-by-side comparison adds (sweeps.speedup); the metric names are the spec's
-# SPEED_METRICS.
-TAG_SPEED_DEVICE = "l0sweep.speed_device"  # where latency_ms_b1 / throughput were measured
-TAG_SPEED_THREADS = "l0sweep.speed_threads"  # CPU threads used for them
-TAG_EXPORT_FORMAT = (
-    "l0sweep.export_format"  # EXPORT_SHRUNK | EXPORT_DENSE | EXPORT_CSR | EXPORT_UNPRUNED
-)
-TAG_ONNX_ERROR = "l0sweep.onnx_error"  # why the model has no ONNX export
-TAG_MODEL_URI = "l0sweep.model_uri"  # the MLflow logged model (models:/<model_id>)
-TAG_SPEEDUP_DEVICE = "l0sweep.speedup_device"  # where speedup_vs_dense was measured
-TAG_SPEEDUP_THREADS = "l0sweep.speedup_threads"
-TAG_SPEEDUP_ERROR = "l0sweep.speedup_error"  # why a front trial has no speedup_vs_dense
-MODEL_TAG_PARETO = "l0sweep.pareto"  # on a logged model: "true" when its trial is Pareto-optimal
+# Artifacts of a finished trial's exported model (sweeps.model_log); its tags are vocabulary's.
 ONNX_ARTIFACT = "onnx/model.onnx"
 LOGGED_MODEL_NAME = "model"
-EXPORT_SHRUNK = "shrunk"  # structured: dead units removed, smaller dense tensors
-EXPORT_DENSE = "dense tensors"  # unstructured: zeros inside full-size tensors, no speedup expected
-EXPORT_UNPRUNED = "unpruned"  # a dense trial (regularizer kind none): the model as trained
-EXPORT_CSR = "csr"  # unstructured, Linear weights stored sparse: kept when measured faster
-TAG_SPARSE_EXPORT = "l0sweep.sparse_export"  # the CSR export's measured ratios and which was kept
 
 
 def absolute_uri(tracking_uri: str | None) -> str:
@@ -409,8 +391,8 @@ def trial_from_run(run: Any) -> dict[str, Any]:
         "pareto": is_pareto(tags),
         "failure_reason": tags.get(Tag.FAILURE_REASON),
         "architecture": tags.get(Tag.ARCHITECTURE),
-        "export_format": tags.get(TAG_EXPORT_FORMAT),
-        "model_uri": tags.get(TAG_MODEL_URI),
+        "export_format": tags.get(Tag.EXPORT_FORMAT),
+        "model_uri": tags.get(Tag.MODEL_URI),
         "start_time": run.info.start_time,
         "end_time": run.info.end_time,
     }

@@ -31,6 +31,7 @@ __all__ = [
     "SWEEP_RUN_STATUS",
     "TERMINAL_SWEEP",
     "TRIAL_RUN_STATUS",
+    "ExportFormat",
     "RunStatus",
     "SweepStatus",
     "Tag",
@@ -139,8 +140,21 @@ class Tag:
     RESUMED_FROM_EPOCH = "l0sweep.resumed_from_epoch"
     INIT_FROM_RUN = "l0sweep.init_from_run"
     ARCHITECTURE = "l0sweep.architecture"
-    PARETO = "l0sweep.pareto"  # "true" | "false", written when the sweep ends
+    # "true" | "false", written when the sweep ends, on the trial's run and its logged model
+    PARETO = "l0sweep.pareto"
     LEGACY_PARETO = "pareto"  # the same, before it was namespaced: still read (is_pareto)
+
+    # --- the measured speed of a trial's exported model (sweeps.model_log) ----------------
+    SPEED_DEVICE = "l0sweep.speed_device"  # where latency_ms_b1 / throughput were measured
+    SPEED_THREADS = "l0sweep.speed_threads"  # CPU threads used for them
+    EXPORT_FORMAT = "l0sweep.export_format"  # an ExportFormat
+    SPARSE_EXPORT = "l0sweep.sparse_export"  # the CSR export's measured ratios, which was kept
+    ONNX_ERROR = "l0sweep.onnx_error"  # why the model has no ONNX export
+    MODEL_URI = "l0sweep.model_uri"  # the MLflow logged model (models:/<model_id>)
+    # ... and what the driver's side-by-side comparison adds (sweeps.speedup)
+    SPEEDUP_DEVICE = "l0sweep.speedup_device"  # where speedup_vs_dense was measured
+    SPEEDUP_THREADS = "l0sweep.speedup_threads"
+    SPEEDUP_ERROR = "l0sweep.speedup_error"  # on the parent: why the pass measured nothing
 
     # --- the metadata of a driver's Ray job (service.jobs) ------------------------------
     JOB_SWEEP_ID = "l0sweep.sweep_id"
@@ -150,6 +164,15 @@ class Tag:
     PARENT_RUN_ID = "mlflow.parentRunId"
     RUN_NAME = "mlflow.runName"
     NOTE = "mlflow.note.content"  # a run's description in the MLflow UI (sweeps.note)
+
+
+class ExportFormat:
+    """Values of ``l0sweep.export_format``: what the exported model's tensors are."""
+
+    SHRUNK = "shrunk"  # structured: dead units removed, smaller dense tensors
+    DENSE = "dense tensors"  # unstructured: zeros inside full-size tensors, no speedup expected
+    CSR = "csr"  # unstructured, Linear weights stored sparse: kept when measured faster
+    UNPRUNED = "unpruned"  # a dense trial (regularizer kind none): the model as trained
 
 
 KIND_SWEEP = "sweep"

@@ -15,6 +15,7 @@ from sweeps import tracking
 from sweeps.model_log import record_exported_model, timing_inputs
 from sweeps.space import concrete_config
 from sweeps.training import train
+from sweeps.vocabulary import ExportFormat, Tag
 from tests.sweeps.conftest import tiny_spec
 
 pytestmark = pytest.mark.integration
@@ -51,9 +52,9 @@ def test_structured_trial_model_round_trips_through_a_real_mlflow_server(server,
     for name in ("latency_ms_b1", "throughput", "model_bytes", "onnx_latency_ms_b1"):
         assert run.data.metrics[name] == pytest.approx(metrics[name]) and metrics[name] > 0
     tags = run.data.tags
-    assert tags[tracking.TAG_SPEED_DEVICE] == "cpu" and tags[tracking.TAG_SPEED_THREADS] == "1"
-    assert tags[tracking.TAG_EXPORT_FORMAT] == tracking.EXPORT_SHRUNK
-    assert tracking.TAG_ONNX_ERROR not in tags
+    assert tags[Tag.SPEED_DEVICE] == "cpu" and tags[Tag.SPEED_THREADS] == "1"
+    assert tags[Tag.EXPORT_FORMAT] == ExportFormat.SHRUNK
+    assert Tag.ONNX_ERROR not in tags
     assert metrics["model_bytes"] == 4 * sum(p.numel() for p in result.shrunk.parameters())
 
     # ONNX: the artifact reproduces the torch model on validation inputs.
@@ -65,7 +66,7 @@ def test_structured_trial_model_round_trips_through_a_real_mlflow_server(server,
     np.testing.assert_allclose(got, result.shrunk(x).detach().numpy(), atol=1e-4)
 
     # The logged model: under the run, registered, loaded back with the same outputs.
-    model_uri = tags[tracking.TAG_MODEL_URI]
+    model_uri = tags[Tag.MODEL_URI]
     model_id = model_uri.removeprefix("models:/")
     logged = c.get_logged_model(model_id)
     assert logged.source_run_id == run_id and logged.name == tracking.LOGGED_MODEL_NAME
@@ -94,15 +95,15 @@ def test_unstructured_trial_is_logged_as_dense_tensors_and_an_onnx_failure_is_a_
     metrics = record_exported_model(run_id, result, cfg, torch.device("cpu"), 1, server)
     tags = tracking.client(server).get_run(run_id).data.tags
     # timed as stored (dense tensors) and with CSR weights, side by side; the faster one kept
-    kept = tags[tracking.TAG_SPARSE_EXPORT].rsplit("kept ", 1)[1]
-    assert tags[tracking.TAG_EXPORT_FORMAT] == {
-        "dense tensors": tracking.EXPORT_DENSE, "CSR": tracking.EXPORT_CSR
+    kept = tags[Tag.SPARSE_EXPORT].rsplit("kept ", 1)[1]
+    assert tags[Tag.EXPORT_FORMAT] == {
+        "dense tensors": ExportFormat.DENSE, "CSR": ExportFormat.CSR
     }[kept]  # fmt: skip
     assert metrics["csr_latency_ms_b1"] > 0 and metrics["csr_throughput"] > 0
-    assert tags[tracking.TAG_ONNX_ERROR].startswith("export failed: RuntimeError: Exporting")
+    assert tags[Tag.ONNX_ERROR].startswith("export failed: RuntimeError: Exporting")
     assert "onnx_latency_ms_b1" not in metrics and metrics["latency_ms_b1"] > 0
     onnx_files = {f.path for f in tracking.client(server).list_artifacts(run_id, "onnx")}
     assert tracking.ONNX_ARTIFACT not in onnx_files
-    loaded = mlflow.pytorch.load_model(tags[tracking.TAG_MODEL_URI])  # the model is still logged
+    loaded = mlflow.pytorch.load_model(tags[Tag.MODEL_URI])  # the model is still logged
     x = timing_inputs(cfg)
     torch.testing.assert_close(loaded(x), result.pruned(x), atol=1e-5, rtol=1e-4)

@@ -11,6 +11,7 @@ import pytest
 from sweeps import tracking
 from sweeps.driver import run_sweep
 from sweeps.spec import SweepSpec
+from sweeps.vocabulary import ExportFormat, Tag
 from tests.sweeps.conftest import tiny_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -36,14 +37,14 @@ def test_a_sweep_measures_its_models_and_ranks_accuracy_against_measured_speedup
         assert t["status"] == "FINISHED"
         assert {"latency_ms_b1", "throughput", "model_bytes"} <= set(t["metrics"])
         tags = c.get_run(t["run_id"]).data.tags
-        assert tags[tracking.TAG_SPEED_DEVICE] == "cpu" and tags[tracking.TAG_SPEED_THREADS] == "1"
-        assert tracking.TAG_ONNX_ERROR not in tags, tags.get(tracking.TAG_ONNX_ERROR)
+        assert tags[Tag.SPEED_DEVICE] == "cpu" and tags[Tag.SPEED_THREADS] == "1"
+        assert Tag.ONNX_ERROR not in tags, tags.get(Tag.ONNX_ERROR)
         assert tracking.ONNX_ARTIFACT in {f.path for f in c.list_artifacts(t["run_id"], "onnx")}
         # both are on the (val_accuracy, speedup_vs_dense) front's candidates: both timed
         assert t["metrics"]["speedup_vs_dense"] > 0
-        assert tags[tracking.TAG_SPEEDUP_THREADS] == "1"
-    assert trials["l0"]["export_format"] == tracking.EXPORT_SHRUNK
-    assert trials["dense"]["export_format"] == tracking.EXPORT_UNPRUNED
+        assert tags[Tag.SPEEDUP_THREADS] == "1"
+    assert trials["l0"]["export_format"] == ExportFormat.SHRUNK
+    assert trials["dense"]["export_format"] == ExportFormat.UNPRUNED
     assert trials["l0"]["metrics"]["model_bytes"] < trials["dense"]["metrics"]["model_bytes"]
 
     parent = c.get_run(result.sweep_id).data.metrics
@@ -55,4 +56,4 @@ def test_a_sweep_measures_its_models_and_ranks_accuracy_against_measured_speedup
     for t in trials.values():
         on_front = any(f["run_id"] == t["run_id"] for f in report["front"])
         model = c.get_logged_model(t["model_uri"].removeprefix("models:/"))
-        assert model.tags[tracking.MODEL_TAG_PARETO] == json.dumps(on_front)
+        assert model.tags[Tag.PARETO] == json.dumps(on_front)
