@@ -144,6 +144,16 @@ class ChannelNormPruner(CountedMethod):
         self._example: tuple[tuple, dict] | None = None
         self.last_shrink_report: GraphShrinkReport | None = None
 
+    @property
+    def group_plan(self) -> GroupPlan:
+        """The coupled groups the masks act on."""
+        return self.plan
+
+    @property
+    def example_rows(self) -> tuple[tuple, dict] | None:
+        """A few rows of the first forward's inputs, ``(args, kwargs)``: what exports check on."""
+        return self._example
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._example is None:
             self._example = _example_rows(args, kwargs)

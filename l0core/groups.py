@@ -104,6 +104,22 @@ class GroupPlan:
                 shape[dim] = -1
                 t.mul_(zfull[index].to(t.dtype).view(shape))
 
+    @torch.no_grad()
+    def zero_units(self, model: nn.Module) -> Tensor:
+        """Per gate, whether every entry it would multiply in ``model`` (a plain copy with the
+        same module names, e.g. a pruned model fine-tuned with its zeros fixed) is exactly 0:
+        such a unit is the same as a closed one, so the graph export may remove it."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        alive = torch.zeros(self.n_gates + 1, dtype=torch.long)  # non-zero entries per gate
+        for m in self.masks:
+            t = getattr(model.get_submodule(names[id(m.module)]), m.attr).detach()
+            for dim, index in m.dims:
+                nonzero = (t != 0).transpose(0, dim).reshape(t.shape[dim], -1).any(1).cpu()
+                if isinstance(index, slice):  # a plain range of gates
+                    index = torch.arange(index.start, index.stop)
+                alive.index_add_(0, index.cpu(), nonzero.long())
+        return alive[: self.n_gates] == 0
+
     def unit_sq_norms(self) -> Tensor:
         """Per gate, the squared norm of the parameters it owns (differentiable)."""
         ref = next(iter(self.model.parameters()))

@@ -33,6 +33,8 @@ from torch.nn.utils import prune as torch_prune
 from .baselines import CountedMethod
 from .export import finish_export
 from .flops import layer_macs
+from .graph_export import shrink_graph
+from .groups import GroupPlan
 from .selection import Selector, TargetParam, select_params
 
 __all__ = ["FixedMask", "MagnitudePruner", "cubic_sparsity"]
@@ -107,6 +109,9 @@ class _Masked(CountedMethod):
         self.n_gated = sum(masked[i].param.numel() for i in self._counted)
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self.last_shrink_report = None
+        # Coupled groups to export through (FixedMask after a structured method), else None.
+        self._group_plan: GroupPlan | None = None
+        self._example: tuple[tuple, dict] | None = None
 
     def _masks(self) -> list[Tensor]:
         return [getattr(mod, f"{attr}_mask") for _, mod, attr in self._sites]
@@ -156,6 +161,12 @@ class _Masked(CountedMethod):
         for name, _, attr in self._sites:
             owner = name.rpartition(".")[0]
             torch_prune.remove(model.get_submodule(owner) if owner else model, attr)
+        if shrink and self._group_plan is not None:
+            model.eval()
+            model, self.last_shrink_report = shrink_graph(
+                model, self._group_plan, self._group_plan.zero_units(model), self._example
+            )
+            return model
         model, self.last_shrink_report = finish_export(model, shrink)
         return model
 
@@ -268,19 +279,46 @@ class FixedMask(_Masked):
     """Train a pruned model with its zeros fixed: every parameter element that is exactly 0 now
     stays 0 (its mask is 0), every other element trains.
 
+    Use :meth:`after` to fine-tune a method's pruned model: a structured method's coupled
+    groups come along, so ``prune(shrink=True)`` removes its closed units through the same graph
+    export (residual, concatenating and attention networks, not only chains).
+
     Args:
         model: a pruned plain module (e.g. ``L0Regularizer.prune()``), used in place.
         include, exclude: the parameters whose zeros ``sparsity()`` counts (default: those with
             2+ dimensions, as the regularizers); every parameter keeps its zeros.
+        plan: the coupled groups of the method that pruned ``model`` (same module names); a
+            unit whose entries are all zero is removed by ``prune(shrink=True)``.
+        example: ``(args, kwargs)`` of a forward, to check the shrunk model against.
     """
 
     def __init__(
-        self, model: nn.Module, include: Selector = None, exclude: Selector = None
+        self,
+        model: nn.Module,
+        include: Selector = None,
+        exclude: Selector = None,
+        plan: GroupPlan | None = None,
+        example: tuple[tuple, dict] | None = None,
     ) -> None:
         counted = {t.name for t in select_params(model, include, exclude)}
         everything = select_params(model, "*")
         super().__init__(model, everything, counted, [(t.param != 0).to(t.param.dtype)
                                                       for t in everything])  # fmt: skip
+        self._group_plan, self._example = plan, example
+
+    @classmethod
+    def after(
+        cls, method: nn.Module, include: Selector = None, exclude: Selector = None
+    ) -> FixedMask:
+        """The fine-tuning phase after ``method``: its pruned model with the zeros fixed, and its
+        coupled groups (``method.group_plan``, when it has them) for the export."""
+        return cls(
+            method.prune(),
+            include,
+            exclude,
+            plan=getattr(method, "group_plan", None),
+            example=getattr(method, "example_rows", None),
+        )
 
 
 def _keep_largest(scores: Tensor, sparsity: float) -> Tensor:

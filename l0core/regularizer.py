@@ -45,6 +45,7 @@ from .gating import (
     unit_masks,
 )
 from .graph_export import export_blockers, group_members, shrink_graph
+from .groups import GroupPlan
 from .masking import masked_weights
 from .probe import count_reads, settle_hooks
 from .selection import Selector, select_granularities, select_params
@@ -514,6 +515,16 @@ class L0Regularizer(nn.Module):
             return model
         model, self.last_shrink_report = finish_export(model, shrink)
         return model
+
+    @property
+    def group_plan(self) -> GroupPlan | None:
+        """The coupled groups the structured gates act on (None: chain or weight gates only)."""
+        return self._group_plan
+
+    @property
+    def example_rows(self) -> tuple[tuple, dict] | None:
+        """A few rows of the first forward's inputs, ``(args, kwargs)``: what exports check on."""
+        return self._example
 
     def _closed(self) -> Tensor:
         """Which coupled units are closed in eval (their gate is exactly 0)."""

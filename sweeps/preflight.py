@@ -18,7 +18,6 @@ from torch import nn
 
 from l0core import L0Regularizer
 from l0core.channel_norm import ChannelNormPruner
-from l0core.export import chain_export_blockers
 
 from .data import load_dataset
 from .domains import _possible
@@ -71,15 +70,6 @@ def preflight(spec: SweepSpec) -> str | None:
         )
     reg = spec.regularizer
     granularities = export_granularities(spec)
-    if granularities and spec.train.finetune_epochs:
-        chain = chain_export_blockers(model)
-        if chain:  # the fine-tuning phase exports through FixedMask, whose shrink takes chains
-            return (
-                f"train.finetune_epochs {spec.train.finetune_epochs}: the fine-tuning phase's "
-                f"export shrinks chains only, and model {spec.model.name!r} is not one "
-                f"({chain[0]}); set finetune_epochs 0 (the gates or masks stay fixed once "
-                "trained: the epochs after prune_end fine-tune channel-norm pruning)"
-            )
     if "channel-norm" in (_possible(reg.kind) or []):
         granularity = channel_norm_granularity({"granularity": reg.granularity})
         try:  # its own plan on a copy (the pruner masks the model it is given)

@@ -96,8 +96,9 @@ def _optimizer(
 
 
 def _fixed_zeros(method: nn.Module, reg: dict[str, Any]) -> FixedMask:
-    """The fine-tuning phase's model: the method's pruned copy, its zeros kept at zero."""
-    return FixedMask(method.prune(), include=reg["include"], exclude=reg["exclude"])
+    """The fine-tuning phase's model: the method's pruned copy, its zeros kept at zero (and a
+    structured method's coupled groups, so the export shrinks any graph the method gated)."""
+    return FixedMask.after(method, include=reg["include"], exclude=reg["exclude"])
 
 
 @torch.no_grad()
@@ -165,7 +166,9 @@ def train(
     method = build_method(
         model, cfg["regularizer"], len(x_train), steps, pretrained=init_weights is not None
     ).to(device)
-    finetuning = state is not None and state["epoch"] >= sparse_epochs
+    # A checkpoint of epoch ``sparse_epochs`` still holds the sparse method: the fine-tuning
+    # model is made at the start of the next epoch.
+    finetuning = state is not None and state["epoch"] > sparse_epochs
     if finetuning:
         method = _fixed_zeros(method, cfg["regularizer"]).to(device)
     opt = _optimizer(method, cfg["train"], finetuning)

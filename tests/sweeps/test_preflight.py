@@ -49,22 +49,3 @@ def test_models_that_cannot_take_the_data_and_missing_datasets_fail_with_the_rea
     problem = preflight(_spec(dataset={"name": "npz", "params": {"path": "missing.npz"}}))
     assert problem.startswith("dataset 'npz' cannot be loaded: FileNotFoundError")
     assert "missing.npz" in problem
-
-
-def test_fine_tuning_epochs_on_a_graph_that_only_the_group_export_shrinks_fail_fast():
-    resnet = {"name": "resnet", "params": {"depth": 8, "width": 0.5}}
-    problem = preflight(_spec(model=resnet, regularizer={"granularity": "output"},
-                              train={"epochs": 3, "finetune_epochs": 1}))  # fmt: skip
-    assert problem.startswith("train.finetune_epochs 1: the fine-tuning phase's export shrinks "
-                              "chains only, and model 'resnet' is not one (cannot shrink at node")  # fmt: skip
-    chain = {"name": "cnn", "params": {"channels": [8], "hidden": 16}}
-    assert preflight(_spec(model=chain, regularizer={"granularity": "output"},
-                           train={"epochs": 3, "finetune_epochs": 1})) is None  # fmt: skip
-
-
-def test_channel_norm_on_a_model_with_no_unit_to_remove_fails_fast():
-    one_layer = {"name": "mlp", "params": {"hidden": []}}  # its only units are the outputs
-    problem = preflight(_spec(model=one_layer,
-                              regularizer={"kind": "channel-norm", "target_sparsity": 0.5}))  # fmt: skip
-    assert problem.startswith("kind 'channel-norm' cannot prune model 'mlp': ValueError: "
-                              "channel-norm pruning found no unit to remove")  # fmt: skip

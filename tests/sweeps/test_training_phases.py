@@ -58,3 +58,17 @@ def test_resuming_in_either_phase_matches_the_uninterrupted_run(regularizer):
         for key in ("train_loss", "val_accuracy", "sparsity", "nonzero_params", "test_accuracy"):
             assert resumed.metrics[key] == pytest.approx(full.metrics[key], rel=1e-6), key
         assert resumed.architecture == full.architecture
+
+
+def test_fine_tuning_a_structured_residual_network_exports_it_shrunk():
+    """The fine-tuning phase after output gates on a residual network (not a chain) exports
+    through the coupled groups, and resuming inside that phase gives the same model."""
+    resnet = {"name": "resnet", "params": {"depth": 8, "width": 0.5}}
+    cfg = _cfg(model=resnet, regularizer={"kind": "l0", "lam": 2.0, "granularity": "output"},
+               train={"epochs": 3, "finetune_epochs": 1})  # fmt: skip
+    full, _, states = _run(cfg)
+    dense = sum(p.numel() for p in full.pruned.parameters())
+    assert full.shrunk is not None and sum(p.numel() for p in full.shrunk.parameters()) < dense
+    resumed = train(cfg, state=states[-1])  # in the fine-tuning phase
+    assert resumed.metrics["test_accuracy"] == pytest.approx(full.metrics["test_accuracy"])
+    assert resumed.architecture == full.architecture
