@@ -18,6 +18,7 @@ import io
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from .results import (
     Point,
@@ -234,6 +235,13 @@ def plot_fronts(points: list[Point], methods: list[str], title: str) -> bytes:
                     yerr=[p.test_std for p in front], fmt="o-", c=color, ms=4, capsize=2,
                     label=method)  # fmt: skip
     ax.set(xlabel="sparsity (fraction of weights at zero)", ylabel="test accuracy", title=title)
+    return _png(fig, ax)
+
+
+def _png(fig: Any, ax: Any) -> bytes:
+    """The figure as PNG bytes, with a grid and the legend (when anything is labelled); closed."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -271,13 +279,7 @@ def plot_speed(points: list[Point], methods: list[str], title: str) -> bytes:
                 label=method)  # fmt: skip
     ax.set(xlabel="measured speedup over dense (throughput, batch 256)", ylabel="test accuracy",
            title=title)  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig, ax)
 
 
 def write_report(
