@@ -321,12 +321,14 @@ def test_killed_driver_is_resubmitted_and_resumes(make_api, mlflow_client) -> No
                 lambda s: s["status"] not in ACTIVE_SWEEP,
                 what="for the sweep to end",
             )
+            trials = api.get(f"/sweeps/{sweep['id']}/trials").json()
         finally:
             _cancel_if_active(api, sweep["id"])
         jobs = api.app.state.control.jobs
         first_job = jobs.state(JobRunner.submission_id(sweep["id"], 0))
     assert done["status"] == "FINISHED", done
-    assert done["progress"]["finished"] == 2, (done["progress"], done["message"])
+    failures = [(t["trial_id"], t["failure_reason"]) for t in trials if t["failure_reason"]]
+    assert done["progress"]["finished"] == 2, (done["progress"], failures)
     assert first_job is not None and first_job.status == "FAILED", first_job
     assert done["job_id"] == JobRunner.submission_id(sweep["id"], 1)
     assert mlflow_client.get_run(sweep["id"]).data.tags["l0sweep.job_attempt"] == "1"

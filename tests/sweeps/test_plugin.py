@@ -1,7 +1,8 @@
 """A lab's own networks, registered through the ``l0sweep.models`` entry point of a package the
 test writes, pip-installs into this environment (and uninstalls), and sweeps with ``l0sweep run``:
 the residual network sweeps with output gates and shrinks; a network whose export check fails
-(``nn.MultiheadAttention`` heads) fails the sweep before any trial trains, naming the op."""
+(attention whose widths are read from ``x.shape``) fails the sweep before any trial trains,
+naming the node."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ LAB_NETS = '''
 """A lab's networks: a residual CNN in torchvision's layout, and a conv + attention network."""
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -87,21 +89,37 @@ def lab_resnet(params, input_shape, num_classes):
     return LabResNet(input_shape[0], params.width, params.blocks, num_classes)
 
 
+class SelfAttention(nn.Module):
+    """Heads by reshape, with the head count read from the input's shape at run time."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
 class LabAttention(nn.Module):
     def __init__(self, channels, num_classes):
         super().__init__()
         self.conv = nn.Conv2d(channels, 16, 3, padding=1)
-        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.attn = SelfAttention(16, 4)
         self.fc = nn.Linear(16, num_classes)
 
     def forward(self, x):
         t = self.conv(x).flatten(2).transpose(1, 2)
-        return self.fc(self.attn(t, t, t, need_weights=False)[0].mean(1))
+        return self.fc(self.attn(t).mean(1))
 
 
 @register_model("lab-attention")
 def lab_attention(params, input_shape, num_classes):
-    """A conv stem and torch's multi-head attention."""
+    """A conv stem and hand-written attention whose widths come from ``x.shape``."""
     return LabAttention(input_shape[0], num_classes)
 '''
 
@@ -174,6 +192,6 @@ def test_a_model_that_cannot_shrink_fails_the_sweep_before_training(lab_package,
     assert tags["l0sweep.status"] == "FAILED"
     message = tags["l0sweep.status_message"]
     assert "cannot be shrunk at granularity 'head'" in message
-    assert "attn.in_proj_weight: nn.MultiheadAttention (attn) cannot lose heads" in message
+    assert "cannot shrink at node 'attn_qkv' (shape query)" in message
     assert tracking.sweep_trials(sweep_id, uri) == []  # no trial trained
     assert not (tmp_path / "ray_results" / sweep_id).exists()  # Tune never started
