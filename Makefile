@@ -19,8 +19,10 @@ lint: setup
 	$(PY) -m ruff format --check .
 	.venv/bin/lint-imports
 
+# Two pytest-xdist workers, each a session with its own Ray, MLflow and PostgreSQL; a module's
+# tests stay together in one worker unless tests/conftest.py splits it (--dist loadgroup).
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # The fast tier: pure logic and the control plane's decisions against in-memory fakes (marker
 # `fast`), no Ray or MLflow processes; under a minute.

@@ -1,8 +1,22 @@
-"""The suite's tiers: modules of pure logic whose tests are all in the fast tier (``make
-test-fast``, marker ``fast``) are listed here, so that the tier is chosen in one place; newer fast
-tests carry the marker themselves."""
+"""The suite's tiers and its parallel run.
+
+Modules of pure logic whose tests are all in the fast tier (``make test-fast``, marker ``fast``)
+are listed here, so that the tier is chosen in one place; newer fast tests carry the marker
+themselves.
+
+``make test`` runs the suite on two pytest-xdist workers (``-n 2 --dist loadgroup``): each
+worker is a whole pytest session of its own, with its own Ray head, MLflow server and
+PostgreSQL (the session fixtures), free ports, temporary directories and ``L0SWEEP_HOME``. The
+tests of one module run in one worker, in order (module fixtures and ``tally`` tests count on
+it), except the modules in ``_SPLIT_MODULES``, whose tests are independent and long enough to be
+worth spreading over both workers.
+"""
 
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -17,9 +31,40 @@ _FAST_MODULES = frozenset(
     }
 )
 
+# Modules whose tests share nothing but the session's fixtures and take minutes each: under
+# ``--dist loadgroup`` each of their tests is a group of its own.
+_SPLIT_MODULES = frozenset(
+    {
+        "tests/service/test_faults.py",
+    }
+)
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every session (each xdist worker is one) gets an ``L0SWEEP_HOME`` of its own, so that
+    nothing a test leaves under the default home (``~/.l0sweep``) meets another session's."""
+    before = os.environ.get("L0SWEEP_HOME")
+    home = tempfile.mkdtemp(prefix="l0t-home-")
+    os.environ["L0SWEEP_HOME"] = home
+
+    def restore() -> None:
+        if before is None:
+            os.environ.pop("L0SWEEP_HOME", None)
+        else:
+            os.environ["L0SWEEP_HOME"] = before
+        shutil.rmtree(home, ignore_errors=True)
+
+    config.add_cleanup(restore)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     root = config.rootpath
+    loadgroup = getattr(config.option, "dist", "no") == "loadgroup"
     for item in items:
-        if item.path.relative_to(root).as_posix() in _FAST_MODULES:
+        module = item.path.relative_to(root).as_posix()
+        if module in _FAST_MODULES:
             item.add_marker(pytest.mark.fast)
+        if loadgroup and not item.get_closest_marker("xdist_group"):
+            group = item.nodeid if module in _SPLIT_MODULES else module
+            item.add_marker(pytest.mark.xdist_group(group))
