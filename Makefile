@@ -20,9 +20,10 @@ lint: setup
 	.venv/bin/lint-imports
 
 # Two pytest-xdist workers, each a session with its own Ray, MLflow and PostgreSQL; a module's
-# tests stay together in one worker unless tests/conftest.py splits it (--dist loadgroup).
+# tests stay together in one worker unless tests/conftest.py splits it (--dist loadgroup), and
+# the groups go out slow ones first, in the order tests/conftest.py gives them.
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
 
 # The fast tier: pure logic and the control plane's decisions against in-memory fakes (marker
 # `fast`), no Ray or MLflow processes; under a minute.

@@ -31,11 +31,17 @@ _FAST_MODULES = frozenset(
     }
 )
 
-# Modules whose tests share nothing but the session's fixtures and take minutes each: under
-# ``--dist loadgroup`` each of their tests is a group of its own.
+# Modules whose slow tests share nothing but the session's fixtures (no module fixture, no
+# tally): under ``--dist loadgroup`` each of their tests is a group of its own.
 _SPLIT_MODULES = frozenset(
     {
         "tests/service/test_faults.py",
+        "tests/service/test_lifecycle.py",
+        "tests/service/test_local_runs.py",
+        "tests/service/test_stack.py",
+        "tests/sweeps/test_finetune_integration.py",
+        "tests/sweeps/test_sweep_integration.py",
+        "tests/sweeps/test_zoo_trials.py",
     }
 )
 
@@ -57,14 +63,32 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(restore)
 
 
+def _loadgroup(config: pytest.Config) -> bool:
+    return getattr(config.option, "dist", "no") == "loadgroup"
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     root = config.rootpath
-    loadgroup = getattr(config.option, "dist", "no") == "loadgroup"
     for item in items:
         module = item.path.relative_to(root).as_posix()
         if module in _FAST_MODULES:
             item.add_marker(pytest.mark.fast)
-        if loadgroup and not item.get_closest_marker("xdist_group"):
+        if _loadgroup(config) and not item.get_closest_marker("xdist_group"):
             group = item.nodeid if module in _SPLIT_MODULES else module
             item.add_marker(pytest.mark.xdist_group(group))
+    if _loadgroup(config):
+        _slow_groups_first(items)
+
+
+def _slow_groups_first(items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup --no-loadscope-reorder`` the workers take the groups in the
+    order of the collection: put the groups that hold a slow test (marker ``slow``) first, each
+    set still in its random order (pytest-randomly shuffles before this hook) and every group's
+    tests in theirs, so that no minutes-long test starts last while the other worker idles."""
+
+    def group(item: pytest.Item) -> str:
+        return item.get_closest_marker("xdist_group").args[0]
+
+    slow = {group(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: group(item) not in slow)
