@@ -9,7 +9,8 @@ worker is a whole pytest session of its own, with its own Ray head, MLflow serve
 PostgreSQL (the session fixtures), free ports, temporary directories and ``L0SWEEP_HOME``. The
 tests of one module run in one worker, in order (module fixtures and ``tally`` tests count on
 it), except the modules in ``_SPLIT_MODULES``, whose tests are independent and long enough to be
-worth spreading over both workers.
+worth spreading over both workers, and those in ``_SHARED_GROUPS``, which must not run beside
+each other.
 """
 
 from __future__ import annotations
@@ -38,12 +39,20 @@ _SPLIT_MODULES = frozenset(
         "tests/service/test_faults.py",
         "tests/service/test_lifecycle.py",
         "tests/service/test_local_runs.py",
-        "tests/service/test_stack.py",
         "tests/sweeps/test_finetune_integration.py",
         "tests/sweeps/test_sweep_integration.py",
         "tests/sweeps/test_zoo_trials.py",
     }
 )
+
+
+# Modules that must not run beside each other, one group each: `l0sweep serve` with nothing set
+# starts MLflow and Ray on their default ports (5000, 8265) when they look free, so two such stacks
+# started at once would both take them.
+_SHARED_GROUPS = {
+    "tests/service/test_stack.py": "serve-on-default-ports",
+    "tests/service/test_secrets.py": "serve-on-default-ports",
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -76,6 +85,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.fast)
         if _loadgroup(config) and not item.get_closest_marker("xdist_group"):
             group = item.nodeid if module in _SPLIT_MODULES else module
+            group = _SHARED_GROUPS.get(module, group)
             item.add_marker(pytest.mark.xdist_group(group))
     if _loadgroup(config):
         _slow_groups_first(items)
