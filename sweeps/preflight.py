@@ -19,6 +19,7 @@ from torch import nn
 from l0core import L0Regularizer
 from l0core.channel_norm import ChannelNormPruner
 
+from .config import DataDirs
 from .data import load_dataset
 from .domains import _possible
 from .methods import channel_norm_granularity
@@ -48,8 +49,9 @@ def _build(spec: SweepSpec, input_shape: tuple[int, ...], num_classes: int) -> n
     return MODELS.get(spec.model.name).factory(spec.model.params, input_shape, num_classes)
 
 
-def preflight(spec: SweepSpec) -> str | None:
-    """Why ``spec``'s trials cannot train and export, or None when they can.
+def preflight(spec: SweepSpec, dirs: DataDirs | None = None) -> str | None:
+    """Why ``spec``'s trials cannot train and export, or None when they can (the dataset read
+    from ``dirs``, default: the settings read now).
 
     Loads the dataset and builds the model for its input shape (a missing dataset, a model
     that rejects its inputs, a ViT patch that does not divide the image fail here) and, for each
@@ -58,7 +60,7 @@ def preflight(spec: SweepSpec) -> str | None:
     ds = spec.dataset
     try:  # every trial would fail the same way: the sweep fails once, with the reason
         data = load_dataset(ds.name, ds.params.model_dump(), ds.val_fraction, ds.test_fraction,
-                            ds.split_seed)  # fmt: skip
+                            ds.split_seed, dirs)  # fmt: skip
     except Exception as err:
         return f"dataset {ds.name!r} cannot be loaded: {type(err).__name__}: {err}"
     try:

@@ -148,11 +148,11 @@ def render_markdown(data: ReportData, plots: dict[str, str]) -> str:
     ]
     rows = []
     for s in data.sweeps:
-        done = sum(t["status"] == TrialStatus.FINISHED for t in s.trials)
+        done = sum(t.status == TrialStatus.FINISHED for t in s.trials)
         trial_s = sum(
-            (t["end_time"] - t["start_time"]) / 1000
+            (t.end_time - t.start_time) / 1000
             for t in s.trials
-            if t.get("start_time") is not None and t.get("end_time") is not None
+            if t.start_time is not None and t.end_time is not None
         )
         rows.append([s.name, f"`{s.sweep_id}`", s.status, f"{done}/{len(s.trials)}",
                      _duration(s.seconds), _duration(trial_s)])  # fmt: skip

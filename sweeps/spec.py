@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -22,13 +23,15 @@ from pydantic import (
     Field,
     PositiveInt,
     Tag,
+    TypeAdapter,
     ValidationInfo,
     create_model,
     model_validator,
 )
+from pydantic_core import core_schema
 
 from .augment import AugmentSpec
-from .config import get_settings
+from .config import DataDirs, get_settings
 from .domains import (
     DOMAIN_KINDS,
     Choice,
@@ -44,7 +47,7 @@ from .domains import (
     _Strict,
     lone_surrogate,
 )
-from .registry import DATASETS, MODELS
+from .registry import DATASETS, MODELS, Entry, Registry, takes_dirs
 from .variants import Expansion, ExpansionTooLarge, expand
 
 __all__ = [
@@ -267,19 +270,48 @@ class TrainSpec(_Strict):
         return self
 
 
-def _registry_union(registry: Any, kind: str) -> Any:
-    """A union of one spec class per registered entry, discriminated by ``name``."""
-    members = []
-    for entry in registry.entries():
-        cls = create_model(
-            f"{kind}_{entry.name}".replace("-", "_"),
-            __base__=_DatasetSpec if kind == "dataset" else _Strict,
-            name=(Literal[entry.name], ...),
-            params=(entry.params, Field(default_factory=entry.params)),
-            **({"__doc__": entry.description} if entry.description else {}),
-        )
-        members.append(Annotated[cls, Tag(entry.name)])
-    return Annotated[Union[tuple(members)], Discriminator("name")]  # noqa: UP007
+class _FromRegistry:
+    """A ``model`` or ``dataset`` field whose choices are the registry's entries when a spec is
+    validated (or its schema published), not when this module was imported: an entry registered
+    later (a plugin loaded at start-up, a test's model) is accepted, and importing the spec loads
+    no plugin. The choices are a union of one spec class per entry, discriminated by ``name``,
+    so errors keep their field paths (``model.mlp.params.hidden.0``)."""
+
+    def __init__(self, registry: Registry, kind: str) -> None:
+        self.registry = registry
+        self.kind = kind
+
+    def adapter(self) -> TypeAdapter[Any]:
+        """The union of the entries registered now (built again only when they change)."""
+        return _union_adapter(self.kind, tuple(self.registry.entries()))
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        def validate(value: Any, info: ValidationInfo) -> Any:
+            return self.adapter().validate_python(value, context=info.context)
+
+        return core_schema.with_info_plain_validator_function(validate)
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> Any:
+        return handler(self.adapter().core_schema)
+
+
+@cache
+def _entry_spec(kind: str, entry: Entry) -> type[_Strict]:
+    """The spec class of one entry; one per entry, so a validated spec's ``model`` stays an
+    instance of its class when another entry is registered."""
+    return create_model(
+        f"{kind}_{entry.name}".replace("-", "_"),
+        __base__=_DatasetSpec if kind == "dataset" else _Strict,
+        name=(Literal[entry.name], ...),
+        params=(entry.params, Field(default_factory=entry.params)),
+        **({"__doc__": entry.description} if entry.description else {}),
+    )
+
+
+@lru_cache(maxsize=16)
+def _union_adapter(kind: str, entries: tuple[Entry, ...]) -> TypeAdapter[Any]:
+    members = [Annotated[_entry_spec(kind, e), Tag(e.name)] for e in entries]
+    return TypeAdapter(Annotated[Union[tuple(members)], Discriminator("name")])  # noqa: UP007
 
 
 class _DatasetSpec(_Strict):
@@ -300,13 +332,14 @@ class _DatasetSpec(_Strict):
         # any trial trains; validation context {"check_data": False} skips it (a spec read back
         # to be shown, or written for another machine's data directory).
         check = getattr(self.params, "check_data", None)  # params: a field of each subclass
-        if check is not None and (info.context or {}).get("check_data", True):
-            check()
+        context = info.context or {}
+        if check is not None and context.get("check_data", True):
+            check(**takes_dirs(check, context.get("data_dirs")))
         return self
 
 
-ModelSpec = _registry_union(MODELS, "model")
-DatasetSpec = _registry_union(DATASETS, "dataset")
+ModelSpec = Annotated[Any, _FromRegistry(MODELS, "model")]
+DatasetSpec = Annotated[Any, _FromRegistry(DATASETS, "dataset")]
 
 
 class Objective(_Strict):
@@ -387,16 +420,19 @@ class SweepSpec(_Strict):
         return data
 
     @classmethod
-    def from_file(cls, path: str | Path, *, check_data: bool = True) -> SweepSpec:
+    def from_file(
+        cls, path: str | Path, *, check_data: bool = True, data_dirs: DataDirs | None = None
+    ) -> SweepSpec:
         """Load a spec from a YAML (.yaml/.yml) or JSON file.
 
         Args:
             check_data: check the files the dataset names in this machine's data directory;
                 False for a spec that runs elsewhere (submitted to a cluster's service).
+            data_dirs: where to check them; default: the settings read now.
         """
         text = Path(path).read_text()
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        return cls.model_validate(data, context={"check_data": check_data})
+        return cls.model_validate(data, context={"check_data": check_data, "data_dirs": data_dirs})
 
     def searched_fields(self) -> dict[str, Any]:
         """``{"section.field": domain}`` for every searched field."""

@@ -26,6 +26,7 @@ from torch import nn
 from l0core import FixedMask
 
 from .augment import augmenter
+from .config import DataDirs
 from .data import DataSplits, load_dataset
 from .methods import build_method, is_structured
 from .registry import MODELS
@@ -126,6 +127,7 @@ def train(
     on_epoch: Callable[[dict[str, float], Callable[[], dict[str, Any]]], None] | None = None,
     state: dict[str, Any] | None = None,
     init_weights: dict[str, torch.Tensor] | None = None,
+    dirs: DataDirs | None = None,
 ) -> TrainResult:
     """Train one trial.
 
@@ -138,6 +140,7 @@ def train(
             reports (a scheduler may stop the trial at its last report).
         state: a checkpoint state from an earlier run of this trial, to resume from.
         init_weights: a dense state dict to start from (gates then start from droprate_init).
+        dirs: where the dataset's files are; default: the settings read now.
 
     The last ``train.finetune_epochs`` epochs train the method's pruned model with its zeros
     fixed (:class:`l0core.FixedMask`, a fresh optimizer at ``finetune_lr``): gates frozen at
@@ -150,7 +153,7 @@ def train(
     seed_everything(cfg["seed"])
     ds = cfg["dataset"]
     data = load_dataset(
-        ds["name"], ds["params"], ds["val_fraction"], ds["test_fraction"], ds["split_seed"]
+        ds["name"], ds["params"], ds["val_fraction"], ds["test_fraction"], ds["split_seed"], dirs
     )
     model = build_model(cfg, data)
     if init_weights is not None:

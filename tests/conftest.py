@@ -18,6 +18,14 @@ _FAST_MODULES = frozenset(
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The test process starts up as the service, the CLI and the driver do: MLflow's client
+    settings in its environment (inherited by the local Ray workers it starts)."""
+    from sweeps.config import configure_mlflow_client
+
+    configure_mlflow_client(0.0)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     root = config.rootpath
     for item in items:

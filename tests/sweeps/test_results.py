@@ -1,11 +1,13 @@
-"""The comparison report's grouping, seed averaging, fronts and Markdown, on plain trial dicts
-shaped like :func:`sweeps.tracking.sweep_trials` (the MLflow path is tested through the service)."""
+"""The comparison report's grouping, seed averaging, fronts and Markdown, on trial records as
+:func:`sweeps.tracking.sweep_trials` reads them (the MLflow path is tested through the service)."""
 
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 
+from sweeps.records import TrialRecord
 from sweeps.results import (
     ReportData,
     SweepInfo,
@@ -32,12 +34,12 @@ def _config(kind: str, seed: int = 0, **reg) -> dict[str, str]:
 
 def _trial(config, val, test, sparsity, status="FINISHED", seconds=2.0, **metrics):
     n = next(_ids)
-    return {
-        "trial_id": f"t{n}", "run_id": f"{n:032x}", "status": status, "config": config,
-        "metrics": {"val_accuracy": val, "test_accuracy": test, "sparsity": sparsity,
-                    "nonzero_params": 1000 * (1 - sparsity), "expected_flops": 2e6, **metrics},
-        "architecture": "64-32-10", "start_time": 0, "end_time": int(seconds * 1000),
-    }  # fmt: skip
+    return TrialRecord(
+        trial_id=f"t{n}", run_id=f"{n:032x}", status=status, config=config,
+        metrics={"val_accuracy": val, "test_accuracy": test, "sparsity": sparsity,
+                 "nonzero_params": 1000 * (1 - sparsity), "expected_flops": 2e6, **metrics},
+        architecture="64-32-10", start_time=0, end_time=int(seconds * 1000),
+    )  # fmt: skip
 
 
 def test_method_labels_come_from_the_logged_params():
@@ -97,7 +99,7 @@ def test_markdown_tables_show_the_numbers_and_run_ids():
         _trial(_config("l0", 0, granularity="output", target_sparsity=0.5), 0.947, 0.9350, 0.5,
                shrunk_params=900.0),
     ]  # fmt: skip
-    trials[1]["architecture"] = "64-7-10"
+    trials[1] = replace(trials[1], architecture="64-7-10")
     sweep = SweepInfo("a" * 32, "bench", "FINISHED", "1", 1000, 66000, trials)
     text = render_markdown(ReportData("http://mlflow:5000", [sweep]), {"": "fronts.png"})
     assert "| bench | `" + "a" * 32 + "` | FINISHED | 3/3 | 1 min 05 s | 6 s |" in text
@@ -109,7 +111,7 @@ def test_markdown_tables_show_the_numbers_and_run_ids():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:10] == ["80.00%", "93.21% ± 0.00", "94.50%", "200", "420", "2.000", "-", "-",
                           "64-7-10", "target_sparsity=0.8"]  # fmt: skip
-    run_id = trials[1]["run_id"]
+    run_id = trials[1].run_id
     assert cells[11] == f"[{run_id}](http://mlflow:5000/#/experiments/1/runs/{run_id})"
     assert "No trial was timed against the dense model" in text
 
@@ -126,8 +128,8 @@ def test_the_report_shows_accuracy_against_measured_speedup_and_says_unstructure
         _trial(_config("magnitude", 0, target_sparsity=0.9), 0.94, 0.93, 0.9,
                speedup_vs_dense=1.02, latency_speedup_b1=0.99),
     ]  # fmt: skip
-    trials[0]["export_format"], trials[3]["export_format"] = "unpruned", "dense tensors"
-    trials[1]["export_format"] = trials[2]["export_format"] = "shrunk"
+    formats = ("unpruned", "shrunk", "shrunk", "dense tensors")
+    trials = [replace(t, export_format=f) for t, f in zip(trials, formats, strict=True)]
     sweep = SweepInfo("b" * 32, "speed", "FINISHED", "1", 0, 1000, trials)
     text = render_markdown(ReportData(None, [sweep]), {"speed": "speed.png"})
     assert "## Measured speed" in text and "![test accuracy vs measured speedup](speed.png)" in text
