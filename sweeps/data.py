@@ -7,7 +7,9 @@ A loader returns raw numpy arrays (and a test split where the dataset has an off
 standardises with training statistics only (per channel for images), and caches the result per
 process. Images stay uint8 until then: standardising makes the 0-255 scale irrelevant.
 
-A dataset's params may define ``check_data()``, which the spec calls as it validates (a missing
+A loader that reads files takes ``dirs`` (:class:`sweeps.config.DataDirs`, the data directories
+of the process, passed in by :func:`load_dataset`; default: the settings read now). A dataset's
+params may define ``check_data()``, which the spec calls as it validates (a missing
 file, an empty folder, a path leaving the data directory: a spec error, a 422 from the service,
 before any trial trains). The image datasets live in :mod:`sweeps.images` and :mod:`sweeps.cifar`.
 """
@@ -125,8 +127,9 @@ def _load_idx_dir(directory: Path, params: IdxParams) -> RawData:
 
 
 @register_dataset("fashion-mnist", params=IdxParams)
-def fashion_mnist(params: IdxParams, dirs: DataDirs) -> RawData:
+def fashion_mnist(params: IdxParams, dirs: DataDirs | None = None) -> RawData:
     """Fashion-MNIST (28x28 grey clothing images, 10 classes) from IDX files."""
+    dirs = dirs or get_settings().data_dirs()
     directory = (
         resolve_data_path(params.path, dirs.data_dir) if params.path else dirs.fashion_mnist_dir
     )
@@ -134,8 +137,9 @@ def fashion_mnist(params: IdxParams, dirs: DataDirs) -> RawData:
 
 
 @register_dataset("mnist", params=IdxParams)
-def mnist(params: IdxParams, dirs: DataDirs) -> RawData:
+def mnist(params: IdxParams, dirs: DataDirs | None = None) -> RawData:
     """MNIST (28x28 grey digits, 10 classes) from IDX files."""
+    dirs = dirs or get_settings().data_dirs()
     directory = resolve_data_path(params.path, dirs.data_dir) if params.path else dirs.mnist_dir
     return _load_idx_dir(directory, params)
 
@@ -150,20 +154,20 @@ def digits(params: BaseModel) -> RawData:
 
 
 @register_dataset("image-folder", params=ImageFolderParams)
-def image_folder(params: ImageFolderParams, dirs: DataDirs) -> RawData:
+def image_folder(params: ImageFolderParams, dirs: DataDirs | None = None) -> RawData:
     """Images on disk, one sub-folder per class (PNG/JPEG), decoded once and cached as tensors."""
     x, y, x_test, y_test, info = image_split(params, dirs)
     return RawData(x, y, x_test, y_test, info, num_classes=len(info["classes"]))
 
 
 @register_dataset("cifar10", params=Cifar10Params)
-def cifar10(params: Cifar10Params, dirs: DataDirs) -> RawData:
+def cifar10(params: Cifar10Params, dirs: DataDirs | None = None) -> RawData:
     """CIFAR-10 (32x32 colour images, 10 classes) from the python batch folder on disk."""
     return RawData(*cifar_split(params, dirs), num_classes=10)
 
 
 @register_dataset("cifar100", params=Cifar100Params)
-def cifar100(params: Cifar100Params, dirs: DataDirs) -> RawData:
+def cifar100(params: Cifar100Params, dirs: DataDirs | None = None) -> RawData:
     """CIFAR-100 (32x32 colour images, 100 fine or 20 coarse classes) from the python folder."""
     return RawData(*cifar_split(params, dirs), num_classes=100 if params.labels == "fine" else 20)
 
@@ -215,9 +219,9 @@ class NpzParams(_Params):
 
 
 @register_dataset("npz", params=NpzParams)
-def npz(params: NpzParams, dirs: DataDirs) -> RawData:
+def npz(params: NpzParams, dirs: DataDirs | None = None) -> RawData:
     """A user's .npz file with input and integer label arrays (no pickled objects)."""
-    path = resolve_data_path(params.path, dirs.data_dir)
+    path = resolve_data_path(params.path, dirs.data_dir if dirs else None)
     with np.load(path, allow_pickle=False) as f:
         missing = [k for k in (params.x_key, params.y_key) if k not in f.files]
         if missing:
