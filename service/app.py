@@ -18,6 +18,7 @@ from service.jobs import JobRunner
 from service.record import SweepStore
 from service.routes import catalog, health, sweeps
 from service.settings import Settings
+from sweeps.config import use_settings
 from sweeps.registry import load_builtins
 
 __all__ = ["create_app"]
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rendered = sweeps.RenderedCache()
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SettingsInForce, settings=settings)
     app.include_router(health.router)
     app.include_router(sweeps.router)
     app.include_router(catalog.router)
@@ -143,6 +145,20 @@ async def _warm(cache: SweepCache, settings: Settings) -> None:
         except Exception:
             logger.exception("reading the sweeps' history failed")
             await asyncio.sleep(settings.refresh_interval_s)
+
+
+class SettingsInForce:
+    """The app's settings in force (`sweeps.config.use_settings`) for every request and for the
+    lifespan's background tasks: a spec in a request body is validated against this service's
+    limits and data directory, never against whatever the process's environment says."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with use_settings(self.settings):
+            await self.app(scope, receive, send)
 
 
 class BodyLimit:

@@ -25,6 +25,9 @@ the service, the CLI and the driver; child processes get them explicitly (:func:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,7 @@ __all__ = [
     "job_env",
     "mlflow_client_env",
     "resolve_data_path",
+    "use_settings",
 ]
 
 
@@ -133,9 +137,25 @@ class DataDirs:
     mnist_dir: Path
 
 
+_in_force: ContextVar[SweepSettings | None] = ContextVar("l0sweep_settings", default=None)
+
+
 def get_settings() -> SweepSettings:
-    """The current settings (environment read now, not cached)."""
-    return SweepSettings()
+    """The settings in force: those installed by :func:`use_settings` around the current work
+    (the service's, around its requests and background tasks), else the environment read now."""
+    return _in_force.get() or SweepSettings()
+
+
+@contextmanager
+def use_settings(settings: SweepSettings) -> Iterator[SweepSettings]:
+    """Put ``settings`` in force for the work done inside (and the tasks and threads it starts):
+    what a library default reads (:func:`get_settings`: the limits and data directory a spec is
+    validated against) is then the caller's settings, never an environment read behind its back."""
+    token = _in_force.set(settings)
+    try:
+        yield settings
+    finally:
+        _in_force.reset(token)
 
 
 def mlflow_client_env(retry_window_s: float) -> dict[str, str]:

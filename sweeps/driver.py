@@ -28,7 +28,14 @@ import ray
 from ray import tune
 
 from . import raycompat, tracking
-from .config import DataDirs, SweepSettings, configure_mlflow_client, get_settings, job_env
+from .config import (
+    DataDirs,
+    SweepSettings,
+    configure_mlflow_client,
+    get_settings,
+    job_env,
+    use_settings,
+)
 from .note import write_sweep_note
 from .preflight import preflight
 from .progress import SweepCallback, SweepProgress
@@ -181,7 +188,7 @@ def run_sweep(
     tracking_uri = tracking.absolute_uri(tracking_uri or settings.tracking_uri)
     storage = Path(storage_path or settings.storage_path).resolve()
     sweep_id = sweep_id or tracking.create_sweep_run(spec, tracking_uri)
-    with _Heartbeat(sweep_id, tracking_uri, settings.heartbeat_interval_s):
+    with use_settings(settings), _Heartbeat(sweep_id, tracking_uri, settings.heartbeat_interval_s):
         return _run(spec, sweep_id, tracking_uri, storage, progress, settings)
 
 

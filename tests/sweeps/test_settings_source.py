@@ -99,3 +99,20 @@ def test_importing_the_engine_sets_nothing_and_loads_no_plugin(tmp_path):
         timeout=120,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.fast
+def test_the_service_validates_a_spec_against_its_own_settings(monkeypatch):
+    """`l0sweep serve --home X` (a field, not the environment) and any other setting given to the
+    app govern the specs it accepts: the limits here."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.sweeps.conftest import tiny_spec
+
+    monkeypatch.delenv("L0SWEEP_MAX_EPOCHS", raising=False)
+    dead = "http://127.0.0.1:9"
+    app = create_app(Settings(ray_address=dead, tracking_uri=dead, max_epochs=3))
+    answer = TestClient(app).post("/sweeps", json=tiny_spec(train={"epochs": 5}))
+    assert answer.status_code == 422 and "exceeds the limit 3" in answer.text, answer.text
