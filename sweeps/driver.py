@@ -207,6 +207,8 @@ def _run(
         return SweepResult(sweep_id, "FAILED", str(storage / sweep_id), False)
     if not ray.is_initialized():  # a local Ray: its workers (the trials) get the sweep's env
         ray.init(runtime_env={"env_vars": job_env(settings.mlflow_retry_window_s)})
+    # (A driver that runs as a Ray job joined its cluster in `main`: the job's runtime
+    # environment, `service.jobs`, carries the same to its trials, and Ray refuses a second.)
     callback = SweepCallback(sweep_id, tracking_uri, spec, progress)
     tuner, restored = _tuner(spec, sweep_id, tracking_uri, storage, callback)
     message = "restored" if restored else None
@@ -297,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             args.sweep_id, SweepStatus.FAILED, f"cannot read the spec: {err}", args.tracking_uri
         )
         raise
+    ray.init()  # the cluster of this job, with the job's runtime environment
     result = run_sweep(
         spec, args.tracking_uri, args.storage_path, args.sweep_id,
         progress=lambda p: log.info("%s", p.line()), settings=settings,
