@@ -17,6 +17,7 @@ from typing import Any
 
 from . import tracking
 from .pareto import pareto_front
+from .spec import granularity_label
 from .vocabulary import KIND_SWEEP, SweepStatus, Tag, TrialStatus, sweeps_filter
 
 __all__ = [
@@ -106,7 +107,7 @@ def method_label(config: dict[str, str]) -> str:
     if kind == "none":
         return "dense"
     if kind == "l0":
-        label = f"L0 {_value(config, 'regularizer.granularity')}"
+        label = f"L0 {granularity_label(_value(config, 'regularizer.granularity'))}"
         if _value(config, "regularizer.target_sparsity") is not None:
             label += " + target"
     elif kind == "l1":
