@@ -101,6 +101,7 @@ SPEED_METRICS = {
 FINAL_METRICS = {
     "test_accuracy": "accuracy of the exported (pruned) model on the test split",
     "shrunk_params": "parameters of the shrunk model (structured gates)",
+    "shrunk_flops": "multiply-adds per example of the exported model (zero weights skipped)",
 }
 
 

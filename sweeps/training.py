@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from l0core import FixedMask
+from l0core.flops import model_macs
 
 from .augment import augmenter
 from .data import DataSplits, load_dataset
@@ -224,6 +225,7 @@ def train(
     final_model = shrunk if shrunk is not None else pruned
     metrics["test_accuracy"] = _evaluate(final_model, *data.test, device)[1]
     metrics["shrunk_params"] = sum(p.numel() for p in final_model.parameters())
+    metrics["shrunk_flops"] = model_macs(final_model, data.test[0][:1].to(device))
     return TrainResult(
         metrics,
         pruned.cpu(),
