@@ -286,6 +286,13 @@ class TrainSpec(_Strict):
         default=None, description="Learning rate of the fine-tuning epochs; None: lr."
     )
 
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="The model's forward and loss under autocast: fp32 (none), bf16 (CPUs and "
+        "GPUs) or fp16 (GPUs, with a gradient scaler); the gates' math, the penalty and the "
+        "optimizer stay in fp32, and evaluation runs in fp32.",
+    )
+
     @model_validator(mode="after")
     def _finetune_within_epochs(self) -> TrainSpec:
         if self.finetune_epochs >= self.epochs:
@@ -488,6 +495,11 @@ class SweepSpec(_Strict):
                 problems.append(
                     f"scheduler.grace_period {self.scheduler.grace_period} exceeds train.epochs {self.train.epochs}"
                 )
+        if self.train.precision == "fp16" and not self.resources.gpus_per_trial:
+            problems.append(
+                "train.precision 'fp16' needs a GPU (its gradient scaler is CUDA's): set "
+                "resources.gpus_per_trial, or use 'bf16', which CPUs run"
+            )
         no_heads = _head_without_attention(self)
         if no_heads:
             problems.append(no_heads)
