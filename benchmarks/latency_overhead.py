@@ -42,11 +42,11 @@ def measure(spec: SweepSpec, root: Path) -> str:
     c = tracking.client(uri)
     parent = c.get_run(result.sweep_id)
     wall = (parent.info.end_time - parent.info.start_time) / 1000
-    records = [t["metrics"].get(RECORD_SECONDS, 0.0) for t in result.trials]
+    records = [t.metrics.get(RECORD_SECONDS, 0.0) for t in result.trials]
     concurrency = min(2, len(records)) or 1
     driver = parent.data.metrics.get("speed_pass_seconds", 0.0)
     added = sum(records) / concurrency + driver
-    timed = sum("speedup_vs_dense" in t["metrics"] for t in result.trials)
+    timed = sum("speedup_vs_dense" in t.metrics for t in result.trials)
     return (
         f"| {spec.name} | {len(result.trials)} | {wall:.1f} s | {sum(records):.1f} s "
         f"({sum(records) / max(len(records), 1):.2f} s/trial) | {driver:.1f} s ({timed} models) "

@@ -26,7 +26,7 @@ import random
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import replace
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from service.record import spec_digest
 from service.summary import summarize
 from sweeps import tracking
+from sweeps.records import TrialRecord
 from sweeps.spec import EPOCH_METRICS, SweepSpec
 from sweeps.tracking import flatten
 from sweeps.vocabulary import MANAGED_BY_SERVICE, TRUE, RunStatus, SweepStatus, Tag, TrialStatus
@@ -67,10 +68,10 @@ def write_sweep(
     start_ms = int(time.time() * 1000)
     made = [_write_trial(w, experiment_id, sweep_id, spec, n, epochs, rng, start_ms)
             for n in range(trials)]  # fmt: skip
-    front = sorted(made, key=lambda t: -t["metrics"]["val_accuracy"])[:5]
+    front = sorted(made, key=lambda t: -t.metrics["val_accuracy"])[:5]
     for t in front:
-        w.set_tag(t["run_id"], Tag.PARETO, TRUE)
-        t["pareto"] = True
+        w.set_tag(t.run_id, Tag.PARETO, TRUE)
+    made = [replace(t, pareto=True) if t in front else t for t in made]
     end_ms = int(time.time() * 1000)
     counts = {TrialStatus.FINISHED.value: trials}
     metrics = {"hypervolume": rng.uniform(0.5, 0.9), "pareto_size": len(front),
@@ -93,7 +94,7 @@ def write_sweep(
 def _write_trial(
     c: MlflowClient, experiment_id: str, sweep_id: str, spec: SweepSpec, n: int, epochs: int,
     rng: random.Random, sweep_start_ms: int,
-) -> dict[str, Any]:  # fmt: skip
+) -> TrialRecord:  # fmt: skip
     trial_id = f"{sweep_id[:5]}_{n:05d}"
     start = sweep_start_ms + n
     tags = tracking.trial_run_tags(sweep_id, trial_id)
@@ -116,8 +117,7 @@ def _write_trial(
                 RunTag(Tag.ARCHITECTURE, "784-212-71-10")]  # fmt: skip
     c.log_batch(run.info.run_id, metrics=history, params=params, tags=end_tags)
     c.set_terminated(run.info.run_id, RunStatus.FINISHED.value)
-    return {"trial_id": trial_id, "run_id": run.info.run_id, "status": TrialStatus.FINISHED.value,
-            "metrics": final}  # fmt: skip
+    return TrialRecord(run.info.run_id, trial_id, status=TrialStatus.FINISHED.value, metrics=final)
 
 
 def main() -> int:

@@ -10,9 +10,10 @@ import contextlib
 import math
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
-__all__ = ["COUNTED", "layer_macs", "record_shapes"]
+__all__ = ["COUNTED", "layer_macs", "model_macs", "record_shapes"]
 
 COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -52,3 +53,28 @@ def record_shapes(model: nn.Module, store: dict[str, tuple[int, ...]]) -> Iterat
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def model_macs(model: nn.Module, example: torch.Tensor) -> float:
+    """Multiply-adds per example of ``model`` as it is: its Linear and ConvNd layers, with the
+    weights that are exactly zero skipped (so a shrunk model is counted at its real widths, and
+    a model with zeros in full-size tensors as if they were skipped).
+
+    Args:
+        model: any module; it is run once in eval mode (its mode is restored).
+        example: one batch of inputs (a batch of one is enough).
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with record_shapes(model, shapes):
+            model(example)
+    finally:
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    return sum(
+        layer_macs(modules[n], shape, float((modules[n].weight != 0).sum()))
+        for n, shape in shapes.items()
+    )

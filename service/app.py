@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 
@@ -19,24 +18,23 @@ from service.jobs import JobRunner
 from service.record import SweepStore
 from service.routes import catalog, health, sweeps
 from service.settings import Settings
+from sweeps.config import use_settings
+from sweeps.registry import load_builtins
 
 __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
-# The service answers 503 within seconds when MLflow is down or hangs, instead of retrying for
-# minutes (MLflow's client default; one retry of a 15 s timeout held a cancel 30 s against a hung
-# server); drivers and trials ride out outages with their own retry window (sweeps.retry).
-_MLFLOW_CLIENT_ENV = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
-
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service for ``settings`` (default: read from the environment).
 
+    Builds, never configures the process: MLflow's client settings are the start-up's
+    (`sweeps.config.configure_mlflow_client`, called by ``l0sweep serve``), so that the service
+    answers 503 within seconds when MLflow is down or hangs instead of retrying for minutes.
+
     Raises:
+        PluginLoadError: an installed plugin failed to import.
         ValueError: no Ray address or MLflow tracking URI is configured, or the bind address is
             not loopback and no token is set.
     """
@@ -47,8 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "`l0sweep serve` starts an embedded Ray and MLflow when they are unset"
         )
     settings.check_bind()
-    for key, value in _MLFLOW_CLIENT_ENV.items():
-        os.environ.setdefault(key, value)
+    load_builtins()  # every plugin now: one that fails to import stops start-up, naming it
 
     store = SweepStore(settings.tracking_uri, timeout_s=settings.backend_timeout_s)
     jobs = JobRunner(
@@ -58,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         storage_path=settings.resolved_storage_path(),
         stop_grace_s=settings.stop_grace_s,
         dashboard=settings.ray_dashboard_url,
+        mlflow_retry_window_s=settings.mlflow_retry_window_s,
         timeout_s=settings.backend_timeout_s,
     )
     control = SweepControl(
@@ -95,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rendered = sweeps.RenderedCache()
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SettingsInForce, settings=settings)
     app.include_router(health.router)
     app.include_router(sweeps.router)
     app.include_router(catalog.router)
@@ -146,6 +145,20 @@ async def _warm(cache: SweepCache, settings: Settings) -> None:
         except Exception:
             logger.exception("reading the sweeps' history failed")
             await asyncio.sleep(settings.refresh_interval_s)
+
+
+class SettingsInForce:
+    """The app's settings in force (`sweeps.config.use_settings`) for every request and for the
+    lifespan's background tasks: a spec in a request body is validated against this service's
+    limits and data directory, never against whatever the process's environment says."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with use_settings(self.settings):
+            await self.app(scope, receive, send)
 
 
 class BodyLimit:

@@ -26,10 +26,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from service.errors import BackendUnavailable, NotFound
-from service.record import ListedSweep, SweepRecord, SweepStore
+from service.record import ListedSweep, SweepStore
 from service.schemas import Progress
 from service.search import SweepSearch, like_fragment
 from service.summary import Summary, best_trial, end_ms, summarize, summarize_progress
+from sweeps.records import SweepRecord, TrialRecord
 from sweeps.vocabulary import ACTIVE_SWEEP
 
 __all__ = ["SweepCache", "SweepView"]
@@ -46,7 +47,7 @@ class SweepView:
     """
 
     record: SweepRecord
-    trials: list[dict[str, Any]] | None = None
+    trials: list[TrialRecord] | None = None
     summary: Summary | None = None
 
     @property
@@ -164,21 +165,21 @@ class SweepCache:
         except NotFound:
             return None
 
-    def _follow(self, found: ListedSweep, changed_trials: list[dict[str, Any]]) -> None:
+    def _follow(self, found: ListedSweep, changed_trials: list[TrialRecord]) -> None:
         """An active sweep: its trials read whole the first time, then the changed ones merged."""
         sweep_id = found.record.id
         old = self._active.get(sweep_id)
         if old is None or old.trials is None:
             trials = self._trials(sweep_id)
         else:
-            by_run = {t["run_id"]: t for t in old.trials}
-            by_run.update({t["run_id"]: t for t in changed_trials})
-            trials = sorted(by_run.values(), key=lambda t: t.get("trial_id") or "")
+            by_run = {t.run_id: t for t in old.trials}
+            by_run.update({t.run_id: t for t in changed_trials})
+            trials = sorted(by_run.values(), key=lambda t: t.trial_id or "")
             if found.record == old.record and trials == old.trials:
                 return
         self._store_view(SweepView(found.record, trials))
 
-    def _settle(self, found: ListedSweep, trials: list[dict[str, Any]] | None = None) -> SweepView:
+    def _settle(self, found: ListedSweep, trials: list[TrialRecord] | None = None) -> SweepView:
         """An ended sweep: its summary from its tag, else from its trials (read once, and the
         summary written back so that no later start reads them for the listing)."""
         record = found.record
@@ -207,7 +208,7 @@ class SweepCache:
             # Kept in memory anyway; a later start computes it again if this failed.
             self.search.write_summary(sweep_id, summary.to_tag())
 
-    def _trials(self, sweep_id: str) -> list[dict[str, Any]]:
+    def _trials(self, sweep_id: str) -> list[TrialRecord]:
         try:
             return self.store.trials(sweep_id)
         except NotFound:
@@ -288,7 +289,7 @@ class SweepCache:
             return self._settle(found, self._trials(sweep_id) if trials else None)
         return self._store_view(SweepView(found.record, self._trials(sweep_id)))
 
-    def put(self, record: SweepRecord, trials: list[dict[str, Any]] | None = None) -> SweepView:
+    def put(self, record: SweepRecord, trials: list[TrialRecord] | None = None) -> SweepView:
         """Write-through after a change made by this process, so readers see it at once."""
         with self._lock:
             self._touched[record.id] = time.monotonic()

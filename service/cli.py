@@ -142,6 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.settings import Settings
     from service.stack import EmbeddedStack
+    from sweeps.config import configure_mlflow_client
 
     overrides = {
         "host": args.host,
@@ -153,8 +154,8 @@ def _serve(args: argparse.Namespace) -> int:
     }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     settings.check_bind()
-    if args.home is not None:  # the drivers and trials the stack starts read it from here
-        os.environ["L0SWEEP_HOME"] = str(args.home.expanduser().resolve())
+    # The service answers 503 at once when MLflow cannot serve: a client with no retry window.
+    configure_mlflow_client(0.0)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -177,17 +178,21 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_spec(path: Path, check_data: bool = False) -> dict[str, Any]:
+def _load_spec(path: Path, check_data: bool = False, data_dirs: Any = None) -> dict[str, Any]:
     """The spec file validated locally first, so errors name their fields before any request.
 
     Args:
         check_data: look for the dataset's files in this machine's data directory (``run``);
             a submitted spec runs against the service's, which checks them itself.
+        data_dirs: that directory (`sweeps.config.DataDirs`); default: the settings read now.
     """
+    from sweeps.registry import load_builtins
     from sweeps.spec import SweepSpec
 
+    load_builtins()  # the plugins a spec may name; one that fails to import is named
     try:
-        return SweepSpec.from_file(path, check_data=check_data).model_dump(mode="json")
+        spec = SweepSpec.from_file(path, check_data=check_data, data_dirs=data_dirs)
+        return spec.model_dump(mode="json")
     except ValidationError as exc:
         lines = [
             f"  {'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()
@@ -279,27 +284,30 @@ def _logs(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from service.stack import embedded_mlflow, mlflow_home
     from sweeps import tracking
-    from sweeps.config import get_settings
+    from sweeps.config import SweepSettings, configure_mlflow_client
     from sweeps.driver import run_sweep
     from sweeps.pareto import pareto_front
     from sweeps.spec import SweepSpec
 
-    spec = SweepSpec.model_validate(_load_spec(args.spec, check_data=True))
+    settings = SweepSettings()
+    configure_mlflow_client(settings.mlflow_retry_window_s)
+    loaded = _load_spec(args.spec, check_data=True, data_dirs=settings.data_dirs())
+    spec = SweepSpec.model_validate(loaded, context={"data_dirs": settings.data_dirs()})
     print(f"sweep {spec.name}: {_trials_text(spec.num_trials(), spec.duplicate_trials())}")
     tty = sys.stdout.isatty()
 
     def show(progress) -> None:
         print(("\r" if tty else "") + progress.line(), end="" if tty else "\n", flush=True)
 
-    uri = args.tracking_uri or get_settings().tracking_uri
+    uri = args.tracking_uri or settings.tracking_uri
     with contextlib.ExitStack() as stack:
         store, ui = None, uri if uri and uri.startswith(("http://", "https://")) else None
         if uri is None:
-            store = mlflow_home(get_settings().home)
+            store = mlflow_home(settings.home)
             print(f"recording in the MLflow store {store}", flush=True)
             uri, shared = stack.enter_context(embedded_mlflow(store))
             ui = uri if shared else None
-        result = run_sweep(spec, tracking_uri=uri, storage_path=args.storage_path, progress=show)
+        result = run_sweep(spec, uri, args.storage_path, progress=show, settings=settings)
         experiment_id = tracking.client(uri).get_run(result.sweep_id).info.experiment_id
     if tty:
         print()
@@ -309,7 +317,7 @@ def _run(args: argparse.Namespace) -> int:
     elif store is not None:
         print(f"  MLflow: in {store}; `l0sweep serve` shows it in the MLflow UI")
     objectives = [o.model_dump() for o in spec.objectives]
-    front = [_trial_out(t) for t in pareto_front(result.trials, objectives)]
+    front = [TrialOut.of(t) for t in pareto_front(result.trials, objectives)]
     _print_pareto(
         ParetoFront(
             sweep_id=result.sweep_id,
@@ -323,12 +331,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from sweeps.config import get_settings
+    from sweeps.config import SweepSettings
     from sweeps.results_report import write_report
 
     if not (args.sweep_ids or args.name):
         raise ValueError("name the sweeps to report: SWEEP_ID ... and/or --name TEXT")
-    uri = args.tracking_uri or get_settings().tracking_uri
+    uri = args.tracking_uri or SweepSettings().tracking_uri
     if uri is None:  # the MLflow server the service records into
         with _client(args) as api:
             uri = api.health().mlflow.url
@@ -350,18 +358,11 @@ def _trials_text(total: int, duplicates: int) -> str:
     )
 
 
-def _trial_out(trial: dict[str, Any]) -> TrialOut:
-    return TrialOut(
-        id=str(trial.get("trial_id") or trial.get("run_id") or ""),
-        run_id=trial.get("run_id"),
-        status=str(trial.get("status") or ""),
-        metrics=trial.get("metrics") or {},
-    )
-
-
 def _schema(args: argparse.Namespace) -> int:
+    from sweeps.registry import load_builtins
     from sweeps.spec import json_schema
 
+    load_builtins()
     print(json.dumps(json_schema(), indent=2))
     return 0
 

@@ -22,7 +22,8 @@ from datetime import datetime, timezone
 from service.cache import SweepCache, SweepView
 from service.errors import BackendUnavailable, Conflict, TooManySweeps
 from service.jobs import JobRunner
-from service.record import SweepRecord, SweepStore, spec_digest
+from service.record import SweepStore, spec_digest
+from sweeps.records import SweepRecord
 from sweeps.spec import SweepSpec
 from sweeps.vocabulary import ACTIVE_SWEEP, TRUE, SweepStatus, Tag
 

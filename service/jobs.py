@@ -6,8 +6,9 @@ The submission id is derived from the sweep id and an attempt number: a retried 
 same attempt is refused by Ray instead of launching a second driver. Stopping a job sends the
 driver SIGTERM, which the driver turns into Tune's graceful stop; ``stop_grace_s`` is how long Ray
 waits before it kills the driver. The job's runtime environment carries the MLflow retry window
-(``L0SWEEP_MLFLOW_RETRY_WINDOW_S``, `sweeps.config.mlflow_client_env`) to the driver and to every
-trial on every node: the service's setting is the one that counts, whatever the nodes' own.
+(``L0SWEEP_MLFLOW_RETRY_WINDOW_S``, with MLflow's client settings: `sweeps.config.job_env`) to the
+driver and to every trial on every node: the service's setting is the one that counts, whatever
+the nodes' own.
 
 Ray's answers are told apart by type (`sweeps.raycompat`): a job the cluster does not know
 (`JobNotFound`) is an answer, Ray unable to serve (`raycompat.unreachable`) is
@@ -29,7 +30,7 @@ from ray.job_submission import JobStatus
 
 from service.errors import BackendUnavailable
 from sweeps import raycompat
-from sweeps.config import mlflow_client_env
+from sweeps.config import job_env
 from sweeps.raycompat import JobClient, JobNotFound, JobServerError
 from sweeps.vocabulary import Tag
 
@@ -59,8 +60,8 @@ class JobRunner:
         tracking_uri: the MLflow tracking URI passed to the driver.
         storage_path: the Tune storage path passed to the driver.
         stop_grace_s: seconds Ray waits after SIGTERM before it kills the driver.
-        mlflow_retry_window_s: how long the driver and trials ride out an MLflow outage; default:
-            ``L0SWEEP_MLFLOW_RETRY_WINDOW_S`` as this process sees it when a job is submitted.
+        mlflow_retry_window_s: how long the driver and trials ride out an MLflow outage (the
+            service passes its setting, ``L0SWEEP_MLFLOW_RETRY_WINDOW_S``).
         timeout_s: how long :meth:`ping` waits for the job server's answer.
 
     Raises:
@@ -76,7 +77,7 @@ class JobRunner:
         storage_path: str,
         stop_grace_s: int = 60,
         dashboard: str | None = None,
-        mlflow_retry_window_s: float | None = None,
+        mlflow_retry_window_s: float = 300.0,
         timeout_s: float = 5.0,
     ) -> None:
         self.address = address.rstrip("/")
@@ -113,7 +114,7 @@ class JobRunner:
         """The driver's (and so every trial's) runtime environment."""
         env = {
             "RAY_JOB_STOP_WAIT_TIME_S": str(self.stop_grace_s),
-            **mlflow_client_env(self.mlflow_retry_window_s),
+            **job_env(self.mlflow_retry_window_s),
         }
         return {"env_vars": env}
 

@@ -7,15 +7,11 @@ reads them back with `MlflowClient`, turning MLflow failures into `NotFound`, `C
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import tempfile
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import httpx
 import requests
@@ -26,15 +22,12 @@ from mlflow.tracking import MlflowClient
 from service.errors import BackendUnavailable, Conflict, NotFound, ServiceError, Unprocessable
 from sweeps import tracking
 from sweeps.note import write_sweep_note
+from sweeps.records import SweepRecord, TrialRecord
 from sweeps.spec import SweepSpec
 from sweeps.tracking import spec_digest
 from sweeps.vocabulary import (
-    ACTIVE_SWEEP,
     KIND_SWEEP,
     MANAGED_BY_SERVICE,
-    TERMINAL_SWEEP,
-    TRUE,
-    SweepStatus,
     Tag,
     TrialStatus,
     idempotency_filter,
@@ -67,65 +60,6 @@ _MLFLOW_ERRORS = (
 
 
 @dataclass(frozen=True)
-class SweepRecord:
-    """What the parent run says about a sweep (its tags are the truth)."""
-
-    id: str
-    name: str
-    experiment_id: str
-    status: str
-    message: str | None
-    created_at: datetime | None
-    ended_at: datetime | None
-    job_id: str | None
-    job_attempt: int
-    managed: bool
-    cancel_requested: bool
-    idempotency_key: str | None
-    spec_sha256: str | None
-    num_trials: int
-    objectives: list[dict[str, Any]]
-    duplicate_trials: int = 0
-    last_heartbeat: datetime | None = None
-
-    @classmethod
-    def from_run(cls, run: Run) -> SweepRecord:
-        tags = run.data.tags
-        objectives = _parse_json(tags.get(Tag.OBJECTIVES))
-        legacy = _parse_json(tags.get(Tag.LEGACY_SPEC))
-        if objectives is None and isinstance(legacy, dict):
-            objectives = legacy.get("objectives")
-        return cls(
-            id=run.info.run_id,
-            name=tags.get(Tag.NAME) or run.info.run_name or run.info.run_id,
-            experiment_id=run.info.experiment_id,
-            status=_status(tags.get(Tag.STATUS)),
-            message=tags.get(Tag.STATUS_MESSAGE) or None,
-            created_at=_ms_to_datetime(run.info.start_time),
-            ended_at=_ms_to_datetime(run.info.end_time),
-            job_id=tags.get(Tag.JOB_ID) or None,
-            job_attempt=_to_int(tags.get(Tag.JOB_ATTEMPT), 0),
-            managed=tags.get(Tag.MANAGED) == MANAGED_BY_SERVICE,
-            cancel_requested=tags.get(Tag.CANCEL_REQUESTED) == TRUE,
-            idempotency_key=tags.get(Tag.IDEMPOTENCY_KEY) or None,
-            spec_sha256=tags.get(Tag.SPEC_SHA256) or None,
-            num_trials=_to_int(tags.get(Tag.NUM_TRIALS), 0),
-            objectives=_objectives(objectives),
-            duplicate_trials=_to_int(tags.get(Tag.DUPLICATE_TRIALS), 0),
-            last_heartbeat=_seconds_to_datetime(tags.get(Tag.HEARTBEAT)),
-        )
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL_SWEEP
-
-    def silent_for(self, now: datetime) -> float:
-        """Seconds since the driver's last sign of life: its heartbeat, else the run's start."""
-        last = self.last_heartbeat or self.created_at
-        return (now - last).total_seconds() if last is not None else math.inf
-
-
-@dataclass(frozen=True)
 class ListedSweep:
     """A sweep as a search finds it: its record and the summary stored on it (``service.summary``)."""
 
@@ -134,7 +68,7 @@ class ListedSweep:
 
     @classmethod
     def from_run(cls, run: Run) -> ListedSweep:
-        return cls(SweepRecord.from_run(run), run.data.tags.get(Tag.SUMMARY))
+        return cls(tracking.sweep_from_run(run), run.data.tags.get(Tag.SUMMARY))
 
 
 class SweepStore:
@@ -230,10 +164,11 @@ class SweepStore:
             raise NotFound(f"no sweep with id {sweep_id!r}")
         return ListedSweep.from_run(run)
 
-    def trials(self, sweep_id: str) -> list[dict[str, Any]]:
-        """The sweep's trials (config, latest metrics, status), as `sweeps.tracking` reads them."""
+    def trials(self, sweep_id: str) -> list[TrialRecord]:
+        """The sweep's trials (config, latest metrics, status), as `sweeps.tracking` reads them,
+        their metrics JSON-safe."""
         with self._mlflow(f"read the trials of sweep {sweep_id}"):
-            return [json_safe_trial(t) for t in tracking.sweep_trials(sweep_id, self.tracking_uri)]
+            return [t.json_safe() for t in tracking.sweep_trials(sweep_id, self.tracking_uri)]
 
     def set_status(self, sweep_id: str, status: str, message: str | None = None) -> None:
         with self._mlflow(f"set the status of sweep {sweep_id}"):
@@ -293,7 +228,7 @@ class SweepStore:
                 run_view_type=ViewType.ACTIVE_ONLY,
                 max_results=1,
             )
-        return SweepRecord.from_run(runs[0]) if runs else None
+        return tracking.sweep_from_run(runs[0]) if runs else None
 
     def _experiments(self) -> list:
         experiments = []
@@ -336,55 +271,6 @@ class MlflowErrors:
             logger.warning("MLflow failed to %s: %s", self.what, _first_line(exc))
             raise BackendUnavailable("MLflow", f"could not {self.what}") from exc
         return False
-
-
-def _status(tag: str | None) -> str:
-    return tag if tag in ACTIVE_SWEEP or tag in TERMINAL_SWEEP else SweepStatus.PENDING.value
-
-
-def _objectives(objectives: Any) -> list[dict[str, Any]]:
-    out = []
-    for objective in objectives if isinstance(objectives, list) else []:
-        if isinstance(objective, dict) and "metric" in objective:
-            out.append({"metric": str(objective["metric"]), "mode": objective.get("mode", "max")})
-    return out
-
-
-def json_safe_trial(trial: dict[str, Any]) -> dict[str, Any]:
-    metrics = {k: (v if finite(v) else None) for k, v in (trial.get("metrics") or {}).items()}
-    return {**trial, "metrics": metrics}
-
-
-def finite(value: Any) -> bool:
-    """A real number that JSON can carry (not NaN, not infinite)."""
-    return isinstance(value, int | float) and math.isfinite(value)
-
-
-def _parse_json(text: str | None) -> Any:
-    if not text:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
-
-
-def _ms_to_datetime(ms: int | None) -> datetime | None:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
-
-
-def _seconds_to_datetime(text: str | None) -> datetime | None:
-    try:
-        return datetime.fromtimestamp(float(text), tz=timezone.utc) if text else None
-    except (ValueError, OverflowError, OSError):
-        return None
-
-
-def _to_int(text: str | None, default: int) -> int:
-    try:
-        return int(text) if text is not None else default
-    except ValueError:
-        return default
 
 
 def _is_not_found(exc: MlflowException) -> bool:

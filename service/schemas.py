@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from sweeps import vocabulary
+from sweeps.records import TrialRecord
 
 __all__ = [
     "BackendHealth",
@@ -93,6 +94,19 @@ class TrialOut(BaseModel):
     metrics: dict[str, float | None] = Field(default_factory=dict)
     pareto: bool = False
     failure_reason: str | None = None
+
+    @classmethod
+    def of(cls, trial: TrialRecord) -> TrialOut:
+        """The API's view of a trial's record (the one mapping: the routes and the CLI)."""
+        return cls(
+            id=trial.id,
+            run_id=trial.run_id,
+            status=str(trial.status or "PENDING"),
+            config=trial.config,
+            metrics=trial.metrics,
+            pareto=trial.pareto,
+            failure_reason=trial.failure_reason,
+        )
 
 
 class ParetoFront(BaseModel):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from mlflow.entities import Run, ViewType
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
@@ -20,9 +19,9 @@ from service.record import (
     ListedSweep,
     MlflowErrors,
     SweepStore,
-    json_safe_trial,
 )
 from sweeps import tracking
+from sweeps.records import TrialRecord
 from sweeps.vocabulary import (
     KIND_SWEEP,
     KIND_TRIAL,
@@ -53,7 +52,7 @@ class Changes:
 
     sweeps: dict[str, ListedSweep]
     running: frozenset[str]
-    trials: dict[str, list[dict[str, Any]]]
+    trials: dict[str, list[TrialRecord]]
 
 
 class SweepSearch:
@@ -120,14 +119,14 @@ class SweepSearch:
             running = self._all(ids, running_filter())
             ended = self._all(ids, ended_since_filter(since_ms))
         sweeps: dict[str, ListedSweep] = {}
-        trials: dict[str, dict[str, dict[str, Any]]] = {}
+        trials: dict[str, dict[str, TrialRecord]] = {}
         for run in [*running, *ended]:
             kind = run.data.tags.get(Tag.KIND)
             if kind == KIND_SWEEP:
                 sweeps[run.info.run_id] = ListedSweep.from_run(run)
             elif kind == KIND_TRIAL and run.data.tags.get(Tag.SWEEP_ID):
                 by_run = trials.setdefault(run.data.tags[Tag.SWEEP_ID], {})
-                by_run[run.info.run_id] = json_safe_trial(tracking.trial_from_run(run))
+                by_run[run.info.run_id] = tracking.trial_from_run(run).json_safe()
         active = frozenset(r.info.run_id for r in running if r.info.run_id in sweeps)
         return Changes(sweeps, active, {k: list(v.values()) for k, v in trials.items()})
 

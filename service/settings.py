@@ -1,4 +1,5 @@
-"""Service settings: one pydantic-settings class, environment prefix ``L0SWEEP_``."""
+"""Service settings: the engine's settings (`sweeps.config.SweepSettings`) and the service's own,
+read once from the environment (prefix ``L0SWEEP_``), one type per setting."""
 
 from __future__ import annotations
 
@@ -6,22 +7,23 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
 
-from sweeps.config import get_settings as get_sweep_settings
+from sweeps.config import SweepSettings
 
 __all__ = ["Settings", "is_loopback"]
 
 
-class Settings(BaseSettings):
-    """Everything the service and `l0sweep serve` can be told.
+class Settings(SweepSettings):
+    """Everything the service and `l0sweep serve` can be told: the engine's settings (``home``,
+    ``tracking_uri``, ``storage_path``, the limits a spec is validated against, ...; declared once,
+    in `sweeps.config.SweepSettings`) and the service's own.
 
     ``ray_address`` and ``tracking_uri`` left unset mean "start an embedded one" to `l0sweep serve`;
-    the app itself needs both (``create_app`` refuses to start without them). The sweeps' own
-    settings (`sweeps.config.SweepSettings`) come from the same environment; of those the service
-    hands ``L0SWEEP_MLFLOW_RETRY_WINDOW_S`` to every job it submits, so that drivers and trials on
-    every node ride out an MLflow outage for as long as the service's environment says.
+    the app itself needs both (``create_app`` refuses to start without them). The service hands
+    ``mlflow_retry_window_s`` to every job it submits (its runtime environment), so that drivers
+    and trials on every node ride out an MLflow outage for as long as the service's settings say.
     """
 
     model_config = SettingsConfigDict(
@@ -36,23 +38,11 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         None, description="Ray dashboard / job-submission URL, e.g. http://head:8265."
     )
-    tracking_uri: str | None = Field(
-        None,
-        validation_alias=AliasChoices("L0SWEEP_TRACKING_URI", "MLFLOW_TRACKING_URI"),
-        description="MLflow tracking URI, e.g. http://host:5000 (MLFLOW_TRACKING_URI honoured).",
-    )
     mlflow_ui_url: str | None = Field(
         None, description="Base URL of the MLflow UI for links (default: tracking_uri if http)."
     )
     ray_dashboard_url: str | None = Field(
         None, description="Base URL of the Ray dashboard for links (default: ray_address)."
-    )
-    home: Path = Field(
-        default_factory=lambda: get_sweep_settings().home,
-        description="Embedded stack state: MLflow store and artifacts, logs, Tune experiments.",
-    )
-    storage_path: str | None = Field(
-        None, description="Tune storage shared by all nodes (default: <home>/ray_results)."
     )
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of an embedded Ray head.")
     max_concurrent_sweeps: int = Field(4, ge=1, description="Active sweeps before POST gets 429.")
@@ -81,14 +71,8 @@ class Settings(BaseSettings):
     )
 
     def resolved_storage_path(self) -> str:
-        """The Tune storage path, absolute: this setting, else ``L0SWEEP_STORAGE_PATH``, else
-        ``<home>/ray_results``."""
-        if self.storage_path:
-            return self.storage_path
-        sweep = get_sweep_settings()
-        given = sweep.storage_path != sweep.home / "ray_results"  # not just its home's default
-        path = sweep.storage_path if given else self.home / "ray_results"
-        return str(Path(path).expanduser().resolve())
+        """The Tune storage path, absolute (``L0SWEEP_STORAGE_PATH``, else ``<home>/ray_results``)."""
+        return str(Path(self.storage_path).expanduser().resolve())
 
     def mlflow_ui_base(self) -> str | None:
         """Base URL for links into the MLflow UI, or None when the store has no UI."""

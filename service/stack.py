@@ -162,8 +162,11 @@ def start_ray_head(
     dashboard_port: int = 8265,
     timeout_s: float = 120,
     temp_dir: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[ManagedProcess, str]:
     """Start a local Ray head with its dashboard; returns it and the dashboard (jobs) URL.
+
+    ``env`` is added to the head's environment (and so to every driver and trial it starts).
 
     Every port Ray would take by default gets a free one, so the head can run beside other Ray
     clusters on the machine. Ray's session files go under a short /tmp directory (Unix socket
@@ -191,7 +194,7 @@ def start_ray_head(
         argv.append(f"--num-cpus={num_cpus}")
     # Token authentication on unless the user chose otherwise. `ray start` refuses to start a head
     # in token mode without a token, so a fresh machine gets one first (~/.ray/auth_token).
-    env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    env = {**(env or {}), "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
     if env["RAY_AUTH_MODE"] == "token":
         ensure_ray_token()
     process = ManagedProcess("Ray head", argv, log_dir / "ray.log", env).start()
@@ -333,8 +336,12 @@ class EmbeddedStack:
             self.advertised = store / _SERVER_FILE
             update["tracking_uri"] = uri
         if not settings.ray_address:
+            # The drivers and trials of this head keep their state under the same home.
             process, url = start_ray_head(
-                home / "logs", num_cpus=settings.ray_num_cpus, temp_dir=self.ray_temp_dir
+                home / "logs",
+                num_cpus=settings.ray_num_cpus,
+                temp_dir=self.ray_temp_dir,
+                env={"L0SWEEP_HOME": str(home.resolve())},
             )
             self.processes.append(process)
             update["ray_address"] = url

@@ -12,8 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from service.record import SweepRecord, finite
 from service.schemas import Progress
+from sweeps.records import SweepRecord, TrialRecord, finite
+from sweeps.vocabulary import TRIAL_PROGRESS
 
 __all__ = ["Summary", "best_trial", "end_ms", "summarize", "summarize_progress"]
 
@@ -51,7 +52,7 @@ class Summary:
 
 
 def summarize(
-    trials: list[dict[str, Any]],
+    trials: list[TrialRecord],
     num_trials: int,
     objectives: list[dict[str, Any]],
     end_time: int | None,
@@ -60,45 +61,32 @@ def summarize(
     return Summary(summarize_progress(trials, num_trials), best_trial(trials, objectives), end_time)
 
 
-def summarize_progress(trials: list[dict[str, Any]], num_trials: int) -> Progress:
+def summarize_progress(trials: list[TrialRecord], num_trials: int) -> Progress:
     """Count trials by state; trials not yet created count as pending."""
     counts = {"pending": 0, "running": 0, "finished": 0, "failed": 0, "stopped": 0}
     for trial in trials:
-        counts[_TRIAL_STATE.get(str(trial.get("status", "")).upper(), "pending")] += 1
+        counts[TRIAL_PROGRESS.get(str(trial.status).upper(), "pending")] += 1
     total = max(num_trials, len(trials))
     counts["pending"] += total - len(trials)
     return Progress(total=total, **counts)
 
 
-def best_trial(trials: list[dict[str, Any]], objectives: list[dict[str, Any]]) -> dict | None:
+def best_trial(trials: list[TrialRecord], objectives: list[dict[str, Any]]) -> dict | None:
     """The trial best on the first objective so far, with its objective metrics."""
     if not objectives:
         return None
     metric, mode = objectives[0]["metric"], objectives[0].get("mode", "max")
-    scored = [t for t in trials if finite(t.get("metrics", {}).get(metric))]
+    scored = [t for t in trials if finite(t.metrics.get(metric))]
     if not scored:
         return None
     pick = max if mode == "max" else min
-    best = pick(scored, key=lambda t: t["metrics"][metric])
+    best = pick(scored, key=lambda t: t.metrics[metric])
     names = [o["metric"] for o in objectives]
     return {
-        "trial_id": best.get("trial_id"),
-        "run_id": best.get("run_id"),
-        "metrics": {n: best["metrics"].get(n) for n in names if n in best["metrics"]},
+        "trial_id": best.trial_id,
+        "run_id": best.run_id,
+        "metrics": {n: best.metrics.get(n) for n in names if n in best.metrics},
     }
-
-
-_TRIAL_STATE = {
-    "PENDING": "pending",
-    "SCHEDULED": "pending",
-    "RUNNING": "running",
-    "FINISHED": "finished",
-    "TERMINATED": "finished",
-    "FAILED": "failed",
-    "ERROR": "failed",
-    "KILLED": "stopped",
-    "STOPPED": "stopped",
-}
 
 
 def end_ms(record: SweepRecord) -> int | None:

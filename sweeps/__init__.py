@@ -2,18 +2,15 @@
 
 Light to import: the names below load on first use (PEP 562), so that a light module of this
 package (``sweeps.vocabulary``, which the service's client and schemas use) does not pull in
-torch through the spec. Ray is imported by the driver and the trainable only.
+torch through the spec. Ray is imported by the driver and the trainable only. Importing the
+package has no side effect: no plugin is loaded (the service, the CLI and the driver load them at
+start-up, :func:`sweeps.registry.load_builtins`) and no environment variable is set (MLflow's
+client settings: :func:`sweeps.config.configure_mlflow_client`, at the same start-ups).
 ``service -> sweeps -> l0core``: nothing here imports the service.
 """
 
-import os
 from importlib import import_module
 from typing import Any
-
-# MLflow's usage telemetry off unless the user turns it on: labs run l0sweep without internet,
-# and in MLflow 3.17 its client thread sets and pops an environment variable that concurrent
-# requests read, which failed a trial's log_batch with KeyError '_MLFLOW_TELEMETRY_SESSION_ID'.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 # Each public name and the module that defines it.
 _EXPORTS = {

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field, PositiveInt
 
-from .config import DataPathError, resolve_data_path
+from .config import DataDirs, DataPathError, get_settings, resolve_data_path
 from .domains import _Strict
 from .images import DataFormatError
 
@@ -87,18 +87,22 @@ class Cifar10Params(_Strict):
 
     dataset: ClassVar[str] = "cifar10"  # which layout of CIFAR_LAYOUTS
 
-    def folder(self) -> tuple[str, Path]:
-        """The folder as written (or the default) and resolved inside the data directory."""
+    def folder(self, data_dir: Path | None = None) -> tuple[str, Path]:
+        """The folder as written (or the default) and resolved inside the data directory
+        (default: the settings read now)."""
         relative = self.path or CIFAR_LAYOUTS[self.dataset][0]
-        return relative, resolve_data_path(relative)
+        return relative, resolve_data_path(relative, data_dir)
 
-    def check_data(self) -> None:
+    def check_data(self, dirs: DataDirs | None = None) -> None:
         """Check that the folder is inside the data directory and holds every batch file.
+
+        Args:
+            dirs: the data directories; default: the settings read now.
 
         Raises:
             DataPathError: the folder is outside the data directory, or a batch file is missing.
         """
-        relative, root = self.folder()
+        relative, root = self.folder(dirs.data_dir if dirs else None)
         _, train_files, test_file = CIFAR_LAYOUTS[self.dataset]
         try:
             if not root.is_dir():
@@ -138,11 +142,13 @@ def _images_and_labels(path: Path, label_key: bytes) -> tuple[np.ndarray, np.nda
 
 
 def cifar_split(
-    params: Cifar10Params,
+    params: Cifar10Params, dirs: DataDirs | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """``(x, y, x_test, y_test, info)``: uint8 images (N, 3, 32, 32) and int64 labels."""
-    params.check_data()
-    _, root = params.folder()
+    """``(x, y, x_test, y_test, info)``: uint8 images (N, 3, 32, 32) and int64 labels, from
+    ``dirs`` (default: the settings read now)."""
+    dirs = dirs or get_settings().data_dirs()
+    params.check_data(dirs)
+    _, root = params.folder(dirs.data_dir)
     _, train_files, test_file = CIFAR_LAYOUTS[params.dataset]
     key = b"labels" if params.dataset == "cifar10" else f"{params.labels}_labels".encode()
     parts = [_images_and_labels(root / name, key) for name in train_files]

@@ -1,9 +1,11 @@
 """Settings of the sweep engine, read from the environment in one place.
 
 Every setting has the prefix ``L0SWEEP_`` (``L0SWEEP_DATA_DIR``, ``L0SWEEP_MAX_TRIALS``, ...).
-The MLflow tracking URI also honours ``MLFLOW_TRACKING_URI``, as MLflow users expect. Settings are
-read afresh on every call to :func:`get_settings`, so a test (or a service) that changes the
-environment sees the change without a restart.
+The MLflow tracking URI also honours ``MLFLOW_TRACKING_URI``, as MLflow users expect. This class
+is the one declaration of each engine setting: the service's settings (`service.settings.Settings`)
+extend it, so a setting has one type wherever it is read. A process reads its settings once, at
+start-up (the service, the CLI, the driver), and passes them down; :func:`get_settings` remains
+for the library's callers that pass none.
 
 ``L0SWEEP_HOME`` (default ``~/.l0sweep``) is where a user's l0sweep keeps its state: the embedded
 MLflow store that ``l0sweep serve`` and ``l0sweep run`` share (``<home>/mlflow``), Tune's
@@ -15,28 +17,42 @@ say otherwise.
 driver or a trial makes is retried for that long (``sweeps.retry``) before it fails. The service
 passes the setting, with the MLflow client settings that let it govern (:func:`mlflow_client_env`),
 to every driver it submits and through the job's runtime environment to every trial on every node.
+MLflow's client reads its own settings only from the environment: :func:`configure_mlflow_client`
+is the one place that writes them into a process's environment, called once at the start-up of
+the service, the CLI and the driver; child processes get them explicitly (:func:`job_env`).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
+    "DataDirs",
     "DataPathError",
     "SweepSettings",
+    "configure_mlflow_client",
     "get_settings",
+    "job_env",
     "mlflow_client_env",
     "resolve_data_path",
+    "use_settings",
 ]
 
 
 class SweepSettings(BaseSettings):
     """Where data, results and runs live, and the limits that protect a shared lab."""
 
-    model_config = SettingsConfigDict(env_prefix="L0SWEEP_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="L0SWEEP_", extra="ignore", validate_by_name=True, validate_by_alias=True
+    )
 
     home: Path = Field(
         default_factory=lambda: Path.home() / ".l0sweep",
@@ -90,6 +106,15 @@ class SweepSettings(BaseSettings):
         ),
     )
 
+    def data_dirs(self) -> DataDirs:
+        """Where this process's datasets read their files and cache decoded ones."""
+        return DataDirs(
+            data_dir=Path(self.data_dir),
+            cache_dir=Path(self.cache_dir),
+            fashion_mnist_dir=self.fashion_mnist_dir,
+            mnist_dir=self.mnist_dir or Path(self.data_dir) / "mnist",
+        )
+
     @model_validator(mode="after")
     def _under_home(self) -> SweepSettings:
         if self.data_dir is None:
@@ -101,28 +126,74 @@ class SweepSettings(BaseSettings):
         return self
 
 
+@dataclass(frozen=True)
+class DataDirs:
+    """The settings a dataset reads (`SweepSettings.data_dirs`), passed to the loaders and part of
+    the key of the datasets cached in a process: two data directories never share an entry."""
+
+    data_dir: Path
+    cache_dir: Path
+    fashion_mnist_dir: Path
+    mnist_dir: Path
+
+
+_in_force: ContextVar[SweepSettings | None] = ContextVar("l0sweep_settings", default=None)
+
+
 def get_settings() -> SweepSettings:
-    """The current settings (environment read now, not cached)."""
-    return SweepSettings()
+    """The settings in force: those installed by :func:`use_settings` around the current work
+    (the service's, around its requests and background tasks), else the environment read now."""
+    return _in_force.get() or SweepSettings()
 
 
-def mlflow_client_env(retry_window_s: float | None = None) -> dict[str, str]:
-    """The environment of a sweep's driver and trials, for MLflow's client.
+@contextmanager
+def use_settings(settings: SweepSettings) -> Iterator[SweepSettings]:
+    """Put ``settings`` in force for the work done inside (and the tasks and threads it starts):
+    what a library default reads (:func:`get_settings`: the limits and data directory a spec is
+    validated against) is then the caller's settings, never an environment read behind its back."""
+    token = _in_force.set(settings)
+    try:
+        yield settings
+    finally:
+        _in_force.reset(token)
 
-    l0sweep retries MLflow requests itself, for ``retry_window_s`` (default: the setting), so
-    MLflow's own retries are off: left on, each of our attempts against a stopped server would
-    itself retry for about four minutes. A request in flight may take as long as the window, up to
-    MLflow's default of 120 s, so a server that hangs instead of refusing is given up on in time.
 
-    Args:
-        retry_window_s: the retry window; default: ``L0SWEEP_MLFLOW_RETRY_WINDOW_S``.
+def mlflow_client_env(retry_window_s: float) -> dict[str, str]:
+    """MLflow's client settings for a process that retries MLflow requests for ``retry_window_s``.
+
+    l0sweep retries MLflow requests itself, so MLflow's own retries are off: left on, each of our
+    attempts against a stopped server would itself retry for about four minutes. A request in
+    flight may take as long as the window, from 10 s up to MLflow's default of 120 s, so a server
+    that hangs instead of refusing is given up on in time. The service, which answers 503 at
+    once, is a client with a window of 0 (10 s). MLflow's usage telemetry is off unless the user
+    turned it on: labs run l0sweep without internet, and in MLflow 3.17 its client thread sets and
+    pops an environment variable that concurrent requests read, which failed a trial's log_batch
+    with KeyError '_MLFLOW_TELEMETRY_SESSION_ID'.
     """
-    window = get_settings().mlflow_retry_window_s if retry_window_s is None else retry_window_s
     return {
-        "L0SWEEP_MLFLOW_RETRY_WINDOW_S": f"{window:g}",
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(min(120, max(10, window)))),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(min(120, max(10, retry_window_s)))),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
     }
+
+
+def job_env(retry_window_s: float) -> dict[str, str]:
+    """The environment a sweep's driver and its trials are started with (a Ray job's or a local
+    Ray's runtime environment): the retry window (``L0SWEEP_MLFLOW_RETRY_WINDOW_S``) and MLflow's
+    client settings that let it govern. Passed explicitly to the child processes, never written
+    into this process's environment."""
+    return {
+        "L0SWEEP_MLFLOW_RETRY_WINDOW_S": f"{retry_window_s:g}",
+        **mlflow_client_env(retry_window_s),
+    }
+
+
+def configure_mlflow_client(retry_window_s: float) -> None:
+    """Set MLflow's client settings (:func:`mlflow_client_env`) in this process's environment,
+    where MLflow reads them, unless the user set them: the one place that writes the environment,
+    called once at the start-up of a process (the service, the CLI, the driver)."""
+    for key, value in mlflow_client_env(retry_window_s).items():
+        os.environ.setdefault(key, value)
 
 
 class DataPathError(ValueError):

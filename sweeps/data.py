@@ -7,7 +7,9 @@ A loader returns raw numpy arrays (and a test split where the dataset has an off
 standardises with training statistics only (per channel for images), and caches the result per
 process. Images stay uint8 until then: standardising makes the 0-255 scale irrelevant.
 
-A dataset's params may define ``check_data()``, which the spec calls as it validates (a missing
+A loader that reads files takes ``dirs`` (:class:`sweeps.config.DataDirs`, the data directories
+of the process, passed in by :func:`load_dataset`; default: the settings read now). A dataset's
+params may define ``check_data()``, which the spec calls as it validates (a missing
 file, an empty folder, a path leaving the data directory: a spec error, a 422 from the service,
 before any trial trains). The image datasets live in :mod:`sweeps.images` and :mod:`sweeps.cifar`.
 """
@@ -19,16 +21,16 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from .cifar import Cifar10Params, Cifar100Params, cifar_split
-from .config import get_settings, resolve_data_path
+from .config import DataDirs, get_settings, resolve_data_path
 from .images import ImageFolderParams, fit_images, image_split
-from .registry import DATASETS, register_dataset
+from .registry import DATASETS, register_dataset, takes_dirs
 
 __all__ = ["DataSplits", "RawData", "load_dataset", "read_idx"]
 
@@ -60,6 +62,9 @@ class DataSplits:
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    gives_images: ClassVar[bool | None] = None
+    """False: the dataset gives signals, not images (C, H, W), so ``augment`` is refused at
+    validation; None: known once the data load (the driver's check before any trial)."""
 
 
 class IdxParams(_Params):
@@ -125,19 +130,20 @@ def _load_idx_dir(directory: Path, params: IdxParams) -> RawData:
 
 
 @register_dataset("fashion-mnist", params=IdxParams)
-def fashion_mnist(params: IdxParams) -> RawData:
+def fashion_mnist(params: IdxParams, dirs: DataDirs | None = None) -> RawData:
     """Fashion-MNIST (28x28 grey clothing images, 10 classes) from IDX files."""
-    settings = get_settings()
-    directory = resolve_data_path(params.path) if params.path else settings.fashion_mnist_dir
+    dirs = dirs or get_settings().data_dirs()
+    directory = (
+        resolve_data_path(params.path, dirs.data_dir) if params.path else dirs.fashion_mnist_dir
+    )
     return _load_idx_dir(directory, params)
 
 
 @register_dataset("mnist", params=IdxParams)
-def mnist(params: IdxParams) -> RawData:
+def mnist(params: IdxParams, dirs: DataDirs | None = None) -> RawData:
     """MNIST (28x28 grey digits, 10 classes) from IDX files."""
-    settings = get_settings()
-    default = settings.mnist_dir or settings.data_dir / "mnist"
-    directory = resolve_data_path(params.path) if params.path else default
+    dirs = dirs or get_settings().data_dirs()
+    directory = resolve_data_path(params.path, dirs.data_dir) if params.path else dirs.mnist_dir
     return _load_idx_dir(directory, params)
 
 
@@ -151,25 +157,26 @@ def digits(params: BaseModel) -> RawData:
 
 
 @register_dataset("image-folder", params=ImageFolderParams)
-def image_folder(params: ImageFolderParams) -> RawData:
+def image_folder(params: ImageFolderParams, dirs: DataDirs | None = None) -> RawData:
     """Images on disk, one sub-folder per class (PNG/JPEG), decoded once and cached as tensors."""
-    x, y, x_test, y_test, info = image_split(params)
+    x, y, x_test, y_test, info = image_split(params, dirs)
     return RawData(x, y, x_test, y_test, info, num_classes=len(info["classes"]))
 
 
 @register_dataset("cifar10", params=Cifar10Params)
-def cifar10(params: Cifar10Params) -> RawData:
+def cifar10(params: Cifar10Params, dirs: DataDirs | None = None) -> RawData:
     """CIFAR-10 (32x32 colour images, 10 classes) from the python batch folder on disk."""
-    return RawData(*cifar_split(params), num_classes=10)
+    return RawData(*cifar_split(params, dirs), num_classes=10)
 
 
 @register_dataset("cifar100", params=Cifar100Params)
-def cifar100(params: Cifar100Params) -> RawData:
+def cifar100(params: Cifar100Params, dirs: DataDirs | None = None) -> RawData:
     """CIFAR-100 (32x32 colour images, 100 fine or 20 coarse classes) from the python folder."""
-    return RawData(*cifar_split(params), num_classes=100 if params.labels == "fine" else 20)
+    return RawData(*cifar_split(params, dirs), num_classes=100 if params.labels == "fine" else 20)
 
 
 class Mnist1dParams(_Params):
+    gives_images: ClassVar[bool | None] = False
     num_samples: PositiveInt = 5000
     seed: int = 42
 
@@ -186,6 +193,7 @@ def mnist1d(params: Mnist1dParams) -> RawData:
 
 
 class SparseTeacherParams(_Params):
+    gives_images: ClassVar[bool | None] = False
     num_samples: PositiveInt = 6000
     num_features: PositiveInt = 64
     hidden: PositiveInt = 32
@@ -216,9 +224,9 @@ class NpzParams(_Params):
 
 
 @register_dataset("npz", params=NpzParams)
-def npz(params: NpzParams) -> RawData:
+def npz(params: NpzParams, dirs: DataDirs | None = None) -> RawData:
     """A user's .npz file with input and integer label arrays (no pickled objects)."""
-    path = resolve_data_path(params.path)
+    path = resolve_data_path(params.path, dirs.data_dir if dirs else None)
     with np.load(path, allow_pickle=False) as f:
         missing = [k for k in (params.x_key, params.y_key) if k not in f.files]
         if missing:
@@ -248,10 +256,16 @@ def _standardise(train: np.ndarray, *others: np.ndarray) -> None:
 
 @lru_cache(maxsize=4)
 def _load_cached(
-    name: str, params_json: str, val_fraction: float, test_fraction: float, split_seed: int
+    name: str,
+    params_json: str,
+    val_fraction: float,
+    test_fraction: float,
+    split_seed: int,
+    dirs: DataDirs,
 ) -> DataSplits:
     entry = DATASETS.get(name)
-    raw: RawData = entry.factory(entry.params.model_validate(json.loads(params_json)))
+    params = entry.params.model_validate(json.loads(params_json))
+    raw: RawData = entry.factory(params, **takes_dirs(entry.factory, dirs))
     y = np.asarray(raw.y).astype(np.int64)
     rng = np.random.default_rng(split_seed)
     order = rng.permutation(len(raw.x))
@@ -283,8 +297,11 @@ def load_dataset(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     split_seed: int = 0,
+    dirs: DataDirs | None = None,
 ) -> DataSplits:
     """Load a registered dataset and split it; the same arguments give the same splits.
+
+    Loaded once per process for the same arguments, the data directories included.
 
     Args:
         name: a registered dataset name.
@@ -292,6 +309,9 @@ def load_dataset(
         val_fraction: fraction of the training data held out for validation.
         test_fraction: fraction held out for test where the dataset has no official test split.
         split_seed: seed of the split permutation.
+        dirs: where the files are (`sweeps.config.SweepSettings.data_dirs`); default: the
+            settings read now.
     """
     params_json = json.dumps(params or {}, sort_keys=True)
-    return _load_cached(name, params_json, val_fraction, test_fraction, split_seed)
+    dirs = dirs or get_settings().data_dirs()
+    return _load_cached(name, params_json, val_fraction, test_fraction, split_seed, dirs)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import threading
 import time
@@ -29,10 +28,19 @@ import ray
 from ray import tune
 
 from . import raycompat, tracking
-from .config import get_settings, mlflow_client_env
+from .config import (
+    DataDirs,
+    SweepSettings,
+    configure_mlflow_client,
+    get_settings,
+    job_env,
+    use_settings,
+)
 from .note import write_sweep_note
 from .preflight import preflight
 from .progress import SweepCallback, SweepProgress
+from .records import TrialRecord
+from .registry import load_builtins
 from .report import finalize_sweep
 from .space import param_space, scheduler, search_algorithm, tune_num_samples
 from .spec import SweepSpec
@@ -53,7 +61,7 @@ class SweepResult:
     status: str
     experiment_path: str
     restored: bool
-    trials: list[dict[str, Any]] = field(default_factory=list)
+    trials: list[TrialRecord] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
 
 
@@ -155,8 +163,13 @@ def run_sweep(
     storage_path: str | Path | None = None,
     sweep_id: str | None = None,
     progress: Callable[[SweepProgress], None] | None = None,
+    settings: SweepSettings | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep in this process and record it in MLflow.
+
+    Sets nothing in this process's environment: a local Ray that it starts gets the MLflow
+    client settings of the sweep's processes in its runtime environment (`sweeps.config.job_env`);
+    this process's own are its start-up's (`sweeps.config.configure_mlflow_client`).
 
     Args:
         spec: the sweep.
@@ -164,22 +177,19 @@ def run_sweep(
         storage_path: where Tune experiments live; default: ``L0SWEEP_STORAGE_PATH``.
         sweep_id: an existing parent run to run or resume; default: create one.
         progress: called with a :class:`SweepProgress` whenever a trial starts, reports or ends.
+        settings: the engine's settings; default: read from the environment now.
 
     Returns:
         The final status (FINISHED, FAILED or CANCELLED), the trials and the Pareto report.
     """
-    settings = get_settings()
+    settings = settings or get_settings()
     # One store for every process of the sweep: a relative default (MLflow's sqlite:///mlflow.db)
     # would be another store in each Ray worker's working directory.
     tracking_uri = tracking.absolute_uri(tracking_uri or settings.tracking_uri)
     storage = Path(storage_path or settings.storage_path).resolve()
-    # A driver submitted by the service has these already; `l0sweep run` and library callers get
-    # the same MLflow retry behaviour, for this process and the local Ray workers it starts.
-    for key, value in mlflow_client_env().items():
-        os.environ.setdefault(key, value)
     sweep_id = sweep_id or tracking.create_sweep_run(spec, tracking_uri)
-    with _Heartbeat(sweep_id, tracking_uri, settings.heartbeat_interval_s):
-        return _run(spec, sweep_id, tracking_uri, storage, progress)
+    with use_settings(settings), _Heartbeat(sweep_id, tracking_uri, settings.heartbeat_interval_s):
+        return _run(spec, sweep_id, tracking_uri, storage, progress, settings)
 
 
 def _run(
@@ -188,14 +198,17 @@ def _run(
     tracking_uri: str,
     storage: Path,
     progress: Callable[[SweepProgress], None] | None,
+    settings: SweepSettings,
 ) -> SweepResult:
-    problem = preflight(spec)
+    problem = preflight(spec, settings.data_dirs())
     if problem is not None:  # before Ray and any trial: a sweep that cannot export fails now
         tracking.set_sweep_status(sweep_id, "FAILED", problem, tracking_uri)
         write_sweep_note(spec, sweep_id, "FAILED", problem, tracking_uri)
         return SweepResult(sweep_id, "FAILED", str(storage / sweep_id), False)
-    if not ray.is_initialized():
-        ray.init()
+    if not ray.is_initialized():  # a local Ray: its workers (the trials) get the sweep's env
+        ray.init(runtime_env={"env_vars": job_env(settings.mlflow_retry_window_s)})
+    # (A driver that runs as a Ray job joined its cluster in `main`: the job's runtime
+    # environment, `service.jobs`, carries the same to its trials, and Ray refuses a second.)
     callback = SweepCallback(sweep_id, tracking_uri, spec, progress)
     tuner, restored = _tuner(spec, sweep_id, tracking_uri, storage, callback)
     message = "restored" if restored else None
@@ -219,7 +232,7 @@ def _run(
     interrupted = stop.asked or (callback.unfinished() > 0 and not out_of_time)
     killed = tracking.close_open_trials(sweep_id, TrialStatus.KILLED, tracking_uri)
     if not interrupted:
-        _latency_pass(spec, sweep_id, tracking_uri)
+        _latency_pass(spec, sweep_id, tracking_uri, settings.data_dirs())
     report = finalize_sweep(spec, sweep_id, tracking_uri)
     trials = tracking.sweep_trials(sweep_id, tracking_uri)
     if interrupted:
@@ -227,10 +240,10 @@ def _run(
             SweepStatus.CANCELLED,
             f"stopped; {killed} running trials killed; resumable",
         )
-    elif trials and all(t["status"] == TrialStatus.FAILED for t in trials):
+    elif trials and all(t.status == TrialStatus.FAILED for t in trials):
         status, message = SweepStatus.FAILED, f"every trial failed; {_commonest_failure(trials)}"
     else:
-        failed = sum(t["status"] == TrialStatus.FAILED for t in trials)
+        failed = sum(t.status == TrialStatus.FAILED for t in trials)
         status, message = (
             SweepStatus.FINISHED,
             f"{len(trials)} trials, {failed} failed"
@@ -241,21 +254,21 @@ def _run(
     return SweepResult(sweep_id, status, str(storage / sweep_id), restored, trials, report)
 
 
-def _latency_pass(spec: SweepSpec, sweep_id: str, tracking_uri: str) -> None:
+def _latency_pass(spec: SweepSpec, sweep_id: str, tracking_uri: str, dirs: DataDirs) -> None:
     """Time the front's models against the dense model (`sweeps.speedup`); a failure here costs
     the sweep its ``speedup_vs_dense`` figures, never its result."""
     try:
-        record_speedups(spec, sweep_id, tracking_uri)
+        record_speedups(spec, sweep_id, tracking_uri, dirs=dirs)
     except Exception as err:
         reason = f"{type(err).__name__}: {err}"
         log.warning("latency pass of sweep %s failed: %s", sweep_id, reason)
         tracking.client(tracking_uri).set_tag(sweep_id, Tag.SPEEDUP_ERROR, reason[:500])
 
 
-def _commonest_failure(trials: list[dict[str, Any]]) -> str:
+def _commonest_failure(trials: list[TrialRecord]) -> str:
     """The commonest kind of failure among ``trials`` (the text before a reason's first colon,
     e.g. the exception name), how many trials it ended, and one full reason of that kind."""
-    reasons = [t["failure_reason"] or "no reason recorded" for t in trials]
+    reasons = [t.failure_reason or "no reason recorded" for t in trials]
     kind, count = Counter(r.split(":", 1)[0] for r in reasons).most_common(1)[0]
     example = next(r for r in reasons if r.split(":", 1)[0] == kind)
     return f"{count} of {len(trials)} like {example}"
@@ -276,16 +289,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    settings = SweepSettings()
+    configure_mlflow_client(settings.mlflow_retry_window_s)
     try:
+        load_builtins()  # the plugins the spec may name; one that fails ends the sweep, named
         spec = tracking.load_sweep_spec(args.sweep_id, args.tracking_uri)
     except Exception as err:
         tracking.set_sweep_status(
             args.sweep_id, SweepStatus.FAILED, f"cannot read the spec: {err}", args.tracking_uri
         )
         raise
+    ray.init()  # the cluster of this job, with the job's runtime environment
     result = run_sweep(
         spec, args.tracking_uri, args.storage_path, args.sweep_id,
-        progress=lambda p: log.info("%s", p.line()),
+        progress=lambda p: log.info("%s", p.line()), settings=settings,
     )  # fmt: skip
     log.info("sweep %s %s", result.sweep_id, result.status)
     return {SweepStatus.FINISHED: 0, SweepStatus.CANCELLED: 130}.get(result.status, 1)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
-from .config import DataPathError, get_settings, resolve_data_path
+from .config import DataDirs, DataPathError, get_settings, resolve_data_path
 from .domains import _Strict
 
 __all__ = [
@@ -77,14 +77,18 @@ class ImageFolderParams(_Strict):
             return None
         return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
 
-    def check_data(self) -> None:
+    def check_data(self, dirs: DataDirs | None = None) -> None:
         """Check the folders as a spec is validated, so a bad one fails before any trial trains.
+
+        Args:
+            dirs: the data and cache directories; default: the settings read now.
 
         Raises:
             DataPathError: a path outside the data directory, missing, or not a folder.
             DataFormatError: no class folders, a class without images, mixed image sizes.
         """
-        train = scan_folder(self.path)
+        dirs = dirs or get_settings().data_dirs()
+        train = scan_folder(self.path, dirs.data_dir)
         if len(train.classes) < 2:
             raise DataFormatError(
                 f"image folder {self.path!r} has {len(train.classes)} class folder(s) "
@@ -92,11 +96,11 @@ class ImageFolderParams(_Strict):
             )
         folders = [train]
         if self.test_path is not None:
-            test = scan_folder(self.test_path)
+            test = scan_folder(self.test_path, dirs.data_dir)
             _test_classes(train, test)
             folders.append(test)
         if self.size is None:
-            sizes = {_common_size(f) for f in folders}
+            sizes = {_common_size(f, dirs.cache_dir) for f in folders}
             if len(sizes) > 1:
                 raise DataFormatError(
                     f"image folders {self.path!r} and {self.test_path!r} hold images of "
@@ -200,15 +204,15 @@ def _test_classes(train: FolderListing, test: FolderListing) -> None:
         )
 
 
-def _cache_path(listing: FolderListing, what: str, suffix: str) -> Path:
+def _cache_path(listing: FolderListing, what: str, suffix: str, cache_dir: Path) -> Path:
     """Where something derived from the folder as listed now is cached."""
     key = f"{_CACHE_FORMAT}|{listing.root}|{listing.digest}|{what}"
     name = hashlib.sha256(key.encode()).hexdigest() + suffix
-    return Path(get_settings().cache_dir) / "image-folder" / name
+    return Path(cache_dir) / "image-folder" / name
 
 
 @lru_cache(maxsize=16)
-def _common_size(listing: FolderListing) -> tuple[int, int]:
+def _common_size(listing: FolderListing, cache_dir: Path) -> tuple[int, int]:
     """The (width, height) every image of the folder has, read from the headers only once per
     listing (recorded in the cache directory: every trial validates the spec again).
 
@@ -217,7 +221,7 @@ def _common_size(listing: FolderListing) -> tuple[int, int]:
     """
     from PIL import Image, UnidentifiedImageError
 
-    record = _cache_path(listing, "size", ".txt")
+    record = _cache_path(listing, "size", ".txt", cache_dir)
     try:
         width, height = (int(v) for v in record.read_text().split())
         return width, height
@@ -245,14 +249,16 @@ def _common_size(listing: FolderListing) -> tuple[int, int]:
     return width, height
 
 
-def load_image_folder(listing: FolderListing, hw: tuple[int, int], channels: int) -> np.ndarray:
+def load_image_folder(
+    listing: FolderListing, hw: tuple[int, int], channels: int, cache_dir: Path
+) -> np.ndarray:
     """The folder's images as uint8 (N, C, H, W), in the listing's order, decoded once.
 
     The decoded array is cached under the cache directory by a digest of the listing and the
     options; concurrent trials wait for the first to decode (a file lock) instead of decoding
     again. A cache that cannot be written is logged and skipped, never fatal.
     """
-    cache = _cache_path(listing, f"{hw}|{channels}", ".npy")
+    cache = _cache_path(listing, f"{hw}|{channels}", ".npy", cache_dir)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -373,22 +379,24 @@ def fit_images(
 
 
 def image_split(
-    params: ImageFolderParams,
+    params: ImageFolderParams, dirs: DataDirs | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, dict]:
-    """``(x, y, x_test, y_test, info)`` of an image-folder dataset (uint8 images)."""
-    params.check_data()  # as the spec did: a loader called directly refuses the same folders
-    train = scan_folder(params.path)
+    """``(x, y, x_test, y_test, info)`` of an image-folder dataset (uint8 images) in ``dirs``
+    (default: the settings read now)."""
+    dirs = dirs or get_settings().data_dirs()
+    params.check_data(dirs)  # as the spec did: a loader called directly refuses the same folders
+    train = scan_folder(params.path, dirs.data_dir)
     hw = params.hw()
     if hw is None:
-        width, height = _common_size(train)
+        width, height = _common_size(train, dirs.cache_dir)
         hw = (height, width)
-    x = load_image_folder(train, hw, params.channels)
+    x = load_image_folder(train, hw, params.channels, dirs.cache_dir)
     y = np.asarray(train.labels, dtype=np.int64)
     info = {"dir": str(train.root), "classes": list(train.classes)}
     if params.test_path is None:
         return x, y, None, None, info
-    test = scan_folder(params.test_path)
+    test = scan_folder(params.test_path, dirs.data_dir)
     _test_classes(train, test)
     index = {name: i for i, name in enumerate(train.classes)}
     y_test = np.asarray([index[test.classes[j]] for j in test.labels], dtype=np.int64)
-    return x, y, load_image_folder(test, hw, params.channels), y_test, info
+    return x, y, load_image_folder(test, hw, params.channels, dirs.cache_dir), y_test, info

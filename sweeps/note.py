@@ -13,6 +13,7 @@ from typing import Any
 
 from . import tracking
 from .pareto import pareto_front
+from .records import TrialRecord
 from .spec import SweepSpec
 from .vocabulary import ACTIVE_SWEEP, Tag
 
@@ -47,7 +48,7 @@ def sweep_note(
     spec: SweepSpec,
     status: str,
     message: str | None,
-    trials: list[dict[str, Any]],
+    trials: list[TrialRecord],
     experiment_id: str,
 ) -> str:
     """The Markdown description of a sweep's parent run.
@@ -82,10 +83,10 @@ def sweep_note(
         "|---|" + "---:|" * len(columns) + "---:|---|",
     ]
     rows = []
-    for t in sorted(front, key=lambda t: t["metrics"].get("sparsity") or 0.0):
-        m = t["metrics"]
-        link = f"[{t['run_id'][:8]}](#/experiments/{experiment_id}/runs/{t['run_id']})"
-        cells = [_cell(t.get("name") or str(t["trial_id"])), *(_number(m.get(c)) for c in columns)]
+    for t in sorted(front, key=lambda t: t.metrics.get("sparsity") or 0.0):
+        m = t.metrics
+        link = f"[{t.run_id[:8]}](#/experiments/{experiment_id}/runs/{t.run_id})"
+        cells = [_cell(t.name or str(t.trial_id)), *(_number(m.get(c)) for c in columns)]
         rows.append("| " + " | ".join([*cells, _params(m), link]) + " |")
     # A tag holds MAX_TAG_VAL_LENGTH characters: a front too long for it is cut at a whole row.
     shown = len(rows)

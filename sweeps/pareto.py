@@ -1,6 +1,8 @@
-"""Pareto fronts of trials: pure functions over plain dicts, no Ray or MLflow.
+"""Pareto fronts of trials: pure functions, no Ray or MLflow.
 
-A trial is a dict with ``metrics`` (name -> float) and ``status``. Only trials whose status is in
+A trial is anything :class:`Scored`, with ``metrics`` (name -> float) and ``status``: a
+:class:`~sweeps.records.TrialRecord`, or a point of the comparison across sweeps
+(:class:`sweeps.results.Point`). The functions return the trials they were given. Only trials whose status is in
 ``statuses`` (default FINISHED) and whose objective values are all finite compete: a failed trial
 has no final model, an early-stopped one was judged worse by the scheduler, and a NaN cannot be
 ranked. Equal objective vectors do not dominate each other, so ties are all kept.
@@ -9,12 +11,14 @@ ranked. Equal objective vectors do not dominate each other, so ties are all kept
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
+from .records import TrialRecord
 from .vocabulary import TrialStatus
 
 __all__ = [
+    "Scored",
     "best_at_sparsity",
     "dominates",
     "eligible",
@@ -24,6 +28,19 @@ __all__ = [
 ]
 
 Objectives = Sequence[tuple[str, str]]  # (metric, "max" | "min")
+
+
+class Scored(Protocol):
+    """What the fronts read of a trial."""
+
+    @property
+    def metrics(self) -> Mapping[str, float | None]: ...
+
+    @property
+    def status(self) -> str: ...
+
+
+T = TypeVar("T", bound=Scored)
 
 
 def _pairs(objectives: Iterable[Any]) -> list[tuple[str, str]]:
@@ -38,11 +55,11 @@ def _pairs(objectives: Iterable[Any]) -> list[tuple[str, str]]:
     return out
 
 
-def _vector(trial: dict[str, Any], objectives: Objectives) -> tuple[float, ...] | None:
+def _vector(trial: Scored, objectives: Objectives) -> tuple[float, ...] | None:
     """Objective values signed so that larger is better; None if any is missing or not finite."""
     values = []
     for metric, mode in objectives:
-        v = trial.get("metrics", {}).get(metric)
+        v = trial.metrics.get(metric)
         if v is None or not math.isfinite(float(v)):
             return None
         values.append(float(v) if mode == "max" else -float(v))
@@ -57,28 +74,28 @@ def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 
 
 def eligible(
-    trials: Iterable[dict[str, Any]],
+    trials: Iterable[T],
     objectives: Iterable[Any],
     statuses: Sequence[str] = (TrialStatus.FINISHED,),
-) -> list[tuple[dict[str, Any], tuple[float, ...]]]:
+) -> list[tuple[T, tuple[float, ...]]]:
     """Trials that compete, with their signed objective vectors."""
     pairs = _pairs(objectives)
     out = []
     for t in trials:
-        if t.get("status") in statuses and (v := _vector(t, pairs)) is not None:
+        if t.status in statuses and (v := _vector(t, pairs)) is not None:
             out.append((t, v))
     return out
 
 
 def pareto_front(
-    trials: Iterable[dict[str, Any]],
+    trials: Iterable[T],
     objectives: Iterable[Any],
     statuses: Sequence[str] = (TrialStatus.FINISHED,),
-) -> list[dict[str, Any]]:
+) -> list[T]:
     """The non-dominated trials, best first objective first.
 
     Args:
-        trials: dicts with ``metrics`` and ``status``.
+        trials: :class:`Scored` trials (``metrics`` and ``status``).
         objectives: ``(metric, mode)`` pairs, ``{"metric", "mode"}`` dicts or spec Objectives.
         statuses: the trial statuses that compete.
     """
@@ -89,7 +106,7 @@ def pareto_front(
 
 
 def hypervolume(
-    trials: Iterable[dict[str, Any]],
+    trials: Iterable[Scored],
     objectives: Iterable[Any],
     reference: Sequence[float] | None = None,
 ) -> float:
@@ -122,13 +139,13 @@ def _hv(points: list[tuple[float, ...]], ref: list[float]) -> float:
 
 
 def best_at_sparsity(
-    trials: Iterable[dict[str, Any]],
+    trials: Iterable[T],
     min_sparsity: float,
     accuracy: str = "test_accuracy",
     sparsity: str = "sparsity",
     select_by: str = "val_accuracy",
     statuses: Sequence[str] = (TrialStatus.FINISHED,),
-) -> dict[str, Any] | None:
+) -> T | None:
     """The trial with the best ``select_by`` among those at least ``min_sparsity`` sparse.
 
     Chosen on validation (``select_by``), so the ``accuracy`` it reports is an honest estimate.
@@ -137,17 +154,17 @@ def best_at_sparsity(
     pool = [
         t
         for t, _ in eligible(trials, [(sparsity, "max"), (select_by, "max")], statuses)
-        if t["metrics"][sparsity] >= min_sparsity and accuracy in t["metrics"]
+        if t.metrics[sparsity] >= min_sparsity and accuracy in t.metrics
     ]
-    return max(pool, key=lambda t: t["metrics"][select_by], default=None)
+    return max(pool, key=lambda t: t.metrics[select_by], default=None)
 
 
 def speed_candidates(
-    trials: Iterable[dict[str, Any]],
+    trials: Iterable[TrialRecord],
     objectives: Iterable[Any],
     limit: int = 24,
     proxy: tuple[str, str] = ("throughput", "speedup_vs_dense"),
-) -> list[dict[str, Any]]:
+) -> list[TrialRecord]:
     """The finished trials whose models the driver times against the dense model.
 
     The union of three fronts: the spec's objectives (a ``speedup_vs_dense`` objective, which
@@ -164,8 +181,8 @@ def speed_candidates(
         pareto_front(trials, [("val_accuracy", "max"), ("sparsity", "max")]),
         pareto_front(trials, [("val_accuracy", "max"), (measured, "max")]),
     )
-    chosen: dict[str, dict[str, Any]] = {}
+    chosen: dict[str, TrialRecord] = {}
     for front in fronts:
         for t in front:
-            chosen.setdefault(t["run_id"], t)
+            chosen.setdefault(t.run_id, t)
     return list(chosen.values())[:limit]

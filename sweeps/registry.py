@@ -6,12 +6,15 @@ installing a package that declares a Python entry point in the group ``l0sweep.m
 ``@register_dataset`` decorators add the entries (the pattern of timm's ``@register_model``).
 A plugin that fails to import stops the process that loads the registry (:class:`PluginLoadError`,
 naming the entry point and its exception) rather than leaving a spec to say "unknown model".
-Each entry carries a Pydantic model of its parameters, so a spec's ``params`` are validated with
+A dataset's factory (and its params' ``check_data``) may take a keyword ``dirs``
+(`sweeps.config.DataDirs`): the data directories of the process, passed in, never read from the
+environment behind the caller's back. Each entry carries a Pydantic model of its parameters, so a spec's ``params`` are validated with
 field paths and published as JSON Schema (``GET /models``).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
@@ -33,6 +36,7 @@ __all__ = [
     "load_builtins",
     "register_dataset",
     "register_model",
+    "takes_dirs",
 ]
 
 
@@ -179,3 +183,14 @@ def list_models() -> list[dict[str, Any]]:
 def list_datasets() -> list[dict[str, Any]]:
     """Every registered dataset as ``{name, description, params}`` (params: JSON Schema)."""
     return [e.describe() for e in DATASETS.entries()]
+
+
+def takes_dirs(function: Any, dirs: Any) -> dict[str, Any]:
+    """``{"dirs": dirs}`` if ``function`` (a dataset factory, a params' ``check_data``) takes the
+    data directories, else ``{}``: a plugin's dataset that reads no files need not."""
+    if dirs is None:
+        return {}
+    try:
+        return {"dirs": dirs} if "dirs" in inspect.signature(function).parameters else {}
+    except (TypeError, ValueError):  # no signature to read (a builtin): it takes none
+        return {}

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import tracking
 from .pareto import best_at_sparsity, eligible, hypervolume, pareto_front
+from .records import TrialRecord
 from .spec import SweepSpec
 from .vocabulary import FALSE, TRUE, Tag
 
@@ -23,25 +24,30 @@ _COLUMNS = ("val_accuracy", "test_accuracy", "sparsity", "nonzero_params", "expe
             "latency_ms_b1", "throughput", "speedup_vs_dense")  # fmt: skip
 
 
-def pareto_report(spec: SweepSpec, trials: list[dict[str, Any]]) -> dict[str, Any]:
+def pareto_report(spec: SweepSpec, trials: list[TrialRecord]) -> dict[str, Any]:
     """The content of ``pareto.json``: objectives, front, hypervolume, lookups, counts."""
     objectives = [(o.metric, o.mode) for o in spec.objectives]
     front = pareto_front(trials, objectives)
     counts: dict[str, int] = {}
     for t in trials:
-        counts[t["status"]] = counts.get(t["status"], 0) + 1
+        counts[t.status] = counts.get(t.status, 0) + 1
     best = {}
     for level in SPARSITY_LEVELS:
         t = best_at_sparsity(trials, level)
         best[str(level)] = (
-            None
-            if t is None
-            else {"trial_id": t["trial_id"], "run_id": t["run_id"], **t["metrics"]}
+            None if t is None else {"trial_id": t.trial_id, "run_id": t.run_id, **t.metrics}
         )
     return {
         "objectives": [{"metric": m, "mode": mode} for m, mode in objectives],
         "front": [
-            {k: t[k] for k in ("trial_id", "run_id", "status", "metrics", "config")} for t in front
+            {
+                "trial_id": t.trial_id,
+                "run_id": t.run_id,
+                "status": t.status,
+                "metrics": t.metrics,
+                "config": t.config,
+            }
+            for t in front
         ],
         "hypervolume": hypervolume(front, objectives),
         "best_at_sparsity": best,
@@ -81,7 +87,7 @@ def _xy(spec: SweepSpec) -> tuple[str, str]:
     return x, y
 
 
-def plot_png(spec: SweepSpec, trials: list[dict[str, Any]], front: list[dict[str, Any]]) -> bytes:
+def plot_png(spec: SweepSpec, trials: list[TrialRecord], front: list[TrialRecord]) -> bytes:
     """All finished trials, the front highlighted and joined."""
     import matplotlib
 
@@ -90,14 +96,10 @@ def plot_png(spec: SweepSpec, trials: list[dict[str, Any]], front: list[dict[str
 
     x, y = _xy(spec)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    pts = [
-        (t["metrics"][x], t["metrics"][y])
-        for t in trials
-        if x in t["metrics"] and y in t["metrics"]
-    ]
+    pts = [(t.metrics[x], t.metrics[y]) for t in trials if x in t.metrics and y in t.metrics]
     if pts:
         ax.scatter(*zip(*pts, strict=True), c="0.6", s=18, label="trials")
-    fpts = sorted((t["metrics"][x], t["metrics"][y]) for t in front)
+    fpts = sorted((t.metrics[x], t.metrics[y]) for t in front)
     if fpts:
         ax.plot(*zip(*fpts, strict=True), "o-", c="C3", label="Pareto front")
     ax.set(xlabel=x, ylabel=y, title=spec.name)
@@ -111,23 +113,21 @@ def plot_png(spec: SweepSpec, trials: list[dict[str, Any]], front: list[dict[str
     return buf.getvalue()
 
 
-def _plot_html(spec: SweepSpec, trials: list[dict[str, Any]], front: list[dict[str, Any]]) -> str:
+def _plot_html(spec: SweepSpec, trials: list[TrialRecord], front: list[TrialRecord]) -> str:
     """A self-contained SVG scatter; hovering a point shows the trial's id, metrics and config."""
     x, y = _xy(spec)
-    pts = [t for t in trials if x in t["metrics"] and y in t["metrics"]]
-    on_front = {t["run_id"] for t in front}
-    xs = [t["metrics"][x] for t in pts] or [0.0, 1.0]
-    ys = [t["metrics"][y] for t in pts] or [0.0, 1.0]
+    pts = [t for t in trials if x in t.metrics and y in t.metrics]
+    on_front = {t.run_id for t in front}
+    xs = [t.metrics[x] for t in pts] or [0.0, 1.0]
+    ys = [t.metrics[y] for t in pts] or [0.0, 1.0]
     x0, x1, y0, y1 = min(xs), max(xs) or 1.0, min(ys), max(ys) or 1.0
     sx = lambda v: 60 + 500 * (v - x0) / ((x1 - x0) or 1)  # noqa: E731
     sy = lambda v: 340 - 300 * (v - y0) / ((y1 - y0) or 1)  # noqa: E731
     dots = []
     for t in pts:
-        tip = html.escape(
-            json.dumps({"trial": t["trial_id"], **t["metrics"], **t["config"]}, indent=1)
-        )
-        color = "#d62728" if t["run_id"] in on_front else "#999"
-        dots.append(f'<circle cx="{sx(t["metrics"][x]):.1f}" cy="{sy(t["metrics"][y]):.1f}" r="5" '
+        tip = html.escape(json.dumps({"trial": t.trial_id, **t.metrics, **t.config}, indent=1))
+        color = "#d62728" if t.run_id in on_front else "#999"
+        dots.append(f'<circle cx="{sx(t.metrics[x]):.1f}" cy="{sy(t.metrics[y]):.1f}" r="5" '
                     f'fill="{color}"><title>{tip}</title></circle>')  # fmt: skip
     return (
         f"<!doctype html><html><body><h3>{html.escape(spec.name)}: {y} vs {x}</h3>"
@@ -147,24 +147,25 @@ def finalize_sweep(
     trials = tracking.sweep_trials(sweep_id, tracking_uri)
     report = pareto_report(spec, trials)
     winners = {t["run_id"] for t in report["front"]}
+    front = [t for t in trials if t.run_id in winners]
     for t in trials:
-        on_front = TRUE if t["run_id"] in winners else FALSE
-        c.set_tag(t["run_id"], Tag.PARETO, on_front)
-        if (t.get("model_uri") or "").startswith("models:/"):
-            model_id = t["model_uri"].removeprefix("models:/")
+        on_front = TRUE if t.run_id in winners else FALSE
+        c.set_tag(t.run_id, Tag.PARETO, on_front)
+        if (t.model_uri or "").startswith("models:/"):
+            model_id = t.model_uri.removeprefix("models:/")
             c.set_logged_model_tags(model_id, {Tag.PARETO: on_front})
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "pareto.json").write_text(json.dumps(report, indent=2))
-        (d / "pareto.png").write_bytes(plot_png(spec, trials, report["front"]))
-        (d / "pareto.html").write_text(_plot_html(spec, trials, report["front"]))
+        (d / "pareto.png").write_bytes(plot_png(spec, trials, front))
+        (d / "pareto.html").write_text(_plot_html(spec, trials, front))
         (d / "summary.txt").write_text(format_pareto_table(report) + "\n")
         c.log_artifacts(sweep_id, tmp)
     c.log_table(
         sweep_id,
-        {"trial_id": [t["trial_id"] for t in trials], "status": [t["status"] for t in trials],
-         "pareto": [t["run_id"] in winners for t in trials],
-         **{m: [t["metrics"].get(m) for t in trials] for m in _COLUMNS}},
+        {"trial_id": [t.trial_id for t in trials], "status": [t.status for t in trials],
+         "pareto": [t.run_id in winners for t in trials],
+         **{m: [t.metrics.get(m) for t in trials] for m in _COLUMNS}},
         "summary.json",
     )  # fmt: skip
     c.log_batch(sweep_id, metrics=_summary_metrics(report))

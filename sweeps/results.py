@@ -4,7 +4,7 @@ Trials are grouped by method (:func:`method_label`: kind, granularity, target-sp
 pruning scope, whether they start from a dense run), and each configuration is averaged over its
 seeds. A method's Pareto front is chosen on validation (mean sparsity and mean val_accuracy, both
 maximised); its test accuracy is reported, as mean and standard deviation over the seeds. Pure
-functions over the plain trial dicts of :func:`sweeps.tracking.sweep_trials`; the MLflow reads are
+functions over the trial records of :func:`sweeps.tracking.sweep_trials`; the MLflow reads are
 in :func:`collect`. :mod:`sweeps.results_report` writes the Markdown and the plots.
 """
 
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import tracking
 from .pareto import pareto_front
+from .records import TrialRecord
+from .spec import granularity_label
 from .vocabulary import KIND_SWEEP, SweepStatus, Tag, TrialStatus, sweeps_filter
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "aggregate",
     "best_within",
     "collect",
+    "cost_front",
     "dense_reference",
     "find_sweeps",
     "method_front",
@@ -35,7 +38,7 @@ __all__ = [
 ]
 
 MEAN_METRICS = ("sparsity", "val_accuracy", "test_accuracy", "nonzero_params", "total_params",
-                "shrunk_params", "expected_flops", "latency_ms_b1", "throughput", "model_bytes",
+                "shrunk_params", "shrunk_flops", "expected_flops", "latency_ms_b1", "throughput", "model_bytes",
                 "speedup_vs_dense", "latency_speedup_b1")  # fmt: skip
 _IGNORED = {"seed"}  # config keys that only tell seeds apart
 
@@ -55,9 +58,10 @@ class Point:
     experiment_id: str = ""
     export_formats: list[str] = field(default_factory=list)
 
-    def as_trial(self) -> dict[str, Any]:
-        """The shape :func:`sweeps.pareto.pareto_front` reads."""
-        return {"metrics": self.metrics, "status": TrialStatus.FINISHED.value, "point": self}
+    @property
+    def status(self) -> str:
+        """A point competes in the fronts (`sweeps.pareto.Scored`) as a finished trial."""
+        return TrialStatus.FINISHED.value
 
 
 @dataclass
@@ -70,7 +74,7 @@ class SweepInfo:
     experiment_id: str
     start_ms: int | None
     end_ms: int | None
-    trials: list[dict[str, Any]] = field(default_factory=list)
+    trials: list[TrialRecord] = field(default_factory=list)
 
     @property
     def seconds(self) -> float | None:
@@ -86,8 +90,8 @@ class ReportData:
     tracking_uri: str | None
     sweeps: list[SweepInfo]
 
-    def trials(self) -> list[dict[str, Any]]:
-        return [{**t, "experiment_id": s.experiment_id} for s in self.sweeps for t in s.trials]
+    def trials(self) -> list[TrialRecord]:
+        return [replace(t, experiment_id=s.experiment_id) for s in self.sweeps for t in s.trials]
 
 
 def _value(config: dict[str, str], key: str) -> Any:
@@ -106,7 +110,7 @@ def method_label(config: dict[str, str]) -> str:
     if kind == "none":
         return "dense"
     if kind == "l0":
-        label = f"L0 {_value(config, 'regularizer.granularity')}"
+        label = f"L0 {granularity_label(_value(config, 'regularizer.granularity'))}"
         if _value(config, "regularizer.target_sparsity") is not None:
             label += " + target"
     elif kind == "l1":
@@ -126,39 +130,39 @@ def method_label(config: dict[str, str]) -> str:
     return label + (", from dense" if fine_tuned else "")
 
 
-def _seconds(trial: dict[str, Any]) -> float:
-    start, end = trial.get("start_time"), trial.get("end_time")
+def _seconds(trial: TrialRecord) -> float:
+    start, end = trial.start_time, trial.end_time
     return (end - start) / 1000 if start is not None and end is not None else 0.0
 
 
-def aggregate(trials: list[dict[str, Any]]) -> list[Point]:
+def aggregate(trials: list[TrialRecord]) -> list[Point]:
     """Finished trials with a test accuracy, one :class:`Point` per method and configuration."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[str, list[TrialRecord]] = {}
     for t in trials:
-        if t.get("status") != TrialStatus.FINISHED or "test_accuracy" not in t.get("metrics", {}):
+        if t.status != TrialStatus.FINISHED or "test_accuracy" not in t.metrics:
             continue
-        config = {k: v for k, v in t["config"].items() if k not in _IGNORED}
+        config = {k: v for k, v in t.config.items() if k not in _IGNORED}
         groups.setdefault(json.dumps(config, sort_keys=True), []).append(t)
     points = []
     for key, members in groups.items():
         metrics = {
-            m: statistics.fmean(t["metrics"][m] for t in members)
+            m: statistics.fmean(t.metrics[m] for t in members)
             for m in MEAN_METRICS
-            if all(m in t["metrics"] for t in members)
+            if all(m in t.metrics for t in members)
         }
-        tests = [t["metrics"]["test_accuracy"] for t in members]
+        tests = [t.metrics["test_accuracy"] for t in members]
         points.append(
             Point(
                 method=method_label(json.loads(key)),
                 config=json.loads(key),
                 metrics=metrics,
                 test_std=statistics.stdev(tests) if len(tests) > 1 else 0.0,
-                run_ids=[t["run_id"] for t in members],
-                seeds=[str(t["config"].get("seed", "")) for t in members],
-                architectures=sorted({t.get("architecture") or "" for t in members} - {""}),
+                run_ids=[t.run_id for t in members],
+                seeds=[str(t.config.get("seed", "")) for t in members],
+                architectures=sorted({t.architecture or "" for t in members} - {""}),
                 trial_seconds=sum(_seconds(t) for t in members),
-                experiment_id=members[0].get("experiment_id", ""),
-                export_formats=sorted({t.get("export_format") or "" for t in members} - {""}),
+                experiment_id=members[0].experiment_id,
+                export_formats=sorted({t.export_format or "" for t in members} - {""}),
             )
         )
     return sorted(points, key=lambda p: (p.method, p.metrics.get("sparsity", 0.0)))
@@ -167,7 +171,7 @@ def aggregate(trials: list[dict[str, Any]]) -> list[Point]:
 def method_front(points: list[Point]) -> list[Point]:
     """The non-dominated points on (mean sparsity, mean val_accuracy), by rising sparsity."""
     objectives = [("sparsity", "max"), ("val_accuracy", "max")]
-    front = [t["point"] for t in pareto_front([p.as_trial() for p in points], objectives)]
+    front = pareto_front(points, objectives)
     return sorted(front, key=lambda p: p.metrics["sparsity"])
 
 
@@ -175,8 +179,16 @@ def speed_front(points: list[Point]) -> list[Point]:
     """The non-dominated points on (mean measured ``speedup_vs_dense``, mean val_accuracy), by
     rising speedup; only points the driver timed against the dense model take part."""
     objectives = [("speedup_vs_dense", "max"), ("val_accuracy", "max")]
-    front = [t["point"] for t in pareto_front([p.as_trial() for p in points], objectives)]
+    front = pareto_front(points, objectives)
     return sorted(front, key=lambda p: p.metrics["speedup_vs_dense"])
+
+
+def cost_front(points: list[Point], metric: str) -> list[Point]:
+    """The non-dominated points on (mean ``metric``, a cost such as ``shrunk_params``, mean
+    val_accuracy), by rising cost; only points that logged ``metric`` take part."""
+    objectives = [(metric, "min"), ("val_accuracy", "max")]
+    front = pareto_front(points, objectives)
+    return sorted(front, key=lambda p: p.metrics[metric])
 
 
 def dense_reference(points: list[Point]) -> Point | None:

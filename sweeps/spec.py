@@ -13,22 +13,26 @@ from __future__ import annotations
 
 import json
 import math
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     Discriminator,
     Field,
     PositiveInt,
     Tag,
+    TypeAdapter,
     ValidationInfo,
     create_model,
     model_validator,
 )
+from pydantic_core import core_schema
 
 from .augment import AugmentSpec
-from .config import get_settings
+from .config import DataDirs, get_settings
 from .domains import (
     DOMAIN_KINDS,
     Choice,
@@ -44,7 +48,7 @@ from .domains import (
     _Strict,
     lone_surrogate,
 )
-from .registry import DATASETS, MODELS
+from .registry import DATASETS, MODELS, Entry, Registry, takes_dirs
 from .variants import Expansion, ExpansionTooLarge, expand
 
 __all__ = [
@@ -100,7 +104,34 @@ SPEED_METRICS = {
 FINAL_METRICS = {
     "test_accuracy": "accuracy of the exported (pruned) model on the test split",
     "shrunk_params": "parameters of the shrunk model (structured gates)",
+    "shrunk_flops": "multiply-adds per example of the exported model (zero weights skipped)",
 }
+
+
+UNIT_KINDS = ("head", "output")
+"""The structured units a granularity list gates together (heads and MLP hidden units/channels)."""
+
+
+def _unit_kinds(value: list[str]) -> list[str] | str:
+    if len(set(value)) != len(value):
+        raise ValueError(f"a granularity list lists each unit kind once; got {value}")
+    ordered = [k for k in UNIT_KINDS if k in value]  # one order: [output, head] is [head, output]
+    return ordered[0] if len(ordered) == 1 else ordered
+
+
+UnitKinds = Annotated[
+    list[Literal["head", "output"]], Field(min_length=1), AfterValidator(_unit_kinds)
+]
+
+
+def granularity_units(granularity: str | list[str]) -> tuple[str, ...]:
+    """The unit kinds of one concrete granularity: ``"output"`` or ``["head", "output"]``."""
+    return tuple(granularity) if isinstance(granularity, list | tuple) else (granularity,)
+
+
+def granularity_label(granularity: str | list[str]) -> str:
+    """A granularity in words for names and labels: ``output``, ``head+output``."""
+    return "+".join(granularity_units(granularity))
 
 
 class RegularizerSpec(_Strict):
@@ -117,11 +148,12 @@ class RegularizerSpec(_Strict):
         default=0.1,
         description="Penalty weight; as in the L0 paper the penalty is lam * count / N_train.",
     )
-    granularity: _searchable(Literal["weight", "output", "input", "head"]) = Field(
+    granularity: _searchable(Literal["weight", "output", "input", "head"] | UnitKinds) = Field(
         default="weight",
         description="l0: one gate per weight, per output unit or channel (coupled through "
-        "residual adds and concatenations), per input feature, or per attention head; "
-        "channel-norm: output (what it reads the default 'weight' as) or head.",
+        "residual adds and concatenations), per input feature, or per attention head; a list "
+        "[head, output] gates heads and the MLP's hidden units together; channel-norm: output "
+        "(what it reads the default 'weight' as), head, or both.",
     )
     droprate_init: _searchable(Fraction, (Uniform,)) = 0.2
     temperature: _searchable(Annotated[float, Field(gt=0)], (Uniform, LogUniform)) = 2 / 3
@@ -173,11 +205,9 @@ class RegularizerSpec(_Strict):
                     f"kind {kind!r} needs target_sparsity, the sparsity to prune to (a number in "
                     f"(0, 1) or a search domain over such numbers), got {self.target_sparsity!r}"
                 )
-        granularities = _possible(self.granularity)
+        units = {u for g in _possible(self.granularity) or () for u in granularity_units(g)}
         if "channel-norm" in kinds:
-            unstructured = sorted(
-                set(granularities or ()) - {"weight", *CHANNEL_NORM_GRANULARITIES}
-            )
+            unstructured = sorted(units - {"weight", *CHANNEL_NORM_GRANULARITIES})
             if unstructured:
                 raise ValueError(
                     f"kind 'channel-norm' removes whole channels or heads: granularity "
@@ -203,7 +233,8 @@ def _head_without_attention(spec: SweepSpec) -> str | None:
     A model's parameter class says whether it has attention heads (``has_attention``); a model
     that does not say (a lab's plugin) is checked when the driver builds it, before any trial.
     """
-    if "head" not in (_possible(spec.regularizer.granularity) or ()):
+    possible = _possible(spec.regularizer.granularity) or ()
+    if not any("head" in granularity_units(g) for g in possible):
         return None
     if getattr(type(spec.model.params), "has_attention", None) is not False:
         return None
@@ -258,6 +289,13 @@ class TrainSpec(_Strict):
         default=None, description="Learning rate of the fine-tuning epochs; None: lr."
     )
 
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="The model's forward and loss under autocast: fp32 (none), bf16 (CPUs and "
+        "GPUs) or fp16 (GPUs, with a gradient scaler); the gates' math, the penalty and the "
+        "optimizer stay in fp32, and evaluation runs in fp32.",
+    )
+
     @model_validator(mode="after")
     def _finetune_within_epochs(self) -> TrainSpec:
         if self.finetune_epochs >= self.epochs:
@@ -267,19 +305,48 @@ class TrainSpec(_Strict):
         return self
 
 
-def _registry_union(registry: Any, kind: str) -> Any:
-    """A union of one spec class per registered entry, discriminated by ``name``."""
-    members = []
-    for entry in registry.entries():
-        cls = create_model(
-            f"{kind}_{entry.name}".replace("-", "_"),
-            __base__=_DatasetSpec if kind == "dataset" else _Strict,
-            name=(Literal[entry.name], ...),
-            params=(entry.params, Field(default_factory=entry.params)),
-            **({"__doc__": entry.description} if entry.description else {}),
-        )
-        members.append(Annotated[cls, Tag(entry.name)])
-    return Annotated[Union[tuple(members)], Discriminator("name")]  # noqa: UP007
+class _FromRegistry:
+    """A ``model`` or ``dataset`` field whose choices are the registry's entries when a spec is
+    validated (or its schema published), not when this module was imported: an entry registered
+    later (a plugin loaded at start-up, a test's model) is accepted, and importing the spec loads
+    no plugin. The choices are a union of one spec class per entry, discriminated by ``name``,
+    so errors keep their field paths (``model.mlp.params.hidden.0``)."""
+
+    def __init__(self, registry: Registry, kind: str) -> None:
+        self.registry = registry
+        self.kind = kind
+
+    def adapter(self) -> TypeAdapter[Any]:
+        """The union of the entries registered now (built again only when they change)."""
+        return _union_adapter(self.kind, tuple(self.registry.entries()))
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
+        def validate(value: Any, info: ValidationInfo) -> Any:
+            return self.adapter().validate_python(value, context=info.context)
+
+        return core_schema.with_info_plain_validator_function(validate)
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: Any) -> Any:
+        return handler(self.adapter().core_schema)
+
+
+@cache
+def _entry_spec(kind: str, entry: Entry) -> type[_Strict]:
+    """The spec class of one entry; one per entry, so a validated spec's ``model`` stays an
+    instance of its class when another entry is registered."""
+    return create_model(
+        f"{kind}_{entry.name}".replace("-", "_"),
+        __base__=_DatasetSpec if kind == "dataset" else _Strict,
+        name=(Literal[entry.name], ...),
+        params=(entry.params, Field(default_factory=entry.params)),
+        **({"__doc__": entry.description} if entry.description else {}),
+    )
+
+
+@lru_cache(maxsize=16)
+def _union_adapter(kind: str, entries: tuple[Entry, ...]) -> TypeAdapter[Any]:
+    members = [Annotated[_entry_spec(kind, e), Tag(e.name)] for e in entries]
+    return TypeAdapter(Annotated[Union[tuple(members)], Discriminator("name")])  # noqa: UP007
 
 
 class _DatasetSpec(_Strict):
@@ -299,14 +366,22 @@ class _DatasetSpec(_Strict):
         # Params that name files check them here, so a bad path is a spec error (a 422) before
         # any trial trains; validation context {"check_data": False} skips it (a spec read back
         # to be shown, or written for another machine's data directory).
-        check = getattr(self.params, "check_data", None)  # params: a field of each subclass
-        if check is not None and (info.context or {}).get("check_data", True):
-            check()
+        params = self.params  # a field of each subclass
+        augments = self.augment is not None and (self.augment.crop or self.augment.flip)
+        if augments and getattr(type(params), "gives_images", None) is False:
+            raise ValueError(
+                f"augment needs images (C, H, W), and dataset {self.name!r} gives 1-D "
+                "signals; remove augment or use an image dataset"
+            )
+        check = getattr(params, "check_data", None)
+        context = info.context or {}
+        if check is not None and context.get("check_data", True):
+            check(**takes_dirs(check, context.get("data_dirs")))
         return self
 
 
-ModelSpec = _registry_union(MODELS, "model")
-DatasetSpec = _registry_union(DATASETS, "dataset")
+ModelSpec = Annotated[Any, _FromRegistry(MODELS, "model")]
+DatasetSpec = Annotated[Any, _FromRegistry(DATASETS, "dataset")]
 
 
 class Objective(_Strict):
@@ -387,16 +462,19 @@ class SweepSpec(_Strict):
         return data
 
     @classmethod
-    def from_file(cls, path: str | Path, *, check_data: bool = True) -> SweepSpec:
+    def from_file(
+        cls, path: str | Path, *, check_data: bool = True, data_dirs: DataDirs | None = None
+    ) -> SweepSpec:
         """Load a spec from a YAML (.yaml/.yml) or JSON file.
 
         Args:
             check_data: check the files the dataset names in this machine's data directory;
                 False for a spec that runs elsewhere (submitted to a cluster's service).
+            data_dirs: where to check them; default: the settings read now.
         """
         text = Path(path).read_text()
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        return cls.model_validate(data, context={"check_data": check_data})
+        return cls.model_validate(data, context={"check_data": check_data, "data_dirs": data_dirs})
 
     def searched_fields(self) -> dict[str, Any]:
         """``{"section.field": domain}`` for every searched field."""
@@ -453,6 +531,11 @@ class SweepSpec(_Strict):
                 problems.append(
                     f"scheduler.grace_period {self.scheduler.grace_period} exceeds train.epochs {self.train.epochs}"
                 )
+        if self.train.precision == "fp16" and not self.resources.gpus_per_trial:
+            problems.append(
+                "train.precision 'fp16' needs a GPU (its gradient scaler is CUDA's): set "
+                "resources.gpus_per_trial, or use 'bf16', which CPUs run"
+            )
         no_heads = _head_without_attention(self)
         if no_heads:
             problems.append(no_heads)

@@ -22,6 +22,7 @@ import torch
 from mlflow.entities import Metric, RunTag
 
 from . import tracking
+from .config import DataDirs
 from .latency import compare, speedups
 from .model_log import timing_inputs
 from .pareto import speed_candidates
@@ -36,21 +37,28 @@ log = logging.getLogger(__name__)
 _DENSE = "dense"
 
 
-def _dense_model(spec: SweepSpec, example_cfg: dict[str, Any]) -> torch.nn.Module:
+def _dense_model(
+    spec: SweepSpec, example_cfg: dict[str, Any], dirs: DataDirs | None
+) -> torch.nn.Module:
     from .data import load_dataset
 
     ds = example_cfg["dataset"]
     data = load_dataset(
-        ds["name"], ds["params"], ds["val_fraction"], ds["test_fraction"], ds["split_seed"]
+        ds["name"], ds["params"], ds["val_fraction"], ds["test_fraction"], ds["split_seed"], dirs
     )
     seed_everything(0)
     return build_model(example_cfg, data)
 
 
 def record_speedups(
-    spec: SweepSpec, sweep_id: str, tracking_uri: str | None, rounds: int = 7
+    spec: SweepSpec,
+    sweep_id: str,
+    tracking_uri: str | None,
+    rounds: int = 7,
+    dirs: DataDirs | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Time the candidates against the dense model and log the ratios on their runs.
+    """Time the candidates against the dense model and log the ratios on their runs (the dense
+    model built for the dataset in ``dirs``, default: the settings read now).
 
     Returns:
         run id -> ``{"speedup_vs_dense": ..., "latency_speedup_b1": ...}`` for the trials timed.
@@ -68,17 +76,17 @@ def record_speedups(
         "model": spec.model.model_dump(mode="json"),
         "dataset": spec.dataset.model_dump(mode="json"),
     }
-    models: dict[str, torch.nn.Module] = {_DENSE: _dense_model(spec, cfg)}
+    models: dict[str, torch.nn.Module] = {_DENSE: _dense_model(spec, cfg, dirs)}
     for t in candidates:
-        uri = c.get_run(t["run_id"]).data.tags.get(Tag.MODEL_URI)
+        uri = c.get_run(t.run_id).data.tags.get(Tag.MODEL_URI)
         try:
             if uri is None:
                 raise LookupError(f"the run has no {Tag.MODEL_URI} tag (no logged model)")
-            models[t["run_id"]] = mlflow.pytorch.load_model(uri, map_location="cpu")
+            models[t.run_id] = mlflow.pytorch.load_model(uri, map_location="cpu")
         except Exception as err:
             reason = f"{type(err).__name__}: {err}"[:500]
-            log.warning("trial %s not timed against dense: %s", t["trial_id"], reason)
-            c.set_tag(t["run_id"], Tag.SPEEDUP_ERROR, reason)
+            log.warning("trial %s not timed against dense: %s", t.trial_id, reason)
+            c.set_tag(t.run_id, Tag.SPEEDUP_ERROR, reason)
     threads = max(1, math.floor(spec.resources.cpus_per_trial))
     speeds = compare(models, timing_inputs(cfg), "cpu", threads, rounds)
     ratios = speedups(speeds, _DENSE)

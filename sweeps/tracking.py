@@ -26,6 +26,7 @@ import hashlib
 import json
 import tempfile
 import time
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -37,13 +38,18 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from .config import get_settings
+from .records import SweepRecord, TrialRecord
 from .retry import MlflowUnavailable, RetryingClient, retry_window, until_answered, with_retries
 from .spec import SweepSpec
 from .vocabulary import (
+    ACTIVE_SWEEP,
     KIND_SWEEP,
     KIND_TRIAL,
+    MANAGED_BY_SERVICE,
     SWEEP_RUN_STATUS,
+    TERMINAL_SWEEP,
     TRIAL_RUN_STATUS,
+    TRUE,
     RunStatus,
     SweepStatus,
     Tag,
@@ -72,6 +78,7 @@ __all__ = [
     "set_sweep_status",
     "spec_digest",
     "start_trial_run",
+    "sweep_from_run",
     "sweep_status",
     "sweep_trials",
     "tag_run",
@@ -359,11 +366,11 @@ def tag_run(run_id: str, tags: dict[str, str], tracking_uri: str | None = None) 
     client(tracking_uri).log_batch(run_id, tags=items)
 
 
-def sweep_trials(run_id: str, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+def sweep_trials(run_id: str, tracking_uri: str | None = None) -> list[TrialRecord]:
     """Every trial of a sweep read from MLflow: ids, config (params), latest metrics, status."""
     c = client(tracking_uri)
     trials = [trial_from_run(run) for run in _search_children(c, run_id, trials_filter(run_id))]
-    return sorted(trials, key=lambda t: t["trial_id"] or "")
+    return sorted(trials, key=lambda t: t.trial_id or "")
 
 
 def trial_run_tags(sweep_id: str, trial_id: str) -> dict[str, str]:
@@ -377,22 +384,90 @@ def trial_run_tags(sweep_id: str, trial_id: str) -> dict[str, str]:
     }
 
 
-def trial_from_run(run: Any) -> dict[str, Any]:
-    """A trial's child run as a dict: ids, config (params), latest metrics, status, times."""
+def trial_from_run(run: Any) -> TrialRecord:
+    """A trial's child run as its record: ids, config (params), latest metrics, status, times."""
     tags = run.data.tags
-    return {
-        "trial_id": tags.get(Tag.TRIAL_ID),
-        "run_id": run.info.run_id,
-        "name": run.info.run_name,
-        "status": tags.get(Tag.TRIAL_STATUS, run.info.status),
-        "run_status": run.info.status,
-        "config": dict(run.data.params),
-        "metrics": dict(run.data.metrics),
-        "pareto": is_pareto(tags),
-        "failure_reason": tags.get(Tag.FAILURE_REASON),
-        "architecture": tags.get(Tag.ARCHITECTURE),
-        "export_format": tags.get(Tag.EXPORT_FORMAT),
-        "model_uri": tags.get(Tag.MODEL_URI),
-        "start_time": run.info.start_time,
-        "end_time": run.info.end_time,
-    }
+    return TrialRecord(
+        trial_id=tags.get(Tag.TRIAL_ID),
+        run_id=run.info.run_id,
+        name=run.info.run_name,
+        status=tags.get(Tag.TRIAL_STATUS, run.info.status),
+        run_status=run.info.status,
+        config=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+        pareto=is_pareto(tags),
+        failure_reason=tags.get(Tag.FAILURE_REASON),
+        architecture=tags.get(Tag.ARCHITECTURE),
+        export_format=tags.get(Tag.EXPORT_FORMAT),
+        model_uri=tags.get(Tag.MODEL_URI),
+        start_time=run.info.start_time,
+        end_time=run.info.end_time,
+        experiment_id=run.info.experiment_id,
+    )
+
+
+def sweep_from_run(run: Any) -> SweepRecord:
+    """A sweep's parent run as its record (what its tags say; unreadable tags as defaults)."""
+    tags = run.data.tags
+    objectives = _parse_json(tags.get(Tag.OBJECTIVES))
+    legacy = _parse_json(tags.get(Tag.LEGACY_SPEC))
+    if objectives is None and isinstance(legacy, dict):
+        objectives = legacy.get("objectives")
+    return SweepRecord(
+        id=run.info.run_id,
+        name=tags.get(Tag.NAME) or run.info.run_name or run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        status=_sweep_status(tags.get(Tag.STATUS)),
+        message=tags.get(Tag.STATUS_MESSAGE) or None,
+        created_at=_ms_to_datetime(run.info.start_time),
+        ended_at=_ms_to_datetime(run.info.end_time),
+        job_id=tags.get(Tag.JOB_ID) or None,
+        job_attempt=_to_int(tags.get(Tag.JOB_ATTEMPT), 0),
+        managed=tags.get(Tag.MANAGED) == MANAGED_BY_SERVICE,
+        cancel_requested=tags.get(Tag.CANCEL_REQUESTED) == TRUE,
+        idempotency_key=tags.get(Tag.IDEMPOTENCY_KEY) or None,
+        spec_sha256=tags.get(Tag.SPEC_SHA256) or None,
+        num_trials=_to_int(tags.get(Tag.NUM_TRIALS), 0),
+        objectives=_objectives(objectives),
+        duplicate_trials=_to_int(tags.get(Tag.DUPLICATE_TRIALS), 0),
+        last_heartbeat=_seconds_to_datetime(tags.get(Tag.HEARTBEAT)),
+    )
+
+
+def _sweep_status(tag: str | None) -> str:
+    return tag if tag in ACTIVE_SWEEP or tag in TERMINAL_SWEEP else SweepStatus.PENDING.value
+
+
+def _objectives(objectives: Any) -> list[dict[str, Any]]:
+    out = []
+    for objective in objectives if isinstance(objectives, list) else []:
+        if isinstance(objective, dict) and "metric" in objective:
+            out.append({"metric": str(objective["metric"]), "mode": objective.get("mode", "max")})
+    return out
+
+
+def _parse_json(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _ms_to_datetime(ms: int | None) -> datetime | None:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
+
+
+def _seconds_to_datetime(text: str | None) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(float(text), tz=timezone.utc) if text else None
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _to_int(text: str | None, default: int) -> int:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default

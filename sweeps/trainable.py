@@ -24,6 +24,7 @@ import torch
 from ray import tune
 
 from . import tracking
+from .config import get_settings
 from .model_log import record_exported_model
 from .space import concrete_config, trial_config
 from .training import TrainResult, TrialDiverged, train
@@ -128,7 +129,8 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     try:
         init = _init_weights(cfg, run_id, context)
         device = _device()
-        result = train(cfg, device, on_epoch, state, init)
+        # The trial's own process reads its settings once (a node's data directory is its own).
+        result = train(cfg, device, on_epoch, state, init, get_settings().data_dirs())
         log(result.metrics)
         _log_artifacts(run_id, result, context.tracking_uri)
         result.metrics.update(

@@ -30,6 +30,7 @@ __all__ = [
     "NEWEST_FIRST",
     "SWEEP_RUN_STATUS",
     "TERMINAL_SWEEP",
+    "TRIAL_PROGRESS",
     "TRIAL_RUN_STATUS",
     "ExportFormat",
     "RunStatus",
@@ -100,6 +101,21 @@ TRIAL_RUN_STATUS: Mapping[TrialStatus, RunStatus] = {
     TrialStatus.STOPPED: RunStatus.FINISHED,
     TrialStatus.FAILED: RunStatus.FAILED,
     TrialStatus.KILLED: RunStatus.KILLED,
+}
+
+# How a trial counts in its sweep's progress (``service.summary``), by the status it is read with:
+# its TrialStatus, else its MLflow run's status; Tune's own words (TERMINATED, ERROR, PENDING)
+# from stores written before ``l0sweep.trial_status`` existed. Any other status counts as pending.
+TRIAL_PROGRESS: Mapping[str, str] = {
+    TrialStatus.RUNNING: "running",
+    TrialStatus.FINISHED: "finished",
+    TrialStatus.STOPPED: "stopped",
+    TrialStatus.FAILED: "failed",
+    TrialStatus.KILLED: "stopped",
+    RunStatus.SCHEDULED: "pending",
+    "PENDING": "pending",
+    "TERMINATED": "finished",
+    "ERROR": "failed",
 }
 
 

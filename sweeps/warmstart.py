@@ -58,12 +58,12 @@ def resolve_init_run(
     trials = [
         t
         for t in tracking.sweep_trials(ref, tracking_uri)
-        if t["status"] == TrialStatus.FINISHED and "val_accuracy" in t["metrics"]
+        if t.status == TrialStatus.FINISHED and "val_accuracy" in t.metrics
     ]
     if not trials:
         raise InitFromError(f"init_from: sweep {ref} has no finished trial to start from")
-    same_seed = [t for t in trials if t["config"].get("seed") == str(seed)]
-    return max(same_seed or trials, key=lambda t: t["metrics"]["val_accuracy"])["run_id"]
+    same_seed = [t for t in trials if t.config.get("seed") == str(seed)]
+    return max(same_seed or trials, key=lambda t: t.metrics["val_accuracy"]).run_id
 
 
 def load_init_weights(run_id: str, tracking_uri: str | None) -> dict[str, torch.Tensor]:

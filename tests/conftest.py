@@ -56,8 +56,13 @@ _SHARED_GROUPS = {
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Every session (each xdist worker is one) gets an ``L0SWEEP_HOME`` of its own, so that
-    nothing a test leaves under the default home (``~/.l0sweep``) meets another session's."""
+    """The test process starts up as the service, the CLI and the driver do: MLflow's client
+    settings in its environment (inherited by the local Ray workers it starts). Every session
+    (each xdist worker is one) gets an ``L0SWEEP_HOME`` of its own, so that nothing a test leaves
+    under the default home (``~/.l0sweep``) meets another session's."""
+    from sweeps.config import configure_mlflow_client
+
+    configure_mlflow_client(0.0)
     before = os.environ.get("L0SWEEP_HOME")
     home = tempfile.mkdtemp(prefix="l0t-home-")
     os.environ["L0SWEEP_HOME"] = home

@@ -11,8 +11,9 @@ from typing import Any
 
 from service.errors import BackendUnavailable, NotFound
 from service.jobs import JobRunner, JobState
-from service.record import ListedSweep, SweepRecord
+from service.record import ListedSweep
 from service.search import Changes
+from sweeps.records import SweepRecord, TrialRecord
 from sweeps.vocabulary import TRUE, Tag
 
 
@@ -70,11 +71,10 @@ def record(
     )  # fmt: skip
 
 
-def trial(run_id: str, status: str = "RUNNING", val_accuracy: float | None = None) -> dict:
+def trial(run_id: str, status: str = "RUNNING", val_accuracy: float | None = None) -> TrialRecord:
     """A trial as `sweeps.tracking.trial_from_run` reads it."""
     metrics = {} if val_accuracy is None else {"val_accuracy": val_accuracy}
-    return {"trial_id": f"t_{run_id}", "run_id": run_id, "status": status, "metrics": metrics,
-            "config": {}, "pareto": False}  # fmt: skip
+    return TrialRecord(run_id, f"t_{run_id}", status=status, metrics=metrics)
 
 
 class FakeStore:
@@ -83,7 +83,7 @@ class FakeStore:
 
     def __init__(self, *records: SweepRecord) -> None:
         self.records = {r.id: r for r in records}
-        self.trial_lists: dict[str, list[dict[str, Any]]] = {}
+        self.trial_lists: dict[str, list[TrialRecord]] = {}
         self.writes: list[tuple[str, str, Any]] = []
         self.down = False  # True: every call raises BackendUnavailable, as with MLflow down
         self.reads = 0
@@ -102,7 +102,7 @@ class FakeStore:
             raise NotFound(f"no sweep with id {sweep_id!r}")
         return ListedSweep(self.records[sweep_id], None)
 
-    def trials(self, sweep_id: str) -> list[dict[str, Any]]:
+    def trials(self, sweep_id: str) -> list[TrialRecord]:
         self._check()
         self.reads += 1
         return list(self.trial_lists.get(sweep_id, []))

@@ -170,7 +170,7 @@ async def get_sweep(
 async def list_trials(sweep_id: str, control: ControlDep, rendered: RenderedDep) -> Response:
     """Each trial's config, status and latest metrics."""
     view = await _view(control, sweep_id, trials=True)
-    body = rendered.of("trials", view, lambda: [_trial(t) for t in view.trials])
+    body = rendered.of("trials", view, lambda: [TrialOut.of(t) for t in view.trials])
     return Response(content=body, media_type="application/json")
 
 
@@ -208,7 +208,7 @@ def _pareto(view: SweepView) -> ParetoFront:
         sweep_id=view.record.id,
         status=view.record.status,
         objectives=objectives,
-        front=[_trial(t) for t in front],
+        front=[TrialOut.of(t) for t in front],
         num_trials=len(eligible(trials, objectives, _COMPETING)),
         hypervolume=hypervolume(front, objectives) if front else None,
     )
@@ -313,18 +313,6 @@ def _out(view: SweepView, control: SweepControl, settings: Settings) -> SweepOut
             mlflow=f"{ui}/#/experiments/{record.experiment_id}/runs/{record.id}" if ui else None,
             ray_job=control.jobs.dashboard_url(record.job_id),
         ),
-    )
-
-
-def _trial(trial: dict) -> TrialOut:
-    return TrialOut(
-        id=str(trial.get("trial_id") or trial.get("run_id") or ""),
-        run_id=trial.get("run_id"),
-        status=str(trial.get("status") or "PENDING"),
-        config=trial.get("config") or {},
-        metrics=trial.get("metrics") or {},
-        pareto=bool(trial.get("pareto")),
-        failure_reason=trial.get("failure_reason"),
     )
 
 

@@ -212,7 +212,7 @@ def test_the_cache_reads_an_active_sweeps_trials_once_then_merges_what_changed()
     cache.search = FakeSearch()  # type: ignore[assignment]
     _look(cache, store.records[A], running=[A])
     first = cache.get(A)
-    assert [t["run_id"] for t in first.trials] == ["r1", "r2"]
+    assert [t.run_id for t in first.trials] == ["r1", "r2"]
     reads = store.reads
 
     changed = trial("r2", "FINISHED", 0.8)

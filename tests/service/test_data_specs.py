@@ -18,10 +18,10 @@ from tests.sweeps.images_on_disk import write_cifar10, write_class_folder
 
 @pytest.mark.integration
 def test_unusable_image_data_gets_422_naming_path_and_problem(
-    api, mlflow_client, tmp_path, monkeypatch
+    make_api, mlflow_client, tmp_path
 ) -> None:
+    """The service checks them in its own data directory (its settings, read at start-up)."""
     data = tmp_path / "data"
-    monkeypatch.setenv("L0SWEEP_DATA_DIR", str(data))
     write_class_folder(data / "pets", {"cat": 2})
     (data / "pets" / "dog").mkdir()
     write_class_folder(data / "mixed", {"cat": 1}, size=(8, 8))
@@ -36,15 +36,17 @@ def test_unusable_image_data_gets_422_naming_path_and_problem(
         ({"name": "cifar10"}, "'cifar-10-batches-py'"),
     ]
     before = count_sweep_runs(mlflow_client)
-    for dataset, problem in cases:
-        spec = copy.deepcopy(TINY_SPEC)
-        spec["dataset"] = dataset
-        response = api.post("/sweeps", json=spec)
-        assert response.status_code == 422, response.text
-        (detail,) = response.json()["detail"]
-        assert detail["field"] == f"dataset.{dataset['name']}", detail
-        assert problem in detail["msg"], detail
-        assert dataset.get("params", {"path": "cifar"})["path"].split("/")[-1] in detail["msg"]
+    with make_api(data_dir=data) as api:
+        for dataset, problem in cases:
+            spec = copy.deepcopy(TINY_SPEC)
+            spec["dataset"] = dataset
+            response = api.post("/sweeps", json=spec)
+            assert response.status_code == 422, response.text
+            (detail,) = response.json()["detail"]
+            assert detail["field"] == f"dataset.{dataset['name']}", detail
+            assert problem in detail["msg"], detail
+            name = dataset.get("params", {"path": "cifar"})["path"].split("/")[-1]
+            assert name in detail["msg"]
     assert count_sweep_runs(mlflow_client) == before
 
 

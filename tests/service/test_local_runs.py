@@ -111,7 +111,7 @@ def test_a_killed_local_run_is_ended_failed_and_frees_its_slot(
             assert ended["status"] == "FAILED" and "stopped: no heartbeat" in ended["message"]
             assert control_active(api) <= active - 1  # its concurrency slot is free
             trials = tracking.sweep_trials(running["id"], mlflow_uri)
-            assert [t["run_status"] for t in trials] == ["KILLED"]
+            assert [t.run_status for t in trials] == ["KILLED"]
             assert api.delete(f"/sweeps/{running['id']}").status_code == 204
     finally:
         if proc.poll() is None:

@@ -6,14 +6,13 @@ import pytest
 
 from service.search import like_fragment
 from service.summary import Summary, summarize
+from sweeps.records import TrialRecord
 
 TRIALS = [
-    {"trial_id": "t0", "run_id": "r0", "status": "FINISHED",
-     "metrics": {"val_accuracy": 0.8, "sparsity": 0.5}},
-    {"trial_id": "t1", "run_id": "r1", "status": "FAILED", "metrics": {}},
-    {"trial_id": "t2", "run_id": "r2", "status": "STOPPED",
-     "metrics": {"val_accuracy": 0.9, "sparsity": 0.2}},
-]  # fmt: skip
+    TrialRecord("r0", "t0", status="FINISHED", metrics={"val_accuracy": 0.8, "sparsity": 0.5}),
+    TrialRecord("r1", "t1", status="FAILED"),
+    TrialRecord("r2", "t2", status="STOPPED", metrics={"val_accuracy": 0.9, "sparsity": 0.2}),
+]
 OBJECTIVES = [{"metric": "val_accuracy", "mode": "max"}, {"metric": "sparsity", "mode": "max"}]
 
 

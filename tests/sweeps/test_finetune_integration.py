@@ -9,14 +9,15 @@ import pytest
 
 from sweeps import tracking
 from sweeps.driver import run_sweep
+from sweeps.records import TrialRecord
 from sweeps.spec import SweepSpec
 from tests.sweeps.conftest import tiny_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _by_seed(trials: list[dict]) -> dict[int, dict]:
-    return {int(t["config"]["seed"]): t for t in trials}
+def _by_seed(trials: list[TrialRecord]) -> dict[int, TrialRecord]:
+    return {int(t.config["seed"]): t for t in trials}
 
 
 def test_sparse_sweeps_start_from_the_dense_trial_with_their_seed(
@@ -46,10 +47,10 @@ def test_sparse_sweeps_start_from_the_dense_trial_with_their_seed(
     c = tracking.client(tracking_uri)
     for seed, trial in _by_seed(second.trials).items():
         source = dense_trials[seed]
-        tags = c.get_run(trial["run_id"]).data.tags
-        assert tags["l0sweep.init_from_run"] == source["run_id"]
-        assert trial["metrics"]["val_accuracy"] == source["metrics"]["val_accuracy"] > 0.5
-    assert dense_trials[0]["metrics"]["val_accuracy"] != dense_trials[1]["metrics"]["val_accuracy"]
+        tags = c.get_run(trial.run_id).data.tags
+        assert tags["l0sweep.init_from_run"] == source.run_id
+        assert trial.metrics["val_accuracy"] == source.metrics["val_accuracy"] > 0.5
+    assert dense_trials[0].metrics["val_accuracy"] != dense_trials[1].metrics["val_accuracy"]
 
     # One-shot magnitude pruning of the dense model at the first step, then a fine-tuning epoch
     # with the zeros fixed; the sweep names the dense sweep by id this time.
@@ -65,15 +66,15 @@ def test_sparse_sweeps_start_from_the_dense_trial_with_their_seed(
     assert third.status == "FINISHED", third.trials
     gated = 64 * 32 + 32 * 10
     for trial in third.trials:
-        target = json.loads(trial["config"]["regularizer.target_sparsity"])
-        history = c.get_metric_history(trial["run_id"], "sparsity")
+        target = json.loads(trial.config["regularizer.target_sparsity"])
+        history = c.get_metric_history(trial.run_id, "sparsity")
         assert [m.step for m in history] == [1, 2]
         assert all(m.value == pytest.approx(target, abs=1 / gated) for m in history)
-        m = trial["metrics"]
+        m = trial.metrics
         assert m["nonzero_params"] == gated - round(target * gated) + 32 + 10  # + biases
-        assert m["test_accuracy"] > 0.5 and trial["architecture"] == "64-32-10"
-        tags = c.get_run(trial["run_id"]).data.tags
-        assert tags["l0sweep.init_from_run"] == dense_trials[0]["run_id"]
+        assert m["test_accuracy"] > 0.5 and trial.architecture == "64-32-10"
+        tags = c.get_run(trial.run_id).data.tags
+        assert tags["l0sweep.init_from_run"] == dense_trials[0].run_id
 
 
 def test_an_unknown_source_sweep_fails_the_trials_with_the_reason(
@@ -85,4 +86,4 @@ def test_an_unknown_source_sweep_fails_the_trials_with_the_reason(
     result = run_sweep(spec, tracking_uri, storage_path)
     assert result.status == "FAILED"
     (trial,) = result.trials
-    assert "no FINISHED sweep named 'never-ran' in experiment 'tests'" in trial["failure_reason"]
+    assert "no FINISHED sweep named 'never-ran' in experiment 'tests'" in trial.failure_reason

@@ -9,33 +9,33 @@ from sweeps.pareto import (
     pareto_front,
     speed_candidates,
 )
+from sweeps.records import TrialRecord
 
 OBJ = [("acc", "max"), ("sparsity", "max")]
 
 
 def t(name, acc, sp, status="FINISHED", **extra):
-    return {"trial_id": name, "status": status, "metrics": {"acc": acc, "sparsity": sp, **extra}}
+    metrics = {"acc": acc, "sparsity": sp, **extra}
+    return TrialRecord(f"run-{name}", name, status=status, metrics=metrics)
 
 
 def test_front_drops_dominated_and_keeps_ties():
     trials = [t("a", 0.9, 0.5), t("b", 0.8, 0.9), t("c", 0.85, 0.4), t("d", 0.9, 0.5)]
-    assert [x["trial_id"] for x in pareto_front(trials, OBJ)] == ["a", "d", "b"]
+    assert [x.trial_id for x in pareto_front(trials, OBJ)] == ["a", "d", "b"]
 
 
 def test_nan_failed_and_stopped_trials_do_not_compete():
     trials = [t("a", 0.7, 0.5), t("nan", math.nan, 0.99), t("f", 0.99, 0.99, "FAILED"),
               t("s", 0.99, 0.99, "STOPPED")]  # fmt: skip
-    assert [x["trial_id"] for x in pareto_front(trials, OBJ)] == ["a"]
-    assert [x["trial_id"] for x in pareto_front(trials, OBJ, statuses=("FINISHED", "STOPPED"))] == [
+    assert [x.trial_id for x in pareto_front(trials, OBJ)] == ["a"]
+    assert [x.trial_id for x in pareto_front(trials, OBJ, statuses=("FINISHED", "STOPPED"))] == [
         "s"
     ]
 
 
 def test_min_objective():
     trials = [t("a", 0.9, 0.5, flops=10.0), t("b", 0.9, 0.5, flops=5.0)]
-    assert [x["trial_id"] for x in pareto_front(trials, [("acc", "max"), ("flops", "min")])] == [
-        "b"
-    ]
+    assert [x.trial_id for x in pareto_front(trials, [("acc", "max"), ("flops", "min")])] == ["b"]
 
 
 def test_hypervolume_2d_exact():
@@ -54,30 +54,21 @@ def test_dominates():
 
 def test_best_at_sparsity_chooses_on_validation():
     trials = [
-        {
-            "trial_id": "a",
-            "status": "FINISHED",
-            "metrics": {"sparsity": 0.95, "val_accuracy": 0.8, "test_accuracy": 0.9},
-        },
-        {
-            "trial_id": "b",
-            "status": "FINISHED",
-            "metrics": {"sparsity": 0.96, "val_accuracy": 0.85, "test_accuracy": 0.7},
-        },
-        {
-            "trial_id": "c",
-            "status": "FINISHED",
-            "metrics": {"sparsity": 0.5, "val_accuracy": 0.99, "test_accuracy": 0.99},
-        },
-    ]
-    assert best_at_sparsity(trials, 0.9)["trial_id"] == "b"
+        TrialRecord("ra", "a", status="FINISHED",
+                    metrics={"sparsity": 0.95, "val_accuracy": 0.8, "test_accuracy": 0.9}),
+        TrialRecord("rb", "b", status="FINISHED",
+                    metrics={"sparsity": 0.96, "val_accuracy": 0.85, "test_accuracy": 0.7}),
+        TrialRecord("rc", "c", status="FINISHED",
+                    metrics={"sparsity": 0.5, "val_accuracy": 0.99, "test_accuracy": 0.99}),
+    ]  # fmt: skip
+    assert best_at_sparsity(trials, 0.9).trial_id == "b"
     assert best_at_sparsity(trials, 0.99) is None
 
 
 def test_speed_candidates_unite_the_fronts_a_speed_comparison_needs():
     def trial(run_id, val, sparsity, throughput, status="FINISHED"):
         metrics = {"val_accuracy": val, "sparsity": sparsity, "throughput": throughput}
-        return {"run_id": run_id, "status": status, "metrics": metrics}
+        return TrialRecord(run_id, status=status, metrics=metrics)
 
     trials = [
         trial("accurate", 0.95, 0.1, 100.0),
@@ -88,7 +79,7 @@ def test_speed_candidates_unite_the_fronts_a_speed_comparison_needs():
     ]
     # speedup_vs_dense is not measured yet: the trial's own throughput stands in for it
     own = [("val_accuracy", "max"), ("speedup_vs_dense", "max")]
-    chosen = [t["run_id"] for t in speed_candidates(trials, own)]
+    chosen = [t.run_id for t in speed_candidates(trials, own)]
     assert chosen == ["accurate", "fast", "sparse"]
-    assert [t["run_id"] for t in speed_candidates(trials, own, limit=2)] == ["accurate", "fast"]
+    assert [t.run_id for t in speed_candidates(trials, own, limit=2)] == ["accurate", "fast"]
     assert speed_candidates([], own) == []

@@ -176,8 +176,8 @@ def test_a_labs_residual_network_sweeps_and_shrinks_with_l0sweep_run(lab_package
     done, sweep_id = _run(tmp_path, spec, uri)
     assert done.returncode == 0 and f"sweep {sweep_id} FINISHED" in done.stdout, done.stderr[-3000:]
     (trial,) = tracking.sweep_trials(sweep_id, uri)
-    assert trial["status"] == "FINISHED"
-    m = trial["metrics"]
+    assert trial.status == "FINISHED"
+    m = trial.metrics
     assert m["shrunk_params"] < m["total_params"], m  # the export removed whole channels
     assert m["sparsity"] > 0 and 0 <= m["test_accuracy"] <= 1
 

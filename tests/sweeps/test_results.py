@@ -1,11 +1,13 @@
-"""The comparison report's grouping, seed averaging, fronts and Markdown, on plain trial dicts
-shaped like :func:`sweeps.tracking.sweep_trials` (the MLflow path is tested through the service)."""
+"""The comparison report's grouping, seed averaging, fronts and Markdown, on trial records as
+:func:`sweeps.tracking.sweep_trials` reads them (the MLflow path is tested through the service)."""
 
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 
+from sweeps.records import TrialRecord
 from sweeps.results import (
     ReportData,
     SweepInfo,
@@ -15,7 +17,7 @@ from sweeps.results import (
     method_front,
     method_label,
 )
-from sweeps.results_report import render_markdown, slug
+from sweeps.results_report import plot_cost, render_markdown, slug
 
 _ids = itertools.count()
 
@@ -32,12 +34,12 @@ def _config(kind: str, seed: int = 0, **reg) -> dict[str, str]:
 
 def _trial(config, val, test, sparsity, status="FINISHED", seconds=2.0, **metrics):
     n = next(_ids)
-    return {
-        "trial_id": f"t{n}", "run_id": f"{n:032x}", "status": status, "config": config,
-        "metrics": {"val_accuracy": val, "test_accuracy": test, "sparsity": sparsity,
-                    "nonzero_params": 1000 * (1 - sparsity), "expected_flops": 2e6, **metrics},
-        "architecture": "64-32-10", "start_time": 0, "end_time": int(seconds * 1000),
-    }  # fmt: skip
+    return TrialRecord(
+        trial_id=f"t{n}", run_id=f"{n:032x}", status=status, config=config,
+        metrics={"val_accuracy": val, "test_accuracy": test, "sparsity": sparsity,
+                 "nonzero_params": 1000 * (1 - sparsity), "expected_flops": 2e6, **metrics},
+        architecture="64-32-10", start_time=0, end_time=int(seconds * 1000),
+    )  # fmt: skip
 
 
 def test_method_labels_come_from_the_logged_params():
@@ -97,7 +99,7 @@ def test_markdown_tables_show_the_numbers_and_run_ids():
         _trial(_config("l0", 0, granularity="output", target_sparsity=0.5), 0.947, 0.9350, 0.5,
                shrunk_params=900.0),
     ]  # fmt: skip
-    trials[1]["architecture"] = "64-7-10"
+    trials[1] = replace(trials[1], architecture="64-7-10")
     sweep = SweepInfo("a" * 32, "bench", "FINISHED", "1", 1000, 66000, trials)
     text = render_markdown(ReportData("http://mlflow:5000", [sweep]), {"": "fronts.png"})
     assert "| bench | `" + "a" * 32 + "` | FINISHED | 3/3 | 1 min 05 s | 6 s |" in text
@@ -109,7 +111,7 @@ def test_markdown_tables_show_the_numbers_and_run_ids():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:10] == ["80.00%", "93.21% ± 0.00", "94.50%", "200", "420", "2.000", "-", "-",
                           "64-7-10", "target_sparsity=0.8"]  # fmt: skip
-    run_id = trials[1]["run_id"]
+    run_id = trials[1].run_id
     assert cells[11] == f"[{run_id}](http://mlflow:5000/#/experiments/1/runs/{run_id})"
     assert "No trial was timed against the dense model" in text
 
@@ -126,8 +128,8 @@ def test_the_report_shows_accuracy_against_measured_speedup_and_says_unstructure
         _trial(_config("magnitude", 0, target_sparsity=0.9), 0.94, 0.93, 0.9,
                speedup_vs_dense=1.02, latency_speedup_b1=0.99),
     ]  # fmt: skip
-    trials[0]["export_format"], trials[3]["export_format"] = "unpruned", "dense tensors"
-    trials[1]["export_format"] = trials[2]["export_format"] = "shrunk"
+    formats = ("unpruned", "shrunk", "shrunk", "dense tensors")
+    trials = [replace(t, export_format=f) for t, f in zip(trials, formats, strict=True)]
     sweep = SweepInfo("b" * 32, "speed", "FINISHED", "1", 0, 1000, trials)
     text = render_markdown(ReportData(None, [sweep]), {"speed": "speed.png"})
     assert "## Measured speed" in text and "![test accuracy vs measured speedup](speed.png)" in text
@@ -140,3 +142,35 @@ def test_the_report_shows_accuracy_against_measured_speedup_and_says_unstructure
     assert "1.02x" in magnitude and "unstructured: dense tensors, no speedup" in magnitude
     assert "| L0 output | 4.00x" not in text  # dominated on (speedup, val accuracy)
     assert "Best sparsity within 1 point of dense val accuracy: 80.00%" in text
+
+
+def test_the_report_fronts_accuracy_against_the_exported_models_parameters_and_flops():
+    trials = [
+        _trial(_config("none", 0), 0.95, 0.94, 0.0, shrunk_params=2000.0, shrunk_flops=4e6),
+        _trial(_config("l0", 0, granularity="output", lam=10.0), 0.945, 0.93, 0.8,
+               shrunk_params=420.0, shrunk_flops=0.9e6),
+        _trial(_config("l0", 0, granularity="output", lam=1.0), 0.947, 0.935, 0.5,
+               shrunk_params=900.0, shrunk_flops=1.8e6),
+        _trial(_config("l0", 0, granularity="output", lam=0.1), 0.94, 0.92, 0.3,
+               shrunk_params=1500.0, shrunk_flops=3e6),  # bigger and worse: off the front
+        _trial(_config("channel-norm", 0, target_sparsity=0.5, prune_begin=0.0, prune_end=0.0),
+               0.93, 0.925, 0.5, shrunk_params=1000.0, shrunk_flops=2e6),
+    ]  # fmt: skip
+    sweep = SweepInfo("c" * 32, "cost", "FINISHED", "1", 0, 1000, trials)
+    text = render_markdown(
+        ReportData(None, [sweep]), {"params": "params.png", "flops": "flops.png"}
+    )
+    assert "## Accuracy against parameters and FLOPs" in text
+    assert "![test accuracy vs parameters of the exported model](params.png)" in text
+    assert "![test accuracy vs multiply-adds per example of the exported model](flops.png)" in text
+    section = text.split("## Accuracy against parameters and FLOPs")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| L0 output | ") or line.startswith("| channel-norm")]  # fmt: skip
+    assert [r[:4] for r in rows] == [
+        ["L0 output", "420", "0.900", "93.00% ± 0.00"],
+        ["L0 output", "900", "1.800", "93.50% ± 0.00"],
+        ["channel-norm one-shot", "1,000", "2.000", "92.50% ± 0.00"],
+    ]
+    points = aggregate(trials)
+    png = plot_cost(points, ["dense", "L0 output", "channel-norm one-shot"], "shrunk_flops", "t")
+    assert png.startswith(b"\x89PNG")

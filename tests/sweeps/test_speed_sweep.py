@@ -31,21 +31,21 @@ def test_a_sweep_measures_its_models_and_ranks_accuracy_against_measured_speedup
     result = run_sweep(spec, tracking_uri, storage_path)
     assert result.status == "FINISHED"
     c = tracking.client(tracking_uri)
-    trials = {t["name"].split()[0]: t for t in tracking.sweep_trials(result.sweep_id, tracking_uri)}
+    trials = {t.name.split()[0]: t for t in tracking.sweep_trials(result.sweep_id, tracking_uri)}
     assert set(trials) == {"l0", "dense"}
     for t in trials.values():
-        assert t["status"] == "FINISHED"
-        assert {"latency_ms_b1", "throughput", "model_bytes"} <= set(t["metrics"])
-        tags = c.get_run(t["run_id"]).data.tags
+        assert t.status == "FINISHED"
+        assert {"latency_ms_b1", "throughput", "model_bytes"} <= set(t.metrics)
+        tags = c.get_run(t.run_id).data.tags
         assert tags[Tag.SPEED_DEVICE] == "cpu" and tags[Tag.SPEED_THREADS] == "1"
         assert Tag.ONNX_ERROR not in tags, tags.get(Tag.ONNX_ERROR)
-        assert tracking.ONNX_ARTIFACT in {f.path for f in c.list_artifacts(t["run_id"], "onnx")}
+        assert tracking.ONNX_ARTIFACT in {f.path for f in c.list_artifacts(t.run_id, "onnx")}
         # both are on the (val_accuracy, speedup_vs_dense) front's candidates: both timed
-        assert t["metrics"]["speedup_vs_dense"] > 0
+        assert t.metrics["speedup_vs_dense"] > 0
         assert tags[Tag.SPEEDUP_THREADS] == "1"
-    assert trials["l0"]["export_format"] == ExportFormat.SHRUNK
-    assert trials["dense"]["export_format"] == ExportFormat.UNPRUNED
-    assert trials["l0"]["metrics"]["model_bytes"] < trials["dense"]["metrics"]["model_bytes"]
+    assert trials["l0"].export_format == ExportFormat.SHRUNK
+    assert trials["dense"].export_format == ExportFormat.UNPRUNED
+    assert trials["l0"].metrics["model_bytes"] < trials["dense"].metrics["model_bytes"]
 
     parent = c.get_run(result.sweep_id).data.metrics
     assert parent["speed_pass_seconds"] > 0 and parent["dense_throughput"] > 0
@@ -54,6 +54,6 @@ def test_a_sweep_measures_its_models_and_ranks_accuracy_against_measured_speedup
     assert report["front"], "the front over measured speedup is empty"
     mlflow.set_tracking_uri(tracking_uri)
     for t in trials.values():
-        on_front = any(f["run_id"] == t["run_id"] for f in report["front"])
-        model = c.get_logged_model(t["model_uri"].removeprefix("models:/"))
+        on_front = any(f["run_id"] == t.run_id for f in report["front"])
+        model = c.get_logged_model(t.model_uri.removeprefix("models:/"))
         assert model.tags[Tag.PARETO] == json.dumps(on_front)

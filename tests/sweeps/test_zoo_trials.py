@@ -36,7 +36,7 @@ def _cfg(model: str, regularizer: dict, epochs: int = 1) -> dict:
 @pytest.mark.parametrize(
     ("model", "granularity"),
     [("resnet", "output"), ("googlenet", "output"), ("mobilenetv2", "output"),
-     ("vit", "output"), ("vit", "head")],
+     ("vit", "output"), ("vit", "head"), ("vit", ["head", "output"])],
 )  # fmt: skip
 def test_structured_l0_trains_and_shrinks_every_zoo_family(model, granularity):
     result = train(_cfg(model, {**L0_TO_HALF, "granularity": granularity}))
@@ -74,13 +74,13 @@ def test_a_channel_norm_sweep_finishes_and_logs_params_and_flops(
     result = run_sweep(spec, tracking_uri, storage_path)
     assert result.status == "FINISHED"
     trials = tracking.sweep_trials(result.sweep_id, tracking_uri)
-    assert sorted(t["name"] for t in trials) == [
+    assert sorted(t.name for t in trials) == [
         "channel-norm target=0.5 prune_end=0 seed=0",
         "channel-norm target=0.5 prune_end=0.5 seed=0",
     ]
     for t in trials:  # every figure an L0 trial reports, parameters and FLOPs of the export
-        assert t["status"] == "FINISHED"
-        m = t["metrics"]
-        assert set(EPOCH_METRICS) | set(FINAL_METRICS) <= set(m), t["name"]
+        assert t.status == "FINISHED"
+        m = t.metrics
+        assert set(EPOCH_METRICS) | set(FINAL_METRICS) <= set(m), t.name
         assert m["shrunk_params"] < 0.8 * m["total_params"]
         assert m["sparsity"] == pytest.approx(0.5, abs=0.08) and m["expected_flops"] > 0
