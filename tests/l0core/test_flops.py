@@ -49,4 +49,4 @@ def test_expected_flops_of_saturated_gates_equal_the_exported_models(build):
         reg(torch.randn(2, 3, 8, 8))
     cost = reg.export_cost()
     assert reg.expected_flops() == pytest.approx(cost["macs"], rel=2e-3)
-    assert cost["params"] == reg.last_shrink_report.params_after
+    assert cost["params"] == reg.prune(shrink=True).report.params_after
