@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from .checks import check_number
 from .export import finish_export
-from .method import CountedMethod, Pruned, SummaryRow
+from .flops import layer_of_weight
+from .method import CountedMethod, Pruned, SummaryRow, elementwise_rows
 from .selection import Selector, select_params
 
 __all__ = ["Dense", "L1Regularizer"]
@@ -50,7 +51,7 @@ class Dense(CountedMethod):
 
     def summary(self) -> list[SummaryRow]:
         """Per parameter: nothing gated, all kept."""
-        return [SummaryRow.dense(n, p) for n, p in self.module.named_parameters()]
+        return [SummaryRow.ungated_row(n, p) for n, p in self.module.named_parameters()]
 
     def prune(self, shrink: bool = False) -> Pruned:
         """A plain copy of the module in eval mode (``shrink`` has no dead units to remove)."""
@@ -98,26 +99,13 @@ class L1Regularizer(CountedMethod):
     def summary(self) -> list[SummaryRow]:
         """Per parameter: whether the threshold acts on it, the fraction above it."""
         chosen = {t.name for t in self._targets}
-        rows = []
-        for name, p in self.module.named_parameters():
-            if name not in chosen:
-                rows.append(SummaryRow.dense(name, p))
-                continue
-            kept = float((p.detach().abs() > self.threshold).float().mean())
-            rows.append(
-                SummaryRow(
-                    name=name,
-                    shape=tuple(p.shape),
-                    numel=p.numel(),
-                    gated=True,
-                    granularity="weight",
-                    applied="threshold",
-                    n_gates=p.numel(),
-                    expected_density=kept,
-                    eval_density=kept,
-                )
-            )
-        return rows
+        params = list(self.module.named_parameters())
+        kept = {
+            name: float((p.detach().abs() > self.threshold).float().mean())
+            for name, p in params
+            if name in chosen
+        }
+        return elementwise_rows(params, chosen, kept, "threshold")
 
     def prune(self, shrink: bool = False) -> Pruned:
         """A plain copy of the module with ``|theta| <= threshold`` set to exactly 0 (dead units
@@ -132,10 +120,9 @@ class L1Regularizer(CountedMethod):
 
     def kept_weights(self) -> dict[str, float]:
         """Per layer whose weight is selected, its weights above the threshold."""
-        chosen = {t.name for t in self._targets}
         kept = {}
-        for name, mod in self.module.named_modules():
-            wname = f"{name}.weight" if name else "weight"
-            if wname in chosen:
-                kept[name] = float((mod.weight.abs() > self.threshold).sum())
+        for t in self._targets:
+            layer = layer_of_weight(t.name)
+            if layer is not None:
+                kept[layer] = float((t.live.abs() > self.threshold).sum())
         return kept

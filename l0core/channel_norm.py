@@ -138,17 +138,12 @@ class ChannelNormPruner(CountedMethod):
         self.steps = 0
         self.applied_sparsity = 0.0
         self._shapes: dict[str, tuple[int, ...]] | None = None
-        self._example: tuple[tuple, dict] | None = None
+        self._example: tuple[tuple, dict] | None = None  # the first forward's rows
 
     @property
     def group_plan(self) -> GroupPlan:
         """The coupled groups the masks act on."""
         return self.plan
-
-    @property
-    def example_rows(self) -> tuple[tuple, dict] | None:
-        """A few rows of the first forward's inputs, ``(args, kwargs)``: what exports check on."""
-        return self._example
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._example is None:
@@ -227,19 +222,16 @@ class ChannelNormPruner(CountedMethod):
             name = name.removesuffix("_orig")
             group = owner.get(name)
             if group is None:
-                rows.append(SummaryRow.dense(name, p))
+                rows.append(SummaryRow.ungated_row(name, p))
                 continue
             rows.append(
-                SummaryRow(
-                    name=name,
-                    shape=tuple(p.shape),
-                    numel=p.numel(),
-                    gated=True,
+                SummaryRow.gated_row(
+                    name,
+                    p,
                     granularity="output",
                     applied=f"group:{group[0]}",
                     n_gates=0,
                     expected_density=group[1],
-                    eval_density=group[1],
                 )
             )
         return rows

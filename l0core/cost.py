@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ._chain import ShrinkError
-from .flops import COUNTED, layer_macs
+from .flops import COUNTED, layer_macs, layer_of_weight
 from .graph import ChannelGraph, GraphError
 from .trace import trace_channels
 
@@ -112,11 +112,10 @@ def _layer_weights(reg: L0Regularizer) -> dict[str, float]:
     density = {s.name: (pw[s.slice], s) for s in reg._wsites}
     density.update({s.name: (pu[s.slice], s) for s in reg._asites})
     kept: dict[str, float] = {}
-    for name, _ in reg.module.named_modules():
-        wname = f"{name}.weight" if name else "weight"
-        if wname in density:
-            p, site = density[wname]
-            kept[name] = float(p.detach().sum()) * site.group_size
+    for name, (p, site) in density.items():
+        layer = layer_of_weight(name)
+        if layer is not None:
+            kept[layer] = float(p.detach().sum()) * site.group_size
     return kept
 
 

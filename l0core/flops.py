@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 
 from torch import nn
 
-__all__ = ["COUNTED", "layer_macs", "model_macs", "record_shapes"]
+__all__ = ["COUNTED", "layer_macs", "layer_of_weight", "model_macs", "record_shapes"]
 
 COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -32,6 +32,16 @@ def layer_macs(module: nn.Module, out_shape: tuple[int, ...], nonzero_weights: f
     else:
         raise TypeError(f"cannot count multiply-adds of {type(module).__name__}")
     return float(positions) * nonzero_weights
+
+
+def layer_of_weight(param_name: str) -> str | None:
+    """The layer whose ``weight`` a parameter is (``"fc.weight"`` -> ``"fc"``, ``"weight"`` ->
+    ``""``, the model itself), the key of :func:`model_macs`'s ``kept``; None for any other
+    parameter."""
+    if param_name == "weight":
+        return ""
+    layer, _, attr = param_name.rpartition(".")
+    return layer if attr == "weight" and layer else None
 
 
 def model_macs(

@@ -32,9 +32,10 @@ from torch.nn.utils import prune as torch_prune
 
 from .checks import check_fraction, check_int
 from .export import finish_export
+from .flops import layer_of_weight
 from .graph_export import shrink_graph
 from .groups import GroupPlan
-from .method import CountedMethod, Pruned, SparsityMethod, SummaryRow
+from .method import CountedMethod, Pruned, SparsityMethod, SummaryRow, elementwise_rows
 from .selection import Selector, TargetParam, select_params
 
 __all__ = ["FixedMask", "MagnitudePruner", "cubic_sparsity"]
@@ -106,16 +107,6 @@ class _Masked(CountedMethod):
         self._group_plan: GroupPlan | None = None
         self._example: tuple[tuple, dict] | None = None
 
-    @property
-    def group_plan(self) -> GroupPlan | None:
-        """The coupled groups ``prune(shrink=True)`` exports through (None: a chain's export)."""
-        return self._group_plan
-
-    @property
-    def example_rows(self) -> tuple[tuple, dict] | None:
-        """The inputs a shrunk export is checked on (given with the plan)."""
-        return self._example
-
     def _masks(self) -> list[Tensor]:
         return [getattr(mod, f"{attr}_mask") for _, mod, attr in self._sites]
 
@@ -135,25 +126,9 @@ class _Masked(CountedMethod):
         """Per parameter of the plain model: name, shape, whether counted, kept fraction."""
         masks = dict(zip((s[0] for s in self._sites), self._masks(), strict=True))
         counted = {self._sites[i][0] for i in self._counted}
-        rows = []
-        for name, p in self.module.named_parameters():
-            name = name.removesuffix("_orig")
-            kept = float(masks[name].mean()) if name in masks else 1.0
-            gated = name in counted
-            rows.append(
-                SummaryRow(
-                    name=name,
-                    shape=tuple(p.shape),
-                    numel=p.numel(),
-                    gated=gated,
-                    granularity="weight" if gated else None,
-                    applied="mask" if gated else None,
-                    n_gates=p.numel() if gated else 0,
-                    expected_density=kept,
-                    eval_density=kept,
-                )
-            )
-        return rows
+        kept = {name: float(mask.mean()) for name, mask in masks.items()}
+        params = ((n.removesuffix("_orig"), p) for n, p in self.module.named_parameters())
+        return elementwise_rows(params, counted, kept, "mask")
 
     def prune(self, shrink: bool = False) -> Pruned:
         """A plain copy of the module (no prune hooks or buffers) with masked weights at 0.
@@ -179,12 +154,11 @@ class _Masked(CountedMethod):
 
     def kept_weights(self) -> dict[str, float]:
         """Per layer whose weight is masked, the weights its mask keeps."""
-        masks = dict(zip((s[0] for s in self._sites), self._masks(), strict=True))
         kept = {}
-        for name, _ in self.module.named_modules():
-            wname = f"{name}.weight" if name else "weight"
-            if wname in masks:
-                kept[name] = float(masks[wname].sum())
+        for (name, _, _), mask in zip(self._sites, self._masks(), strict=True):
+            layer = layer_of_weight(name)
+            if layer is not None:
+                kept[layer] = float(mask.sum())
         return kept
 
 

@@ -22,7 +22,7 @@ layer, its expected non-zero weights; :func:`l0core.flops.model_macs` counts the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
@@ -37,7 +37,14 @@ if TYPE_CHECKING:
     from .graph_export import GraphShrinkReport
     from .groups import GroupPlan
 
-__all__ = ["CountedMethod", "MethodBase", "Pruned", "SparsityMethod", "SummaryRow"]
+__all__ = [
+    "CountedMethod",
+    "MethodBase",
+    "Pruned",
+    "SparsityMethod",
+    "SummaryRow",
+    "elementwise_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -72,9 +79,63 @@ class SummaryRow:
     eval_density: float
 
     @classmethod
-    def dense(cls, name: str, param: Tensor) -> SummaryRow:
-        """The row of a parameter the method leaves alone."""
-        return cls(name, tuple(param.shape), param.numel(), False, None, None, 0, 1.0, 1.0)
+    def gated_row(
+        cls,
+        name: str,
+        param: Tensor,
+        *,
+        granularity: str,
+        applied: str,
+        n_gates: int,
+        expected_density: float,
+        eval_density: float | None = None,
+    ) -> SummaryRow:
+        """The row of a parameter the method acts on (``eval_density``: the expected one when
+        nothing is random)."""
+        if eval_density is None:
+            eval_density = expected_density
+        shape, numel = tuple(param.shape), param.numel()
+        args = (granularity, applied, n_gates, expected_density, eval_density)
+        return cls(name, shape, numel, True, *args)
+
+    @classmethod
+    def ungated_row(cls, name: str, param: Tensor, density: float = 1.0) -> SummaryRow:
+        """The row of a parameter the method does not act on (``density``: the fraction of it
+        kept, 1 unless it was pruned before, as under a fixed mask)."""
+        return cls(name, tuple(param.shape), param.numel(), False, None, None, 0, density, density)
+
+
+def elementwise_rows(
+    params: Iterable[tuple[str, Tensor]],
+    counted: set[str],
+    kept: Mapping[str, float],
+    applied: str,
+) -> list[SummaryRow]:
+    """The summary of a method that keeps or drops single weights (a threshold, a mask).
+
+    Args:
+        params: the plain model's parameters, ``(name, tensor)``.
+        counted: the names the method counts: gated, one entry per element.
+        kept: per name, the fraction of it kept (absent: all of it).
+        applied: how the method acts (``"threshold"``, ``"mask"``).
+    """
+    rows = []
+    for name, p in params:
+        density = kept.get(name, 1.0)
+        if name not in counted:
+            rows.append(SummaryRow.ungated_row(name, p, density))
+            continue
+        rows.append(
+            SummaryRow.gated_row(
+                name,
+                p,
+                granularity="weight",
+                applied=applied,
+                n_gates=p.numel(),
+                expected_density=density,
+            )
+        )
+    return rows
 
 
 class Pruned(NamedTuple):
@@ -167,12 +228,16 @@ class SparsityMethod(Protocol):
 
 
 class MethodBase(nn.Module):
-    """What every method shares: the parameter groups, the density, and one ``expected_flops``
-    over ``kept_weights()`` and the output shapes of the first forward (``_shapes``)."""
+    """What every method shares: the parameter groups, the density, the export's groups and
+    inputs (``_group_plan``, ``_example``: None unless the method sets them), and one
+    ``expected_flops`` over ``kept_weights()`` and the output shapes of the first forward
+    (``_shapes``)."""
 
     module: nn.Module
     n_gated: int
     _shapes: dict[str, tuple[int, ...]] | None
+    _group_plan: GroupPlan | None = None
+    _example: tuple[tuple, dict] | None = None
 
     def count_l0(self) -> Tensor:
         raise NotImplementedError
@@ -196,13 +261,15 @@ class MethodBase(nn.Module):
 
     @property
     def group_plan(self) -> GroupPlan | None:
-        """None here: the method acts on no coupled groups."""
-        return None
+        """The coupled groups the method acts on and exports through (None: not a structured
+        method; its export is the chain's)."""
+        return self._group_plan
 
     @property
     def example_rows(self) -> tuple[tuple, dict] | None:
-        """None here: the method keeps no inputs to check a shrunk export on."""
-        return None
+        """A few rows of a forward's inputs, ``(args, kwargs)``, that a shrunk export is checked
+        on (None: none kept)."""
+        return self._example
 
     def _shape_recorder(self) -> contextlib.AbstractContextManager:
         """Records the layers' output shapes during the first forward (after a reset)."""

@@ -43,7 +43,6 @@ from .gating import (
     unit_masks,
 )
 from .graph_export import export_blockers, group_members, shrink_graph
-from .groups import GroupPlan
 from .masking import masked_weights
 from .method import MethodBase, Pruned, SummaryRow
 from .probe import count_reads, settle_hooks
@@ -442,14 +441,12 @@ class L0Regularizer(MethodBase):
                 z = sites[s.name][1]
                 applied, owner = f"group:{s.name}", s.name
             else:
-                rows.append(SummaryRow.dense(name, p))
+                rows.append(SummaryRow.ungated_row(name, p))
                 continue
             rows.append(
-                SummaryRow(
-                    name=name,
-                    shape=tuple(p.shape),
-                    numel=p.numel(),
-                    gated=True,
+                SummaryRow.gated_row(
+                    name,
+                    p,
                     granularity=s.granularity,
                     applied=applied,
                     n_gates=s.n_gates,
@@ -486,16 +483,6 @@ class L0Regularizer(MethodBase):
             model.eval()
             return Pruned(*shrink_graph(model, self._group_plan, self._closed(), self._example))
         return Pruned(*finish_export(model, shrink))
-
-    @property
-    def group_plan(self) -> GroupPlan | None:
-        """The coupled groups the structured gates act on (None: chain or weight gates only)."""
-        return self._group_plan
-
-    @property
-    def example_rows(self) -> tuple[tuple, dict] | None:
-        """A few rows of the first forward's inputs, ``(args, kwargs)``: what exports check on."""
-        return self._example
 
     def _closed(self) -> Tensor:
         """Which coupled units are closed in eval (their gate is exactly 0)."""
