@@ -39,7 +39,7 @@ def cascaded_weights(
     weight_density: dict[str, float],
 ) -> dict[str, float]:
     """Per counted layer of ``model``, its expected non-zero weights with the cascade (what
-    :func:`l0core.flops.model_macs` counts).
+    :func:`l0core.flops.kept_macs` counts).
 
     Args:
         graph: the channel graph of ``model`` (same module names).

@@ -10,9 +10,10 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping
 
+import torch
 from torch import nn
 
-__all__ = ["COUNTED", "layer_macs", "layer_of_weight", "model_macs", "record_shapes"]
+__all__ = ["COUNTED", "kept_macs", "layer_macs", "layer_of_weight", "model_macs", "record_shapes"]
 
 COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -36,7 +37,7 @@ def layer_macs(module: nn.Module, out_shape: tuple[int, ...], nonzero_weights: f
 
 def layer_of_weight(param_name: str) -> str | None:
     """The layer whose ``weight`` a parameter is (``"fc.weight"`` -> ``"fc"``, ``"weight"`` ->
-    ``""``, the model itself), the key of :func:`model_macs`'s ``kept``; None for any other
+    ``""``, the model itself), the key of :func:`kept_macs`'s ``kept``; None for any other
     parameter."""
     if param_name == "weight":
         return ""
@@ -44,7 +45,7 @@ def layer_of_weight(param_name: str) -> str | None:
     return layer if attr == "weight" and layer else None
 
 
-def model_macs(
+def kept_macs(
     model: nn.Module, shapes: Mapping[str, tuple[int, ...]], kept: Mapping[str, float]
 ) -> float:
     """Multiply-adds per example of the counted layers of ``model`` that ran (every sparsity
@@ -83,3 +84,25 @@ def record_shapes(model: nn.Module, store: dict[str, tuple[int, ...]]) -> Iterat
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def model_macs(model: nn.Module, example: torch.Tensor) -> float:
+    """Multiply-adds per example of ``model`` as it is: its Linear and ConvNd layers, with the
+    weights that are exactly zero skipped (so a shrunk model is counted at its real widths, and
+    a model with zeros in full-size tensors as if they were skipped).
+
+    Args:
+        model: any module; it is run once in eval mode (its mode is restored).
+        example: one batch of inputs (a batch of one is enough).
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with record_shapes(model, shapes):
+            model(example)
+    finally:
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    return kept_macs(model, shapes, {n: float((modules[n].weight != 0).sum()) for n in shapes})

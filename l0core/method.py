@@ -15,7 +15,7 @@ Implementations: ``L0Regularizer`` (hard-concrete gates), ``L1Regularizer`` and 
 (:mod:`l0core.baselines`), ``MagnitudePruner`` and ``FixedMask`` (:mod:`l0core.magnitude`),
 ``ChannelNormPruner`` (:mod:`l0core.channel_norm`). They share :class:`MethodBase`: one
 ``expected_flops`` over one description of the layers (``kept_weights``: per Linear/ConvNd
-layer, its expected non-zero weights; :func:`l0core.flops.model_macs` counts them), and
+layer, its expected non-zero weights; :func:`l0core.flops.kept_macs` counts them), and
 :class:`CountedMethod` for the methods without gate logits.
 """
 
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .cost import export_cost
-from .flops import model_macs, record_shapes
+from .flops import kept_macs, record_shapes
 
 if TYPE_CHECKING:
     from .export import ShrinkReport
@@ -299,7 +299,7 @@ class MethodBase(nn.Module):
             self.train(was)
         if not self._shapes:
             raise RuntimeError("expected_flops() needs one forward first, or an example input")
-        return model_macs(self.module, self._shapes, self.kept_weights())
+        return kept_macs(self.module, self._shapes, self.kept_weights())
 
     def export_cost(self) -> dict[str, float]:
         """The exact cost of the model ``prune(shrink=True)`` produces (``prune()`` where it

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -60,6 +60,9 @@ class DataSplits:
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    gives_images: ClassVar[bool | None] = None
+    """False: the dataset gives signals, not images (C, H, W), so ``augment`` is refused at
+    validation; None: known once the data load (the driver's check before any trial)."""
 
 
 class IdxParams(_Params):
@@ -170,6 +173,7 @@ def cifar100(params: Cifar100Params) -> RawData:
 
 
 class Mnist1dParams(_Params):
+    gives_images: ClassVar[bool | None] = False
     num_samples: PositiveInt = 5000
     seed: int = 42
 
@@ -186,6 +190,7 @@ def mnist1d(params: Mnist1dParams) -> RawData:
 
 
 class SparseTeacherParams(_Params):
+    gives_images: ClassVar[bool | None] = False
     num_samples: PositiveInt = 6000
     num_features: PositiveInt = 64
     hidden: PositiveInt = 32

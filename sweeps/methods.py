@@ -21,6 +21,8 @@ from l0core import (
     SparsityMethod,
 )
 
+from .spec import granularity_units
+
 __all__ = ["build_method", "channel_norm_granularity", "is_structured"]
 
 _MASK_UPDATES = 50  # a gradual magnitude schedule updates its masks about this often
@@ -30,13 +32,14 @@ def is_structured(reg: dict[str, Any]) -> bool:
     """Whether the export can remove whole units (structured L0 gates, channel-norm pruning)."""
     if reg["kind"] == "channel-norm":
         return True
-    return reg["kind"] == "l0" and reg["granularity"] in ("output", "input", "head")
+    units = granularity_units(reg["granularity"])
+    return reg["kind"] == "l0" and all(u in ("output", "input", "head") for u in units)
 
 
-def channel_norm_granularity(reg: dict[str, Any]) -> str:
-    """The units channel-norm pruning removes: heads when asked for, else channels (the spec's
-    default ``weight`` granularity means nothing to it)."""
-    return "head" if reg["granularity"] == "head" else "output"
+def channel_norm_granularity(reg: dict[str, Any]) -> str | list[str]:
+    """The units channel-norm pruning removes: heads, channels or both as asked (the spec's
+    default ``weight`` granularity means nothing to it: channels)."""
+    return "output" if reg["granularity"] == "weight" else reg["granularity"]
 
 
 def _gate_init(choice: str, pretrained: bool) -> str:

@@ -19,11 +19,12 @@ from torch import nn
 from l0core import L0Regularizer
 from l0core.channel_norm import ChannelNormPruner
 
+from .augment import augmenter
 from .data import load_dataset
 from .domains import _possible
 from .methods import channel_norm_granularity
 from .registry import MODELS
-from .spec import SweepSpec
+from .spec import SweepSpec, granularity_label, granularity_units
 
 __all__ = ["export_granularities", "preflight"]
 
@@ -31,17 +32,19 @@ _STRUCTURED_L0 = ("output", "input", "head")
 _SHOWN = 5  # blocker lines quoted in the status message
 
 
-def export_granularities(spec: SweepSpec) -> list[str]:
-    """The granularities at which some trial of ``spec`` will shrink its model on export."""
+def export_granularities(spec: SweepSpec, kind: str | None = None) -> list[str | list[str]]:
+    """The granularities at which some trial of ``spec`` (of ``kind``, or any) will shrink its
+    model on export, each once (``"output"``, ``["head", "output"]``)."""
     reg = spec.regularizer
-    kinds = _possible(reg.kind) or []
+    kinds = [k for k in _possible(reg.kind) or [] if kind in (None, k)]
     granularities = _possible(reg.granularity) or []
-    out: list[str] = []
+    out: list[str | list[str]] = []
     if "l0" in kinds:
-        out += [g for g in granularities if g in _STRUCTURED_L0]
+        out += [g for g in granularities if set(granularity_units(g)) <= set(_STRUCTURED_L0)]
     if "channel-norm" in kinds:
         out += [channel_norm_granularity({"granularity": g}) for g in granularities]
-    return list(dict.fromkeys(out))
+    unique = {granularity_label(g): g for g in out}
+    return list(unique.values())
 
 
 def _build(spec: SweepSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -62,6 +65,10 @@ def preflight(spec: SweepSpec) -> str | None:
     except Exception as err:
         return f"dataset {ds.name!r} cannot be loaded: {type(err).__name__}: {err}"
     try:
+        augmenter(ds.augment and ds.augment.model_dump(), data.input_shape, ds.name)
+    except ValueError as err:
+        return str(err)
+    try:
         model = _build(spec, data.input_shape, data.num_classes)
     except Exception as err:  # a lab's factory may raise anything
         return (
@@ -70,8 +77,7 @@ def preflight(spec: SweepSpec) -> str | None:
         )
     reg = spec.regularizer
     granularities = export_granularities(spec)
-    if "channel-norm" in (_possible(reg.kind) or []):
-        granularity = channel_norm_granularity({"granularity": reg.granularity})
+    for granularity in export_granularities(spec, "channel-norm"):
         try:  # its own plan on a copy (the pruner masks the model it is given)
             ChannelNormPruner(copy.deepcopy(model), 0.5, 1, granularity=granularity,
                               include=reg.include, exclude=reg.exclude)  # fmt: skip
@@ -82,14 +88,17 @@ def preflight(spec: SweepSpec) -> str | None:
         if blockers:
             more = len(blockers) - _SHOWN
             return (
-                f"model {spec.model.name!r} cannot be shrunk at granularity {granularity!r} "
+                f"model {spec.model.name!r} cannot be shrunk at granularity "
+                f"{granularity_label(granularity)!r} "
                 f"(checked before training): {'; '.join(blockers[:_SHOWN])}"
                 + (f"; and {more} more" if more > 0 else "")
             )
     return None
 
 
-def _blockers(model: nn.Module, granularity: str, include: Any, exclude: Any) -> list[str]:
+def _blockers(
+    model: nn.Module, granularity: str | list[str], include: Any, exclude: Any
+) -> list[str]:
     """``check_export()`` of the L0 wrapper the trial would build (channel-norm pruning removes
     the same groups through the same export), or the reason it cannot be built."""
     try:

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import tracking
 from .pareto import pareto_front
+from .spec import granularity_label
 from .vocabulary import KIND_SWEEP, SweepStatus, Tag, TrialStatus, sweeps_filter
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "aggregate",
     "best_within",
     "collect",
+    "cost_front",
     "dense_reference",
     "find_sweeps",
     "method_front",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 MEAN_METRICS = ("sparsity", "val_accuracy", "test_accuracy", "nonzero_params", "total_params",
-                "shrunk_params", "expected_flops", "latency_ms_b1", "throughput", "model_bytes",
+                "shrunk_params", "shrunk_flops", "expected_flops", "latency_ms_b1", "throughput", "model_bytes",
                 "speedup_vs_dense", "latency_speedup_b1")  # fmt: skip
 _IGNORED = {"seed"}  # config keys that only tell seeds apart
 
@@ -106,7 +108,7 @@ def method_label(config: dict[str, str]) -> str:
     if kind == "none":
         return "dense"
     if kind == "l0":
-        label = f"L0 {_value(config, 'regularizer.granularity')}"
+        label = f"L0 {granularity_label(_value(config, 'regularizer.granularity'))}"
         if _value(config, "regularizer.target_sparsity") is not None:
             label += " + target"
     elif kind == "l1":
@@ -177,6 +179,14 @@ def speed_front(points: list[Point]) -> list[Point]:
     objectives = [("speedup_vs_dense", "max"), ("val_accuracy", "max")]
     front = [t["point"] for t in pareto_front([p.as_trial() for p in points], objectives)]
     return sorted(front, key=lambda p: p.metrics["speedup_vs_dense"])
+
+
+def cost_front(points: list[Point], metric: str) -> list[Point]:
+    """The non-dominated points on (mean ``metric``, a cost such as ``shrunk_params``, mean
+    val_accuracy), by rising cost; only points that logged ``metric`` take part."""
+    objectives = [(metric, "min"), ("val_accuracy", "max")]
+    front = [t["point"] for t in pareto_front([p.as_trial() for p in points], objectives)]
+    return sorted(front, key=lambda p: p.metrics[metric])
 
 
 def dense_reference(points: list[Point]) -> Point | None:

@@ -17,6 +17,7 @@ import datetime as dt
 import io
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .results import (
     aggregate,
     best_within,
     collect,
+    cost_front,
     dense_reference,
     find_sweeps,
     method_front,
@@ -34,7 +36,15 @@ from .results import (
 )
 from .vocabulary import ExportFormat, TrialStatus
 
-__all__ = ["plot_fronts", "plot_speed", "render_markdown", "slug", "write_report"]
+__all__ = [
+    "COSTS",
+    "plot_cost",
+    "plot_fronts",
+    "plot_speed",
+    "render_markdown",
+    "slug",
+    "write_report",
+]
 
 
 def slug(method: str) -> str:
@@ -181,6 +191,7 @@ def render_markdown(data: ReportData, plots: dict[str, str]) -> str:
                    "(test acc)", "sparsest front point (test acc)", "trial time (sum)"], rows)  # fmt: skip
     if "" in plots:
         out += ["", f"![Pareto fronts of all methods]({plots['']})"]
+    out += _cost_section(points, methods, plots)
     out += _speed_section(points, methods, plots)
     for method in methods:
         group = [p for p in points if p.method == method]
@@ -252,34 +263,90 @@ def _png(fig: Any, ax: Any) -> bytes:
     return buf.getvalue()
 
 
-def plot_speed(points: list[Point], methods: list[str], title: str) -> bytes:
-    """Test accuracy vs measured speedup over the dense model: each method's speed front, its
-    other timed points faint, 1x (dense speed) dashed."""
+def _plot_against(
+    points: list[Point],
+    methods: list[str],
+    metric: str,
+    front: Callable[[list[Point]], list[Point]],
+    labels: tuple[str, str],
+    reference: tuple[float, str] | None = None,
+) -> bytes:
+    """Test accuracy against ``metric``: each method's front (``front`` of its points that
+    logged ``metric``), its other points faint, and an optional dashed vertical reference."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    ax.axvline(1.0, ls="--", c="0.4", label="dense speed")
+    if reference is not None:
+        ax.axvline(reference[0], ls="--", c="0.4", label=reference[1])
     for i, method in enumerate(methods):
-        group = [p for p in points if p.method == method and "speedup_vs_dense" in p.metrics]
+        group = [p for p in points if p.method == method and metric in p.metrics]
         if not group:
             continue
-        front = speed_front(group)
-        ax.scatter(
-            [p.metrics["speedup_vs_dense"] for p in group],
-            [p.metrics["test_accuracy"] for p in group],
-            c=f"C{i % 10}",
-            s=10,
-            alpha=0.35,
-        )
-        ax.plot([p.metrics["speedup_vs_dense"] for p in front],
-                [p.metrics["test_accuracy"] for p in front], "o-", c=f"C{i % 10}", ms=4,
-                label=method)  # fmt: skip
-    ax.set(xlabel="measured speedup over dense (throughput, batch 256)", ylabel="test accuracy",
-           title=title)  # fmt: skip
+        color = f"C{i % 10}"
+        ax.scatter([p.metrics[metric] for p in group],
+                   [p.metrics["test_accuracy"] for p in group], c=color, s=10, alpha=0.35)  # fmt: skip
+        best = front(group)
+        ax.plot([p.metrics[metric] for p in best], [p.metrics["test_accuracy"] for p in best],
+                "o-", c=color, ms=4, label=method)  # fmt: skip
+    ax.set(xlabel=labels[0], ylabel="test accuracy", title=labels[1])
     return _png(fig, ax)
+
+
+def plot_speed(points: list[Point], methods: list[str], title: str) -> bytes:
+    """Test accuracy vs measured speedup over the dense model: each method's speed front, its
+    other timed points faint, 1x (dense speed) dashed."""
+    return _plot_against(
+        points, methods, "speedup_vs_dense", speed_front,
+        ("measured speedup over dense (throughput, batch 256)", title), (1.0, "dense speed"),
+    )  # fmt: skip
+
+
+COSTS = {
+    "shrunk_params": ("params", "parameters of the exported model"),
+    "shrunk_flops": ("flops", "multiply-adds per example of the exported model"),
+}
+"""The cost fronts of the report: metric -> (plot name, axis label)."""
+
+
+def plot_cost(points: list[Point], methods: list[str], metric: str, title: str) -> bytes:
+    """Test accuracy vs a cost of the exported model (``COSTS``): each method's front on
+    (cost, val accuracy); the dense model is one point of its own."""
+    return _plot_against(
+        points, methods, metric, lambda group: cost_front(group, metric),
+        (f"{COSTS[metric][1]} (fewer is better)", title),
+    )  # fmt: skip
+
+
+def _cost_section(points: list[Point], methods: list[str], plots: dict[str, str]) -> list[str]:
+    """Accuracy against the exported model's parameters and multiply-adds."""
+    out = ["", "## Accuracy against parameters and FLOPs", ""]
+    costed = [p for p in points if any(m in p.metrics for m in COSTS)]
+    if not costed:
+        return [*out, "No trial logged the exported model's cost (`shrunk_params`)."]
+    out.append(
+        "Each method's front on (cost of the exported model, val accuracy): parameters after "
+        "the export (a structured export removes units; an unstructured one keeps full-size "
+        "tensors) and multiply-adds per example of the exported model, zero weights skipped."
+    )
+    for name, label in COSTS.values():
+        if name in plots:
+            out += ["", f"![test accuracy vs {label}]({plots[name]})"]
+    rows = []
+    for method in methods:
+        for p in cost_front([q for q in costed if q.method == method], "shrunk_params"):
+            flops = p.metrics.get("shrunk_flops")
+            rows.append([
+                method, _int(p.metrics.get("shrunk_params")),
+                "-" if flops is None else f"{flops / 1e6:.3f}", _acc(p),
+                _pct(p.metrics.get("sparsity")), _export_text(p),
+                " / ".join(p.architectures) or "-",
+            ])  # fmt: skip
+    return [*out, "", *_table(
+        ["method", "params after export", "MFLOPs after export", "test acc", "sparsity",
+         "export", "architecture"], rows)]  # fmt: skip
 
 
 def write_report(
@@ -324,6 +391,11 @@ def write_report(
             speed_title = f"{common or 'all methods'}: test accuracy vs measured speedup"
             (out / "speed.png").write_bytes(plot_speed(points, methods, speed_title))
             plots["speed"] = "speed.png"
+        for metric, (name, _) in COSTS.items():
+            if any(metric in p.metrics for p in points):
+                cost_title = f"{common or 'all methods'}: test accuracy vs {name}"
+                (out / f"{name}.png").write_bytes(plot_cost(points, methods, metric, cost_title))
+                plots[name] = f"{name}.png"
     for method in methods:
         if method == "dense":
             continue

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
+    AfterValidator,
     Discriminator,
     Field,
     PositiveInt,
@@ -100,7 +101,34 @@ SPEED_METRICS = {
 FINAL_METRICS = {
     "test_accuracy": "accuracy of the exported (pruned) model on the test split",
     "shrunk_params": "parameters of the shrunk model (structured gates)",
+    "shrunk_flops": "multiply-adds per example of the exported model (zero weights skipped)",
 }
+
+
+UNIT_KINDS = ("head", "output")
+"""The structured units a granularity list gates together (heads and MLP hidden units/channels)."""
+
+
+def _unit_kinds(value: list[str]) -> list[str] | str:
+    if len(set(value)) != len(value):
+        raise ValueError(f"a granularity list lists each unit kind once; got {value}")
+    ordered = [k for k in UNIT_KINDS if k in value]  # one order: [output, head] is [head, output]
+    return ordered[0] if len(ordered) == 1 else ordered
+
+
+UnitKinds = Annotated[
+    list[Literal["head", "output"]], Field(min_length=1), AfterValidator(_unit_kinds)
+]
+
+
+def granularity_units(granularity: str | list[str]) -> tuple[str, ...]:
+    """The unit kinds of one concrete granularity: ``"output"`` or ``["head", "output"]``."""
+    return tuple(granularity) if isinstance(granularity, list | tuple) else (granularity,)
+
+
+def granularity_label(granularity: str | list[str]) -> str:
+    """A granularity in words for names and labels: ``output``, ``head+output``."""
+    return "+".join(granularity_units(granularity))
 
 
 class RegularizerSpec(_Strict):
@@ -117,11 +145,12 @@ class RegularizerSpec(_Strict):
         default=0.1,
         description="Penalty weight; as in the L0 paper the penalty is lam * count / N_train.",
     )
-    granularity: _searchable(Literal["weight", "output", "input", "head"]) = Field(
+    granularity: _searchable(Literal["weight", "output", "input", "head"] | UnitKinds) = Field(
         default="weight",
         description="l0: one gate per weight, per output unit or channel (coupled through "
-        "residual adds and concatenations), per input feature, or per attention head; "
-        "channel-norm: output (what it reads the default 'weight' as) or head.",
+        "residual adds and concatenations), per input feature, or per attention head; a list "
+        "[head, output] gates heads and the MLP's hidden units together; channel-norm: output "
+        "(what it reads the default 'weight' as), head, or both.",
     )
     droprate_init: _searchable(Fraction, (Uniform,)) = 0.2
     temperature: _searchable(Annotated[float, Field(gt=0)], (Uniform, LogUniform)) = 2 / 3
@@ -173,11 +202,9 @@ class RegularizerSpec(_Strict):
                     f"kind {kind!r} needs target_sparsity, the sparsity to prune to (a number in "
                     f"(0, 1) or a search domain over such numbers), got {self.target_sparsity!r}"
                 )
-        granularities = _possible(self.granularity)
+        units = {u for g in _possible(self.granularity) or () for u in granularity_units(g)}
         if "channel-norm" in kinds:
-            unstructured = sorted(
-                set(granularities or ()) - {"weight", *CHANNEL_NORM_GRANULARITIES}
-            )
+            unstructured = sorted(units - {"weight", *CHANNEL_NORM_GRANULARITIES})
             if unstructured:
                 raise ValueError(
                     f"kind 'channel-norm' removes whole channels or heads: granularity "
@@ -203,7 +230,8 @@ def _head_without_attention(spec: SweepSpec) -> str | None:
     A model's parameter class says whether it has attention heads (``has_attention``); a model
     that does not say (a lab's plugin) is checked when the driver builds it, before any trial.
     """
-    if "head" not in (_possible(spec.regularizer.granularity) or ()):
+    possible = _possible(spec.regularizer.granularity) or ()
+    if not any("head" in granularity_units(g) for g in possible):
         return None
     if getattr(type(spec.model.params), "has_attention", None) is not False:
         return None
@@ -258,6 +286,13 @@ class TrainSpec(_Strict):
         default=None, description="Learning rate of the fine-tuning epochs; None: lr."
     )
 
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="The model's forward and loss under autocast: fp32 (none), bf16 (CPUs and "
+        "GPUs) or fp16 (GPUs, with a gradient scaler); the gates' math, the penalty and the "
+        "optimizer stay in fp32, and evaluation runs in fp32.",
+    )
+
     @model_validator(mode="after")
     def _finetune_within_epochs(self) -> TrainSpec:
         if self.finetune_epochs >= self.epochs:
@@ -299,7 +334,14 @@ class _DatasetSpec(_Strict):
         # Params that name files check them here, so a bad path is a spec error (a 422) before
         # any trial trains; validation context {"check_data": False} skips it (a spec read back
         # to be shown, or written for another machine's data directory).
-        check = getattr(self.params, "check_data", None)  # params: a field of each subclass
+        params = self.params  # a field of each subclass
+        augments = self.augment is not None and (self.augment.crop or self.augment.flip)
+        if augments and getattr(type(params), "gives_images", None) is False:
+            raise ValueError(
+                f"augment needs images (C, H, W), and dataset {self.name!r} gives 1-D "
+                "signals; remove augment or use an image dataset"
+            )
+        check = getattr(params, "check_data", None)
         if check is not None and (info.context or {}).get("check_data", True):
             check()
         return self
@@ -453,6 +495,11 @@ class SweepSpec(_Strict):
                 problems.append(
                     f"scheduler.grace_period {self.scheduler.grace_period} exceeds train.epochs {self.train.epochs}"
                 )
+        if self.train.precision == "fp16" and not self.resources.gpus_per_trial:
+            problems.append(
+                "train.precision 'fp16' needs a GPU (its gradient scaler is CUDA's): set "
+                "resources.gpus_per_trial, or use 'bf16', which CPUs run"
+            )
         no_heads = _head_without_attention(self)
         if no_heads:
             problems.append(no_heads)

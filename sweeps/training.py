@@ -10,6 +10,7 @@ own generator, seeded with ``(seed, e)`` too; evaluation batches are never augme
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from l0core import FixedMask, SparsityMethod, SummaryRow
+from l0core.flops import model_macs
 
 from .augment import augmenter
 from .data import DataSplits, load_dataset
@@ -81,6 +83,38 @@ def architecture(model: nn.Module) -> str:
             widths += [] if widths else [str(m.in_channels)]
             widths.append(f"conv{m.out_channels}")
     return "-".join(widths)
+
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DATA_SHARE = 0.25  # the data may take this share of the device's free memory
+
+
+def data_fits_on_device(nbytes: int, device: torch.device, free_bytes: int | None) -> bool:
+    """Whether a trial moves its whole dataset (``nbytes``) to ``device`` once, so batches are
+    slices on the device instead of copies from host memory: on an accelerator, when the data
+    take at most a quarter of its free memory (``free_bytes``); never on the CPU (already there).
+    """
+    return device.type != "cpu" and free_bytes is not None and nbytes <= _DATA_SHARE * free_bytes
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward's autocast for ``train.precision`` (the penalty is computed outside it).
+
+    Raises:
+        ValueError: fp16 off CUDA (its gradient scaler is CUDA's).
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"train.precision 'fp16' needs CUDA (its gradient scaler), and this trial runs on "
+            f"device {device.type}; use 'bf16' or 'fp32'"
+        )
+    return torch.autocast(device.type, dtype=_AUTOCAST[precision])
 
 
 def _optimizer(
@@ -160,6 +194,11 @@ def train(
         except RuntimeError as err:
             raise ValueError(f"train.init_from: the weights do not fit this model: {err}") from err
     x_train, y_train = data.train
+    precision = cfg["train"].get("precision", "fp32")
+    _autocast(precision, device)  # refuses fp16 off CUDA before any work
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if data_fits_on_device(x_train.nbytes + y_train.nbytes, device, _free_bytes(device)):
+        x_train, y_train = x_train.to(device), y_train.to(device)
     augment = augmenter(ds.get("augment"), data.input_shape, ds["name"])  # training batches only
     batch, epochs = cfg["train"]["batch_size"], cfg["train"]["epochs"]
     sparse_epochs = epochs - cfg["train"]["finetune_epochs"]  # then the fine-tuning phase
@@ -189,7 +228,7 @@ def train(
         method.train()
         order = torch.randperm(
             len(x_train), generator=torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)
-        )
+        ).to(x_train.device)
         loss_sum = torch.zeros((), device=device)
         # Augmentation's own stream, seeded per epoch like the batch order.
         aug_rng = torch.Generator(device).manual_seed(cfg["seed"] * 100003 + epoch + 2**40)
@@ -200,11 +239,13 @@ def train(
                 y_train[idx].to(device, non_blocking=True),
             )
             xb = augment(xb, aug_rng)
-            task = F.cross_entropy(method(xb), yb)
-            loss = task + method.regularization()
+            with _autocast(precision, device):
+                task = F.cross_entropy(method(xb), yb)
+            loss = task.float() + method.regularization()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             loss_sum += task.detach() * len(idx)
         train_loss = float(loss_sum) / len(order)  # one host sync per epoch
         if not math.isfinite(train_loss):
@@ -225,6 +266,7 @@ def train(
     final_model = shrunk if shrunk is not None else pruned
     metrics["test_accuracy"] = _evaluate(final_model, *data.test, device)[1]
     metrics["shrunk_params"] = sum(p.numel() for p in final_model.parameters())
+    metrics["shrunk_flops"] = model_macs(final_model, data.test[0][:1].to(device))
     return TrainResult(
         metrics,
         pruned.cpu(),

@@ -103,9 +103,13 @@ def trial_name(config: dict[str, Any], searched: Iterable[str]) -> str:
         searched: the spec's searched fields (``"regularizer.lam"``); those the trial's method
             uses are named with their values.
     """
+    from .spec import granularity_label  # spec imports this module
+
     reg = config["regularizer"]
     kind = reg["kind"]
-    words = {"l0": ["l0", reg["granularity"]], "none": ["dense"]}.get(kind, [kind])
+    words = {"l0": ["l0", granularity_label(reg["granularity"])], "none": ["dense"]}.get(
+        kind, [kind]
+    )
     shown = {"regularizer.kind", "regularizer.granularity"}
     if kind in ("l0", "magnitude", "channel-norm") and reg.get("target_sparsity") is not None:
         words.append(f"target={_format(reg['target_sparsity'])}")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from l0core import L0Regularizer
+from l0core.flops import model_macs
 from sweeps.zoo import MobileNetV2, cifar_resnet
 
 
@@ -29,6 +30,9 @@ def test_a_closed_output_removes_the_next_layers_input_from_expected_flops():
     exact = 64 * 4 * 27 + 36_864 + 10_240
     assert reg.export_cost()["macs"] == exact
     assert reg.expected_flops() == pytest.approx(exact, rel=1e-3)
+    # What a trial logs as shrunk_flops: the exported model counted as it is, from one example.
+    shrunk = reg.prune(shrink=True).model.train()
+    assert model_macs(shrunk, torch.randn(1, 3, 8, 8)) == exact and shrunk.training
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
 import sweeps.training as training
 from sweeps.augment import augmenter, random_crop, random_flip
+from sweeps.preflight import preflight
 from sweeps.space import concrete_config
 from sweeps.spec import SweepSpec
 from tests.sweeps.conftest import tiny_spec
@@ -57,6 +59,21 @@ def test_augmentation_needs_images_and_validates_its_options():
         SweepSpec.model_validate(tiny_spec(dataset={"name": "digits", "augment": {"crop": -1}}))
     with pytest.raises(ValidationError, match=r"augment\.rotate"):
         SweepSpec.model_validate(tiny_spec(dataset={"name": "digits", "augment": {"rotate": 9}}))
+
+
+def test_augmenting_data_that_are_not_images_is_refused_before_any_trial(tmp_path, monkeypatch):
+    # Known at validation: the dataset's kind says it gives signals, not images.
+    for name in ("mnist1d", "sparse-teacher"):
+        with pytest.raises(ValidationError, match=rf"augment needs images.*{name!r} gives"):
+            SweepSpec.model_validate(tiny_spec(dataset={"name": name, "augment": {"flip": True}}))
+    # Known once the data load (a user's .npz): the driver's check before any trial says so.
+    monkeypatch.setenv("L0SWEEP_DATA_DIR", str(tmp_path))
+    np.savez(tmp_path / "flat.npz", x=np.zeros((40, 12), np.float32), y=np.arange(40) % 2)
+    spec = SweepSpec.model_validate(
+        tiny_spec(dataset={"name": "npz", "params": {"path": "flat.npz"}, "augment": {"crop": 2}})
+    )
+    problem = preflight(spec)
+    assert problem is not None and "needs images (C, H, W)" in problem and "(12,)" in problem
 
 
 def _cfg(**overrides):

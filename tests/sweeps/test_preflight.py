@@ -22,6 +22,8 @@ def _spec(**overrides) -> SweepSpec:
     [
         ({"name": "resnet", "params": {"depth": 8, "width": 0.5}}, {"granularity": "output"}),
         (VIT, {"granularity": {"grid": ["output", "head"]}}),
+        (VIT, {"kind": {"grid": ["l0", "channel-norm"]}, "target_sparsity": 0.5,
+               "granularity": {"grid": ["head", ["head", "output"]]}}),
         ({"name": "mobilenetv2", "params": {"width": 0.25, "stages": 2}},
          {"kind": "channel-norm", "target_sparsity": 0.5}),
     ],
@@ -35,6 +37,13 @@ def test_the_granularities_checked_are_those_trials_export_at():
            "granularity": {"grid": ["weight", "head"]}, "target_sparsity": 0.5}  # fmt: skip
     assert export_granularities(_spec(model=VIT, regularizer=reg)) == ["head", "output"]
     assert export_granularities(_spec(regularizer={"kind": "l1"})) == []
+    both = {"kind": {"grid": ["l0", "channel-norm"]}, "target_sparsity": 0.5,
+            "granularity": {"grid": ["weight", ["output", "head"]]}}  # fmt: skip
+    assert export_granularities(_spec(model=VIT, regularizer=both)) == [
+        ["head", "output"],
+        "output",
+    ]
+    assert export_granularities(_spec(model=VIT, regularizer=both), "l0") == [["head", "output"]]
 
 
 def test_models_that_cannot_take_the_data_and_missing_datasets_fail_with_the_reason(tmp_path,

@@ -15,7 +15,7 @@ from sweeps.results import (
     method_front,
     method_label,
 )
-from sweeps.results_report import render_markdown, slug
+from sweeps.results_report import plot_cost, render_markdown, slug
 
 _ids = itertools.count()
 
@@ -140,3 +140,35 @@ def test_the_report_shows_accuracy_against_measured_speedup_and_says_unstructure
     assert "1.02x" in magnitude and "unstructured: dense tensors, no speedup" in magnitude
     assert "| L0 output | 4.00x" not in text  # dominated on (speedup, val accuracy)
     assert "Best sparsity within 1 point of dense val accuracy: 80.00%" in text
+
+
+def test_the_report_fronts_accuracy_against_the_exported_models_parameters_and_flops():
+    trials = [
+        _trial(_config("none", 0), 0.95, 0.94, 0.0, shrunk_params=2000.0, shrunk_flops=4e6),
+        _trial(_config("l0", 0, granularity="output", lam=10.0), 0.945, 0.93, 0.8,
+               shrunk_params=420.0, shrunk_flops=0.9e6),
+        _trial(_config("l0", 0, granularity="output", lam=1.0), 0.947, 0.935, 0.5,
+               shrunk_params=900.0, shrunk_flops=1.8e6),
+        _trial(_config("l0", 0, granularity="output", lam=0.1), 0.94, 0.92, 0.3,
+               shrunk_params=1500.0, shrunk_flops=3e6),  # bigger and worse: off the front
+        _trial(_config("channel-norm", 0, target_sparsity=0.5, prune_begin=0.0, prune_end=0.0),
+               0.93, 0.925, 0.5, shrunk_params=1000.0, shrunk_flops=2e6),
+    ]  # fmt: skip
+    sweep = SweepInfo("c" * 32, "cost", "FINISHED", "1", 0, 1000, trials)
+    text = render_markdown(
+        ReportData(None, [sweep]), {"params": "params.png", "flops": "flops.png"}
+    )
+    assert "## Accuracy against parameters and FLOPs" in text
+    assert "![test accuracy vs parameters of the exported model](params.png)" in text
+    assert "![test accuracy vs multiply-adds per example of the exported model](flops.png)" in text
+    section = text.split("## Accuracy against parameters and FLOPs")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| L0 output | ") or line.startswith("| channel-norm")]  # fmt: skip
+    assert [r[:4] for r in rows] == [
+        ["L0 output", "420", "0.900", "93.00% ± 0.00"],
+        ["L0 output", "900", "1.800", "93.50% ± 0.00"],
+        ["channel-norm one-shot", "1,000", "2.000", "92.50% ± 0.00"],
+    ]
+    points = aggregate(trials)
+    png = plot_cost(points, ["dense", "L0 output", "channel-norm one-shot"], "shrunk_flops", "t")
+    assert png.startswith(b"\x89PNG")

@@ -49,7 +49,11 @@ def test_zoo_benchmark_sets_validate_and_compare_l0_with_channel_norm(bench):
         if from_dense:
             assert spec.train.init_from.sweep == dense.name, name
     finetune = specs["l0-finetune"].regularizer
-    assert finetune.droprate_init == 0.05 and set(finetune.lam.grid) == {10.0, 20.0, 30.0, 50.0}
+    # The reference design's recipe (gates start open); its lambdas (10-50) closed every channel
+    # within an epoch under this project's penalty (per parameter a group controls, / N_train),
+    # so each set searches lambda over decades below them.
+    lams = sorted(finetune.lam.grid)
+    assert finetune.droprate_init == 0.05 and len(lams) >= 3 and lams[-1] / lams[0] >= 10
     targets = set(specs["l0-target"].regularizer.target_sparsity.grid)
     for schedule in ("oneshot", "gradual"):
         reg = specs[f"channel-norm-{schedule}"].regularizer

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from sweeps.registry import MODELS, list_models
 from sweeps.spec import SweepSpec
+from sweeps.variants import expand
 from tests.sweeps.conftest import tiny_spec
 
 ZOO = {
@@ -94,3 +95,29 @@ def test_head_granularity_needs_a_model_with_attention():
             ValidationError, match=f"'head' gates attention heads, and model '{name}' has none"
         ):
             SweepSpec.model_validate(bad)
+
+
+def test_heads_and_mlp_units_are_gated_together_by_a_granularity_list():
+    vit = {"name": "vit", "params": ZOO["vit"]}
+    spec = SweepSpec.model_validate(
+        tiny_spec(model=vit, regularizer={"granularity": {"grid": ["head", ["output", "head"]]}})
+    )
+    # A list is a set of unit kinds: kept in one order, so [output, head] and [head, output]
+    # are one trial.
+    assert spec.regularizer.granularity.grid == ["head", ["head", "output"]]
+    names = [t["name"] for t in expand(spec, 100).trials]
+    assert names == ["l0 head seed=0", "l0 head+output seed=0"]
+    for bad, needle in [
+        (["head", "head"], "lists each unit kind once"),
+        ([], "at least 1 item"),
+        (["weight", "output"], "'head' or 'output'"),
+    ]:
+        with pytest.raises(ValidationError, match=needle):
+            SweepSpec.model_validate(tiny_spec(model=vit, regularizer={"granularity": bad}))
+    with pytest.raises(ValidationError, match="'head' gates attention heads, and model 'resnet'"):
+        SweepSpec.model_validate(
+            tiny_spec(
+                model={"name": "resnet", "params": {}},
+                regularizer={"granularity": ["head", "output"]},
+            )
+        )

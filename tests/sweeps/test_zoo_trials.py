@@ -36,7 +36,7 @@ def _cfg(model: str, regularizer: dict, epochs: int = 1) -> dict:
 @pytest.mark.parametrize(
     ("model", "granularity"),
     [("resnet", "output"), ("googlenet", "output"), ("mobilenetv2", "output"),
-     ("vit", "output"), ("vit", "head")],
+     ("vit", "output"), ("vit", "head"), ("vit", ["head", "output"])],
 )  # fmt: skip
 def test_structured_l0_trains_and_shrinks_every_zoo_family(model, granularity):
     result = train(_cfg(model, {**L0_TO_HALF, "granularity": granularity}))
