@@ -28,13 +28,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
-from .baselines import CountedMethod
-from .cost import cascaded_macs
-from .export import finish_export
-from .graph_export import GraphShrinkReport, shrink_graph
+from .checks import check_fraction, check_int
+from .cost import cascaded_weights
+from .export import example_rows, finish_export
+from .graph_export import shrink_graph
 from .groups import GroupPlan, plan_groups
-from .magnitude import _check_int, schedule_step
-from .regularizer import _example_rows
+from .magnitude import schedule_step
+from .method import CountedMethod, Pruned, SummaryRow
 from .selection import Selector, select_params
 
 __all__ = ["ChannelNormPruner", "unit_filter_norms"]
@@ -110,13 +110,10 @@ class ChannelNormPruner(CountedMethod):
         exclude: Selector = None,
     ) -> None:
         super().__init__()
-        ok = isinstance(target_sparsity, (int, float)) and not isinstance(target_sparsity, bool)
-        if not ok or not 0 < target_sparsity < 1:
-            raise ValueError(f"target_sparsity must be a number in (0, 1), got {target_sparsity!r}")
-        self.begin_step = _check_int("begin_step", begin_step, 0)
-        self.end_step = _check_int("end_step", end_step, self.begin_step)
-        self.frequency = _check_int("frequency", frequency, 1)
-        self.target_sparsity = float(target_sparsity)
+        self.target_sparsity = check_fraction("target_sparsity", target_sparsity)
+        self.begin_step = check_int("begin_step", begin_step, 0)
+        self.end_step = check_int("end_step", end_step, self.begin_step)
+        self.frequency = check_int("frequency", frequency, 1)
         self.module = model
         self.plan = plan_groups(model, select_params(model, include, exclude), granularity)
         if self.plan.n_gates == 0:
@@ -141,22 +138,16 @@ class ChannelNormPruner(CountedMethod):
         self.steps = 0
         self.applied_sparsity = 0.0
         self._shapes: dict[str, tuple[int, ...]] | None = None
-        self._example: tuple[tuple, dict] | None = None
-        self.last_shrink_report: GraphShrinkReport | None = None
+        self._example: tuple[tuple, dict] | None = None  # the first forward's rows
 
     @property
     def group_plan(self) -> GroupPlan:
         """The coupled groups the masks act on."""
         return self.plan
 
-    @property
-    def example_rows(self) -> tuple[tuple, dict] | None:
-        """A few rows of the first forward's inputs, ``(args, kwargs)``: what exports check on."""
-        return self._example
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._example is None:
-            self._example = _example_rows(args, kwargs)
+            self._example = example_rows(args, kwargs)
         if self.training:
             schedule_step(self)
         return super().forward(*args, **kwargs)
@@ -218,7 +209,7 @@ class ChannelNormPruner(CountedMethod):
             for g in self.plan.groups
         ]
 
-    def summary(self) -> list[dict[str, Any]]:
+    def summary(self) -> list[SummaryRow]:
         """Per parameter of the plain model: name, shape, its group, the fraction kept."""
         owner: dict[str, tuple[str, float]] = {}
         for row in self.group_summary():
@@ -230,29 +221,34 @@ class ChannelNormPruner(CountedMethod):
         for name, p in self.module.named_parameters():
             name = name.removesuffix("_orig")
             group = owner.get(name)
-            kept = group[1] if group else 1.0
+            if group is None:
+                rows.append(SummaryRow.ungated_row(name, p))
+                continue
             rows.append(
-                {"name": name, "shape": tuple(p.shape), "numel": p.numel(),
-                 "gated": group is not None, "granularity": "output" if group else None,
-                 "applied": f"group:{group[0]}" if group else None, "n_gates": 0,
-                 "expected_density": kept, "eval_density": kept}
-            )  # fmt: skip
+                SummaryRow.gated_row(
+                    name,
+                    p,
+                    granularity="output",
+                    applied=f"group:{group[0]}",
+                    n_gates=0,
+                    expected_density=group[1],
+                )
+            )
         return rows
 
-    def expected_flops(self, *example_args: Any) -> float:
-        """Multiply-adds per example of the model the export gives: a closed unit removes its
-        rows and the columns of every layer that reads it (:func:`l0core.cost.cascaded_macs`)."""
-        self._need_shapes(example_args)
+    def kept_weights(self) -> dict[str, float]:
+        """Per layer, the weights of the model the export gives: a closed unit removes its rows
+        and the columns of every layer that reads it (:func:`l0core.cost.cascaded_weights`)."""
         open_ = (~self.closed).float().cpu()
         p_root = {r: open_[u] for r, u in self.plan.unit_of.items()}
-        return cascaded_macs(self.plan.graph, self.module, self._shapes, p_root, {})
+        return cascaded_weights(self.plan.graph, self.module, p_root, {})
 
-    def prune(self, shrink: bool = False) -> nn.Module:
+    def prune(self, shrink: bool = False) -> Pruned:
         """A plain copy of the module (no prune hooks or buffers) with the closed units at 0.
 
         Args:
             shrink: also remove the closed units from every tensor they live in (the graph
-                export); the report is kept in ``self.last_shrink_report``.
+                export).
         """
         with torch.no_grad():  # the hooks leave non-leaf tensors behind, which cannot be copied
             for m in self.plan.masks:
@@ -266,13 +262,9 @@ class ChannelNormPruner(CountedMethod):
         for m in self.plan.masks:
             torch_prune.remove(model.get_submodule(names[id(m.module)]), m.attr)
         if not shrink:
-            model, self.last_shrink_report = finish_export(model, False)
-            return model
+            return Pruned(*finish_export(model, False))
         model.eval()
-        model, self.last_shrink_report = shrink_graph(
-            model, self.plan, self.closed.cpu(), self._example
-        )
-        return model
+        return Pruned(*shrink_graph(model, self.plan, self.closed.cpu(), self._example))
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"steps": self.steps, "applied_sparsity": self.applied_sparsity}

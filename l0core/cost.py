@@ -1,4 +1,4 @@
-"""Expected multiply-adds with the cascade: a closed unit removes its rows *and* the columns of
+"""Expected non-zero weights with the cascade: a closed unit removes its rows *and* the columns of
 every layer that reads it.
 
 A dense layer whose rows follow channels ``o`` and whose columns follow channels ``c`` keeps the
@@ -16,14 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from ._chain import ShrinkError
-from .flops import COUNTED, layer_macs
+from .flops import COUNTED, layer_macs, layer_of_weight
 from .graph import ChannelGraph, GraphError
 from .trace import trace_channels
 
 if TYPE_CHECKING:
+    from .method import MethodBase
     from .regularizer import L0Regularizer
 
-__all__ = ["cascaded_macs", "expected_macs", "export_cost"]
+__all__ = ["cascaded_weights", "expected_weights", "export_cost"]
 
 
 def _channel_p(graph: ChannelGraph, p_root: dict[int, Tensor], ids: Tensor) -> Tensor:
@@ -31,26 +32,25 @@ def _channel_p(graph: ChannelGraph, p_root: dict[int, Tensor], ids: Tensor) -> T
     return torch.stack([p_root[r] if r in p_root else torch.ones(()) for r in roots])
 
 
-def cascaded_macs(
+def cascaded_weights(
     graph: ChannelGraph,
     model: nn.Module,
-    shapes: dict[str, tuple[int, ...]],
     p_root: dict[int, Tensor],
     weight_density: dict[str, float],
-) -> float:
-    """Expected multiply-adds per example of the counted layers of ``model``.
+) -> dict[str, float]:
+    """Per counted layer of ``model``, its expected non-zero weights with the cascade (what
+    :func:`l0core.flops.kept_macs` counts).
 
     Args:
         graph: the channel graph of ``model`` (same module names).
         model: the module whose layers are counted.
-        shapes: per layer name, its output shape for one example (recorded at a forward).
         p_root: per channel root, the probability that it is open (absent: always open).
         weight_density: per layer name, the expected fraction of its weights kept by
             element-wise gates (absent: 1).
     """
-    total = 0.0
+    kept: dict[str, float] = {}
     for name, mod in model.named_modules():
-        if name not in shapes or not isinstance(mod, COUNTED):
+        if not isinstance(mod, COUNTED):
             continue
         w = mod.weight
         rows = graph._inc_at.get((name, "weight", 0))
@@ -58,22 +58,21 @@ def cascaded_macs(
         n_rows, n_cols = w.shape[0], w.shape[1]
         kernel = w.numel() // (n_rows * n_cols)
         if rows is not None and rows.role == "depthwise":
-            kept = float(_channel_p(graph, p_root, rows.ids).sum()) * kernel * n_cols
+            n = float(_channel_p(graph, p_root, rows.ids).sum()) * kernel * n_cols
         else:
             r = float(_channel_p(graph, p_root, rows.ids).sum()) if rows is not None else n_rows
             c = float(_channel_p(graph, p_root, cols.ids).sum()) if cols is not None else n_cols
-            kept = r * c * kernel
-        kept *= weight_density.get(name, 1.0)
-        total += layer_macs(mod, shapes[name], kept)
-    return total
+            n = r * c * kernel
+        kept[name] = n * weight_density.get(name, 1.0)
+    return kept
 
 
-def expected_macs(reg: L0Regularizer) -> float:
-    """``reg.expected_flops()``: the cascade over the channel graph (the plan's, or a trace of a
+def expected_weights(reg: L0Regularizer) -> dict[str, float]:
+    """``reg.kept_weights()``: the cascade over the channel graph (the plan's, or a trace of a
     chain), each layer on its own when the model does not trace."""
     graph = _flops_graph(reg)
     if graph is None:
-        return _layer_macs(reg)
+        return _layer_weights(reg)
     pw, pu = reg._prob_nonzero()
     p_root: dict[int, Tensor] = {}
     density: dict[str, float] = {}
@@ -93,7 +92,7 @@ def expected_macs(reg: L0Regularizer) -> float:
                     p_root[r] = q
             else:
                 density[layer] = float(ps.sum()) * s.group_size / s.numel
-    return cascaded_macs(graph, reg.module, reg._shapes, p_root, density)
+    return cascaded_weights(graph, reg.module, p_root, density)
 
 
 def _flops_graph(reg: L0Regularizer) -> ChannelGraph | None:
@@ -107,36 +106,31 @@ def _flops_graph(reg: L0Regularizer) -> ChannelGraph | None:
     return reg._chain_graph
 
 
-def _layer_macs(reg: L0Regularizer) -> float:
-    """Each layer on its own: its expected non-zero weights times its output positions."""
+def _layer_weights(reg: L0Regularizer) -> dict[str, float]:
+    """Each layer on its own: the expected non-zero weights of its gated ``weight``."""
     pw, pu = reg._prob_nonzero()
     density = {s.name: (pw[s.slice], s) for s in reg._wsites}
     density.update({s.name: (pu[s.slice], s) for s in reg._asites})
-    total = 0.0
-    for name, mod in reg.module.named_modules():
-        if name not in reg._shapes:
-            continue
-        wname = f"{name}.weight" if name else "weight"
-        nnz = float(mod.weight.numel())
-        if wname in density:
-            p, site = density[wname]
-            nnz = float(p.detach().sum()) * site.group_size
-        total += layer_macs(mod, reg._shapes[name], nnz)
-    return total
+    kept: dict[str, float] = {}
+    for name, (p, site) in density.items():
+        layer = layer_of_weight(name)
+        if layer is not None:
+            kept[layer] = float(p.detach().sum()) * site.group_size
+    return kept
 
 
-def export_cost(reg: L0Regularizer) -> dict[str, float]:
-    """``reg.export_cost()``: parameters and multiply-adds of the model the export gives."""
-    if not reg._shapes:
+def export_cost(method: MethodBase) -> dict[str, float]:
+    """``method.export_cost()``: parameters and multiply-adds of the model the export gives."""
+    if not method._shapes:
         raise RuntimeError("export_cost() needs one forward first")
     try:
-        model = reg.prune(shrink=True)
+        model = method.prune(shrink=True).model
     except ShrinkError:
-        model = reg.prune()
+        model = method.prune().model
     macs = sum(
-        layer_macs(mod, reg._shapes[name], float((mod.weight != 0).sum()))
+        layer_macs(mod, method._shapes[name], float((mod.weight != 0).sum()))
         for name, mod in model.named_modules()
-        if name in reg._shapes
+        if name in method._shapes
     )
     params = list(model.parameters())
     return {

@@ -38,7 +38,14 @@ from ._chain import (
     trace_chain,
 )
 
-__all__ = ["ShrinkError", "ShrinkReport", "chain_export_blockers", "finish_export", "shrink"]
+__all__ = [
+    "ShrinkError",
+    "ShrinkReport",
+    "chain_export_blockers",
+    "example_rows",
+    "finish_export",
+    "shrink",
+]
 
 
 @dataclass(frozen=True)
@@ -348,3 +355,13 @@ def finish_export(model: nn.Module, shrink_units: bool) -> tuple[nn.Module, Shri
     ``shrink_units`` its dead units removed (:func:`shrink`) with the report."""
     model.eval()
     return shrink(model) if shrink_units else (model, None)
+
+
+def example_rows(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Two rows of each batched tensor argument of a forward: enough to check that an export
+    runs (a method's ``example_rows``, given to :func:`l0core.graph_export.shrink_graph`)."""
+
+    def rows(a: object) -> object:
+        return a[:2].detach().clone() if isinstance(a, Tensor) and a.dim() > 0 else a
+
+    return tuple(rows(a) for a in args), {k: rows(v) for k, v in kwargs.items()}

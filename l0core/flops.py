@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["COUNTED", "layer_macs", "model_macs", "record_shapes"]
+__all__ = ["COUNTED", "kept_macs", "layer_macs", "layer_of_weight", "model_macs", "record_shapes"]
 
 COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -33,6 +33,37 @@ def layer_macs(module: nn.Module, out_shape: tuple[int, ...], nonzero_weights: f
     else:
         raise TypeError(f"cannot count multiply-adds of {type(module).__name__}")
     return float(positions) * nonzero_weights
+
+
+def layer_of_weight(param_name: str) -> str | None:
+    """The layer whose ``weight`` a parameter is (``"fc.weight"`` -> ``"fc"``, ``"weight"`` ->
+    ``""``, the model itself), the key of :func:`kept_macs`'s ``kept``; None for any other
+    parameter."""
+    if param_name == "weight":
+        return ""
+    layer, _, attr = param_name.rpartition(".")
+    return layer if attr == "weight" and layer else None
+
+
+def kept_macs(
+    model: nn.Module, shapes: Mapping[str, tuple[int, ...]], kept: Mapping[str, float]
+) -> float:
+    """Multiply-adds per example of the counted layers of ``model`` that ran (every sparsity
+    method's ``expected_flops``, over the layers as the method describes them).
+
+    Args:
+        model: the module whose Linear and ConvNd layers are counted.
+        shapes: per layer name, its output shape for one example (:func:`record_shapes`); a
+            layer absent from it did not run and costs nothing.
+        kept: per layer name, the (expected) number of its non-zero weights; a layer absent
+            from it keeps all of them.
+    """
+    total = 0.0
+    for name, mod in model.named_modules():
+        if name in shapes and isinstance(mod, COUNTED):
+            nonzero = kept[name] if name in kept else float(mod.weight.numel())
+            total += layer_macs(mod, shapes[name], nonzero)
+    return total
 
 
 @contextlib.contextmanager
@@ -74,7 +105,4 @@ def model_macs(model: nn.Module, example: torch.Tensor) -> float:
     finally:
         model.train(was_training)
     modules = dict(model.named_modules())
-    return sum(
-        layer_macs(modules[n], shape, float((modules[n].weight != 0).sum()))
-        for n, shape in shapes.items()
-    )
+    return kept_macs(model, shapes, {n: float((modules[n].weight != 0).sum()) for n in shapes})

@@ -30,11 +30,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
-from .baselines import CountedMethod
+from .checks import check_fraction, check_int
 from .export import finish_export
-from .flops import layer_macs
+from .flops import layer_of_weight
 from .graph_export import shrink_graph
 from .groups import GroupPlan
+from .method import CountedMethod, Pruned, SparsityMethod, SummaryRow, elementwise_rows
 from .selection import Selector, TargetParam, select_params
 
 __all__ = ["FixedMask", "MagnitudePruner", "cubic_sparsity"]
@@ -70,12 +71,6 @@ def schedule_step(pruner: Any) -> None:
     pruner.steps += 1
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 class _Masked(CountedMethod):
     """Masks on parameters of ``model`` and the regularizers' inspection and export methods.
 
@@ -108,7 +103,6 @@ class _Masked(CountedMethod):
             torch_prune.custom_from_mask(mod, attr, mask)
         self.n_gated = sum(masked[i].param.numel() for i in self._counted)
         self._shapes: dict[str, tuple[int, ...]] | None = None
-        self.last_shrink_report = None
         # Coupled groups to export through (FixedMask after a structured method), else None.
         self._group_plan: GroupPlan | None = None
         self._example: tuple[tuple, dict] | None = None
@@ -128,29 +122,20 @@ class _Masked(CountedMethod):
         masks = self._masks()
         return sum(masks[i].sum() for i in self._counted)
 
-    def summary(self) -> list[dict[str, Any]]:
+    def summary(self) -> list[SummaryRow]:
         """Per parameter of the plain model: name, shape, whether counted, kept fraction."""
         masks = dict(zip((s[0] for s in self._sites), self._masks(), strict=True))
         counted = {self._sites[i][0] for i in self._counted}
-        rows = []
-        for name, p in self.module.named_parameters():
-            name = name.removesuffix("_orig")
-            kept = float(masks[name].mean()) if name in masks else 1.0
-            gated = name in counted
-            rows.append(
-                {"name": name, "shape": tuple(p.shape), "numel": p.numel(), "gated": gated,
-                 "granularity": "weight" if gated else None, "applied": "mask" if gated else None,
-                 "n_gates": p.numel() if gated else 0, "expected_density": kept,
-                 "eval_density": kept}
-            )  # fmt: skip
-        return rows
+        kept = {name: float(mask.mean()) for name, mask in masks.items()}
+        params = ((n.removesuffix("_orig"), p) for n, p in self.module.named_parameters())
+        return elementwise_rows(params, counted, kept, "mask")
 
-    def prune(self, shrink: bool = False) -> nn.Module:
+    def prune(self, shrink: bool = False) -> Pruned:
         """A plain copy of the module (no prune hooks or buffers) with masked weights at 0.
 
         Args:
-            shrink: also remove dead units (``l0core.export.shrink``); the report is kept in
-                ``self.last_shrink_report``.
+            shrink: also remove dead units (``l0core.export.shrink``, or the graph export of
+                the coupled groups given to ``FixedMask``).
         """
         with torch.no_grad():  # the hooks leave non-leaf tensors behind, which cannot be copied
             for (_, mod, attr), orig, mask in zip(
@@ -163,24 +148,18 @@ class _Masked(CountedMethod):
             torch_prune.remove(model.get_submodule(owner) if owner else model, attr)
         if shrink and self._group_plan is not None:
             model.eval()
-            model, self.last_shrink_report = shrink_graph(
-                model, self._group_plan, self._group_plan.zero_units(model), self._example
-            )
-            return model
-        model, self.last_shrink_report = finish_export(model, shrink)
-        return model
+            plan = self._group_plan
+            return Pruned(*shrink_graph(model, plan, plan.zero_units(model), self._example))
+        return Pruned(*finish_export(model, shrink))
 
-    def expected_flops(self, *example_args: Any, **example_kwargs: Any) -> float:
-        """Multiply-adds per example of the Linear and ConvNd layers, counting kept weights."""
-        self._need_shapes(example_args, example_kwargs)
-        masks = dict(zip((s[0] for s in self._sites), self._masks(), strict=True))
-        total = 0.0
-        for name, mod in self.module.named_modules():
-            if name in self._shapes:
-                wname = f"{name}.weight" if name else "weight"
-                nnz = float(masks[wname].sum()) if wname in masks else float(mod.weight.numel())
-                total += layer_macs(mod, self._shapes[name], nnz)
-        return total
+    def kept_weights(self) -> dict[str, float]:
+        """Per layer whose weight is masked, the weights its mask keeps."""
+        kept = {}
+        for (name, _, _), mask in zip(self._sites, self._masks(), strict=True):
+            layer = layer_of_weight(name)
+            if layer is not None:
+                kept[layer] = float(mask.sum())
+        return kept
 
 
 class MagnitudePruner(_Masked):
@@ -216,14 +195,12 @@ class MagnitudePruner(_Masked):
         include: Selector = None,
         exclude: Selector = None,
     ) -> None:
-        ok = isinstance(target_sparsity, (int, float)) and not isinstance(target_sparsity, bool)
-        if not ok or not 0 < target_sparsity < 1:
-            raise ValueError(f"target_sparsity must be a number in (0, 1), got {target_sparsity!r}")
+        target_sparsity = check_fraction("target_sparsity", target_sparsity)
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-        begin_step = _check_int("begin_step", begin_step, 0)
-        end_step = _check_int("end_step", end_step, begin_step)
-        frequency = _check_int("frequency", frequency, 1)
+        begin_step = check_int("begin_step", begin_step, 0)
+        end_step = check_int("end_step", end_step, begin_step)
+        frequency = check_int("frequency", frequency, 1)
         targets = select_params(model, include, exclude)
         super().__init__(
             model, targets, {t.name for t in targets}, [torch.ones_like(t.param) for t in targets]
@@ -308,16 +285,16 @@ class FixedMask(_Masked):
 
     @classmethod
     def after(
-        cls, method: nn.Module, include: Selector = None, exclude: Selector = None
+        cls, method: SparsityMethod, include: Selector = None, exclude: Selector = None
     ) -> FixedMask:
         """The fine-tuning phase after ``method``: its pruned model with the zeros fixed, and its
         coupled groups (``method.group_plan``, when it has them) for the export."""
         return cls(
-            method.prune(),
+            method.prune().model,
             include,
             exclude,
-            plan=getattr(method, "group_plan", None),
-            example=getattr(method, "example_rows", None),
+            plan=method.group_plan,
+            example=method.example_rows,
         )
 
 

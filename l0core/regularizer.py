@@ -11,20 +11,18 @@ where the layer's weights are used outside its own forward (see ``l0core.probe``
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .checks import check_number
 from .controller import SparsityController
-from .cost import expected_macs, export_cost
+from .cost import expected_weights
 from .eval_cache import EvalGateCache
-from .export import chain_export_blockers, finish_export
-from .flops import record_shapes
+from .export import chain_export_blockers, example_rows, finish_export
 from .functional import (
     LOG_ALPHA_BOUND,
     HardConcrete,
@@ -45,8 +43,8 @@ from .gating import (
     unit_masks,
 )
 from .graph_export import export_blockers, group_members, shrink_graph
-from .groups import GroupPlan
 from .masking import masked_weights
+from .method import MethodBase, Pruned, SummaryRow
 from .probe import count_reads, settle_hooks
 from .selection import Selector, select_granularities, select_params
 
@@ -55,15 +53,7 @@ __all__ = ["L0Regularizer"]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _check_number(name: str, value: object, low: float, *, open_low: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (open_low and value == low):
-        rel = ">" if open_low else ">="
-        raise ValueError(f"{name} must be a finite number {rel} {low}, got {value!r}")
-    return float(value)
-
-
-class L0Regularizer(nn.Module):
+class L0Regularizer(MethodBase):
     """Wrap ``model`` with L0 gates; ``reg(*args)`` runs the model with gated parameters.
 
     Args:
@@ -129,8 +119,8 @@ class L0Regularizer(nn.Module):
         example_inputs: Any = None,
     ) -> None:
         super().__init__()
-        self.lam = _check_number("lam", lam, 0.0)
-        self.weight_decay = _check_number("weight_decay", weight_decay, 0.0)
+        self.lam = check_number("lam", lam, 0.0)
+        self.weight_decay = check_number("weight_decay", weight_decay, 0.0)
         if test_gate not in ("mean", "median"):
             raise ValueError(f"test_gate must be 'mean' or 'median', got {test_gate!r}")
         if not isinstance(per_sample, bool):
@@ -195,15 +185,14 @@ class L0Regularizer(nn.Module):
         self._dual_versions: tuple[tuple[int, int], ...] | None = None  # None: a step is due
         self._shapes: dict[str, tuple[int, ...]] | None = None
         # two rows of the first input (or of example_inputs): export checks its result on them
-        self._example = None if example is None else _example_rows(*example)
-        self.last_shrink_report = None
+        self._example = None if example is None else example_rows(*example)
 
     # ---- forward --------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped module with gated parameters (sampled in train, deterministic in eval)."""
         release_replays(self)
         if self._example is None:
-            self._example = _example_rows(args, kwargs)
+            self._example = example_rows(args, kwargs)
         if self.training:
             self._clamp_logits()
             self._dual_step()
@@ -357,12 +346,6 @@ class L0Regularizer(nn.Module):
         az = list(zu.split([s.n_gates for s in self._asites])) if zu is not None else []
         return wz, az
 
-    def _shape_recorder(self) -> contextlib.AbstractContextManager:
-        if self._shapes is not None:
-            return contextlib.nullcontext()
-        self._shapes = {}
-        return record_shapes(self.module, self._shapes)
-
     # ---- penalties ------------------------------------------------------------------------
     def _prob_nonzero(self) -> tuple[Tensor | None, Tensor | None]:
         return tuple(
@@ -405,10 +388,6 @@ class L0Regularizer(nn.Module):
                 total = term if total is None else total + term
         return total
 
-    def expected_density(self) -> Tensor:
-        """``count_l0() / n_gated``: the expected fraction of gated parameters kept."""
-        return self.count_l0() / self.n_gated
-
     def regularization(self) -> Tensor:
         """``lam * count_l0() + weight_decay * count_l2()`` (+ the target-sparsity term)."""
         l0 = self.count_l0()
@@ -436,10 +415,6 @@ class L0Regularizer(nn.Module):
         """The gate logits (give them their own learning rate)."""
         yield from (la for la in (self.weight_log_alpha, self.unit_log_alpha) if la is not None)
 
-    def weight_parameters(self) -> Iterator[nn.Parameter]:
-        """The wrapped module's own parameters."""
-        yield from self.module.parameters()
-
     def _site_eval_gates(self) -> list[tuple[GateSite, Tensor]]:
         zw, zu = self.eval_gates()
         return [(s, zw[s.slice]) for s in self._wsites] + [(s, zu[s.slice]) for s in self._asites]
@@ -448,7 +423,7 @@ class L0Regularizer(nn.Module):
         """Fraction of gated parameters whose eval gate is exactly 0."""
         return float(self._eval_sparsity())
 
-    def summary(self) -> list[dict[str, Any]]:
+    def summary(self) -> list[SummaryRow]:
         """Per parameter: name, shape, gated, granularity, how applied, densities."""
         pw, pu = self._prob_nonzero()
         probs = {s.name: pw[s.slice] for s in self._wsites}
@@ -457,47 +432,44 @@ class L0Regularizer(nn.Module):
         in_group = group_members(self._asites)
         rows = []
         for name, p in self.module.named_parameters():
-            row: dict[str, Any] = {"name": name, "shape": tuple(p.shape), "numel": p.numel()}
             if name in sites:
                 s, z = sites[name]
-                row.update(
-                    gated=True,
-                    granularity=s.granularity,
-                    applied=s.applied if s.applied == "weight" else f"activation:{s.hook_name}",
-                    n_gates=s.n_gates,
-                    expected_density=float(probs[name].detach().mean()),
-                    eval_density=float((z != 0).float().mean()),
-                )
+                applied = s.applied if s.applied == "weight" else f"activation:{s.hook_name}"
+                owner = name
             elif name in in_group:
                 s = in_group[name]
                 z = sites[s.name][1]
-                row.update(
-                    gated=True,
+                applied, owner = f"group:{s.name}", s.name
+            else:
+                rows.append(SummaryRow.ungated_row(name, p))
+                continue
+            rows.append(
+                SummaryRow.gated_row(
+                    name,
+                    p,
                     granularity=s.granularity,
-                    applied=f"group:{s.name}",
+                    applied=applied,
                     n_gates=s.n_gates,
-                    expected_density=float(probs[s.name].detach().mean()),
+                    expected_density=float(probs[owner].detach().mean()),
                     eval_density=float((z != 0).float().mean()),
                 )
-            else:
-                row.update(gated=False, granularity=None, applied=None, n_gates=0,
-                           expected_density=1.0, eval_density=1.0)  # fmt: skip
-            rows.append(row)
+            )
         return rows
 
     def _site_eval_gates_by_name(self) -> Iterator[tuple[str, tuple[GateSite, Tensor]]]:
         for s, z in self._site_eval_gates():
             yield s.name, (s, z)
 
-    def prune(self, shrink: bool = False) -> nn.Module:
+    def prune(self, shrink: bool = False) -> Pruned:
         """A plain copy of the module whose weights are the eval-gated weights.
 
         Args:
-            shrink: also remove dead units and channels (``l0core.export.shrink``); the report
-                is kept in ``self.last_shrink_report``.
+            shrink: also remove dead units and channels (``l0core.export.shrink``, or the graph
+                export of the coupled groups).
 
         Returns:
-            A standard ``nn.Module`` (no l0core objects, no hooks), in eval mode, picklable.
+            ``(model, report)``: a standard ``nn.Module`` (no l0core objects, no hooks), in
+            eval mode, picklable; what shrinking removed (None without ``shrink``).
         """
         model = copy.deepcopy(self.module)
         with torch.no_grad():
@@ -509,22 +481,8 @@ class L0Regularizer(nn.Module):
                 self._group_plan.bake(model, zu[: self._group_plan.n_gates])
         if self._group_plan is not None and shrink:
             model.eval()
-            model, self.last_shrink_report = shrink_graph(
-                model, self._group_plan, self._closed(), self._example
-            )
-            return model
-        model, self.last_shrink_report = finish_export(model, shrink)
-        return model
-
-    @property
-    def group_plan(self) -> GroupPlan | None:
-        """The coupled groups the structured gates act on (None: chain or weight gates only)."""
-        return self._group_plan
-
-    @property
-    def example_rows(self) -> tuple[tuple, dict] | None:
-        """A few rows of the first forward's inputs, ``(args, kwargs)``: what exports check on."""
-        return self._example
+            return Pruned(*shrink_graph(model, self._group_plan, self._closed(), self._example))
+        return Pruned(*finish_export(model, shrink))
 
     def _closed(self) -> Tensor:
         """Which coupled units are closed in eval (their gate is exactly 0)."""
@@ -568,32 +526,12 @@ class L0Regularizer(nn.Module):
             return lines
         return chain_export_blockers(self.module)
 
-    def expected_flops(self, *example_args: Any, **example_kwargs: Any) -> float:
-        """Expected multiply-adds per example of the Linear and ConvNd layers.
-
-        A layer costs ``output positions * expected non-zero weights``; a weight is kept when its
+    def kept_weights(self) -> dict[str, float]:
+        """Per Linear/ConvNd layer, its expected non-zero weights: a weight is kept when its
         row's unit and its column's unit are both open, so a closed output also removes the next
         layers' inputs (``l0core.cost``; layers are counted on their own only when the model
-        does not trace). Output positions come from the real output shapes, recorded at the
-        first forward, or from a forward on ``example_args`` if given. ``export_cost()`` gives
-        the exact cost of the exported model.
-        """
-        if example_args or example_kwargs:
-            self._shapes = None
-            was = self.training
-            self.eval()
-            with torch.no_grad():
-                self(*example_args, **example_kwargs)
-            self.train(was)
-        if not self._shapes:
-            raise RuntimeError("expected_flops() needs one forward first, or an example input")
-        return expected_macs(self)
-
-    def export_cost(self) -> dict[str, float]:
-        """The exact cost of the model ``prune(shrink=True)`` produces (``prune()`` where it
-        cannot shrink): ``params`` (its parameters), ``nonzero_params`` and ``macs`` (multiply-
-        adds per example over its non-zero weights, from the shapes of the first forward)."""
-        return export_cost(self)
+        does not trace)."""
+        return expected_weights(self)
 
     def extra_repr(self) -> str:
         return (
@@ -606,15 +544,6 @@ class L0Regularizer(nn.Module):
         state["_eval_cache"] = EvalGateCache()
         state["_module_id_set"] = None
         return state
-
-
-def _example_rows(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Two rows of each batched tensor argument: enough to check that an export runs."""
-
-    def rows(a: Any) -> Any:
-        return a[:2].detach().clone() if isinstance(a, Tensor) and a.dim() > 0 else a
-
-    return tuple(rows(a) for a in args), {k: rows(v) for k, v in kwargs.items()}
 
 
 def _group_dims(site: GateSite) -> tuple[int, ...]:

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             loss.backward()
             opt.step()
         reg.eval()
-        shrunk = reg.prune(shrink=True)
+        shrunk = reg.prune(shrink=True).model
         print(
             f"epoch {epoch}: val acc {_accuracy(reg, xv, yv):.4f}  "
             f"expected L0 {float(reg.count_l0().detach()):,.0f}/{reg.n_gated:,}  "

@@ -1,64 +1,31 @@
 """The sparsity method a trial trains with: l0core's L0, L1, magnitude or channel-norm pruning
 wrapper, or the dense model.
 
-All answer the same questions (``regularization``, ``count_l0``, ``expected_density``,
-``sparsity``, ``expected_flops``, ``prune``, ``summary``, ``gate_parameters``), so the trial's
-training loop has no branch per method.
+Each implements :class:`l0core.SparsityMethod` (``regularization``, the parameter groups,
+``count_l0``, ``sparsity``, ``expected_flops``, typed ``summary`` rows, ``prune`` returning the
+model and its report), so the trial's training loop has no branch per method.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-import torch
 from torch import nn
 
-from l0core import L0Regularizer, L1Regularizer, MagnitudePruner
-from l0core.baselines import CountedMethod
-from l0core.channel_norm import ChannelNormPruner
-from l0core.flops import COUNTED, layer_macs
+from l0core import (
+    ChannelNormPruner,
+    Dense,
+    L0Regularizer,
+    L1Regularizer,
+    MagnitudePruner,
+    SparsityMethod,
+)
 
 from .spec import granularity_units
 
-__all__ = ["Dense", "build_method", "channel_norm_granularity", "is_structured"]
+__all__ = ["build_method", "channel_norm_granularity", "is_structured"]
 
 _MASK_UPDATES = 50  # a gradual magnitude schedule updates its masks about this often
-
-
-class Dense(CountedMethod):
-    """The unregularized model behind the regularizers' interface (the dense baseline): every
-    parameter counts as kept, so its sparsity is 0."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.module = model
-        self.n_gated = sum(p.numel() for p in model.parameters())
-        self._shapes = None
-
-    def regularization(self) -> torch.Tensor:
-        return torch.zeros((), device=next(self.module.parameters()).device)
-
-    def count_l0(self) -> torch.Tensor:
-        return torch.tensor(float(self.n_gated))
-
-    def expected_flops(self) -> float:
-        modules = dict(self.module.named_modules())
-        return sum(
-            layer_macs(modules[n], shape, modules[n].weight.numel())
-            for n, shape in (self._shapes or {}).items()
-            if isinstance(modules[n], COUNTED)
-        )
-
-    def summary(self) -> list[dict[str, Any]]:
-        return [
-            {"name": n, "shape": list(p.shape), "gated": False, "granularity": None,
-             "expected_density": 1.0, "eval_density": 1.0}
-            for n, p in self.module.named_parameters()
-        ]  # fmt: skip
-
-    def prune(self, shrink: bool = False) -> nn.Module:
-        return copy.deepcopy(self.module).eval()
 
 
 def is_structured(reg: dict[str, Any]) -> bool:
@@ -100,7 +67,7 @@ def build_method(
     num_train: int,
     total_steps: int | None = None,
     pretrained: bool = False,
-) -> nn.Module:
+) -> SparsityMethod:
     """Wrap ``model`` as the trial's regularizer section says.
 
     Args:

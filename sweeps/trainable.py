@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
 from ray import tune
+
+from l0core import SummaryRow
 
 from . import tracking
 from .config import get_settings
@@ -90,8 +92,9 @@ def _log_artifacts(run_id: str, result: TrainResult, tracking_uri: str | None) -
         if result.shrunk is not None:
             torch.save(result.shrunk, model_dir / "shrunk_model.pt")
         c.log_artifacts(run_id, str(model_dir), "model")
+    columns = [f.name for f in fields(SummaryRow)]
     c.log_table(
-        run_id, {k: [str(r.get(k)) for r in result.layers] for k in result.layers[0]}, "layers.json"
+        run_id, {k: [str(getattr(r, k)) for r in result.layers] for k in columns}, "layers.json"
     )
     c.set_tag(run_id, Tag.ARCHITECTURE, result.architecture)
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l0core import FixedMask
+from l0core import FixedMask, SparsityMethod, SummaryRow
 from l0core.flops import model_macs
 
 from .augment import augmenter
@@ -49,13 +49,14 @@ class TrialDiverged(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a finished trial leaves: last metrics, exported model, layer table, final state."""
+    """What a finished trial leaves: last metrics, exported model, layer table (the method's
+    ``summary()``), final state."""
 
     metrics: dict[str, float]
     pruned: nn.Module
     shrunk: nn.Module | None
     architecture: str
-    layers: list[dict[str, Any]] = field(default_factory=list)
+    layers: list[SummaryRow] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -118,7 +119,7 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
 
 
 def _optimizer(
-    method: nn.Module, train: dict[str, Any], finetuning: bool = False
+    method: SparsityMethod, train: dict[str, Any], finetuning: bool = False
 ) -> torch.optim.Optimizer:
     lr = (train["finetune_lr"] or train["lr"]) if finetuning else train["lr"]
     groups = [{"params": list(method.weight_parameters()), "weight_decay": train["weight_decay"]}]
@@ -130,7 +131,7 @@ def _optimizer(
     return torch.optim.Adam(groups, lr=lr)
 
 
-def _fixed_zeros(method: nn.Module, reg: dict[str, Any]) -> FixedMask:
+def _fixed_zeros(method: SparsityMethod, reg: dict[str, Any]) -> FixedMask:
     """The fine-tuning phase's model: the method's pruned copy, its zeros kept at zero (and a
     structured method's coupled groups, so the export shrinks any graph the method gated)."""
     return FixedMask.after(method, include=reg["include"], exclude=reg["exclude"])
@@ -138,7 +139,7 @@ def _fixed_zeros(method: nn.Module, reg: dict[str, Any]) -> FixedMask:
 
 @torch.no_grad()
 def _evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device
+    model: nn.Module | SparsityMethod, x: torch.Tensor, y: torch.Tensor, device: torch.device
 ) -> tuple[float, float]:
     """(mean loss, accuracy) in eval mode, batched so large splits fit in memory."""
     model.eval()
@@ -263,8 +264,8 @@ def train(
             break  # the caller reports the last epoch with the test metrics
         if on_epoch is not None:
             on_epoch(metrics, lambda m=method, o=opt, e=epoch: _state(m, o, e))
-    pruned = method.prune()
-    shrunk = method.prune(shrink=True) if is_structured(cfg["regularizer"]) else None
+    pruned = method.prune().model
+    shrunk = method.prune(shrink=True).model if is_structured(cfg["regularizer"]) else None
     final_model = shrunk if shrunk is not None else pruned
     metrics["test_accuracy"] = _evaluate(final_model, *data.test, device)[1]
     metrics["shrunk_params"] = sum(p.numel() for p in final_model.parameters())
@@ -279,7 +280,7 @@ def train(
     )
 
 
-def _state(method: nn.Module, opt: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
+def _state(method: SparsityMethod, opt: torch.optim.Optimizer, epoch: int) -> dict[str, Any]:
     """A snapshot (copied: state dicts alias the live tensors) to resume from."""
     return copy.deepcopy(
         {"method": method.state_dict(), "optimizer": opt.state_dict(),
@@ -287,7 +288,7 @@ def _state(method: nn.Module, opt: torch.optim.Optimizer, epoch: int) -> dict[st
     )  # fmt: skip
 
 
-def _epoch_metrics(method: nn.Module, epoch: int, total_params: int) -> dict[str, float]:
+def _epoch_metrics(method: SparsityMethod, epoch: int, total_params: int) -> dict[str, float]:
     """The method's sparsity figures, in the order of ``EPOCH_METRICS``."""
     return {
         "epoch": epoch,
@@ -296,6 +297,6 @@ def _epoch_metrics(method: nn.Module, epoch: int, total_params: int) -> dict[str
         "expected_density": float(method.expected_density()),
         "sparsity": float(method.sparsity()),
         "expected_flops": float(method.expected_flops()),
-        "nonzero_params": _nonzero(method.prune()),
+        "nonzero_params": _nonzero(method.prune().model),
         "total_params": total_params,
     }

@@ -2,9 +2,8 @@
 norm statistics with the gates in place, and compare the shrunk model with the gated one."""
 
 import torch
-from torch import nn
 
-from l0core import L0Regularizer
+from l0core import L0Regularizer, Pruned
 
 
 def close_half(reg: L0Regularizer, seed: int, open_low: float = -1.0) -> torch.Tensor:
@@ -19,9 +18,9 @@ def close_half(reg: L0Regularizer, seed: int, open_low: float = -1.0) -> torch.T
     return closed
 
 
-def gated_and_shrunk(reg: L0Regularizer, x: torch.Tensor) -> tuple[torch.Tensor, nn.Module]:
+def gated_and_shrunk(reg: L0Regularizer, x: torch.Tensor) -> tuple[torch.Tensor, Pruned]:
     """One training forward (norm statistics with the gates in place), then the eval output of
-    the gated model and its ``prune(shrink=True)``."""
+    the gated model and its ``prune(shrink=True)`` (the shrunk model and the report)."""
     reg.train()
     with torch.no_grad():
         reg(x)

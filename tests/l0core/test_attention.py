@@ -73,7 +73,7 @@ def test_encoder_layer_loses_heads_in_export(norm_first):
     x = torch.randn(2, 5, 16)
     reg.eval()
     with torch.no_grad():
-        small = reg.prune(shrink=True)
+        small = reg.prune(shrink=True).model
         gated = reg(x)
         assert torch.allclose(small(x), gated, atol=1e-5)
     attn = small.layer.self_attn
@@ -95,7 +95,7 @@ def test_decoder_layer_self_and_cross_attention_lose_heads():
     tgt, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
     reg.eval()
     with torch.no_grad():
-        small = reg.prune(shrink=True)
+        small = reg.prune(shrink=True).model
         assert torch.allclose(small(tgt, memory), reg(tgt, memory), atol=1e-5)
     assert small.layer.self_attn.num_heads == small.layer.multihead_attn.num_heads == 3
 
@@ -114,7 +114,7 @@ def test_bare_attention_returns_the_same_outputs_and_weights_with_masks(average)
     reg.eval()
     with torch.no_grad():
         reg(x)
-        small = reg.prune(shrink=True)
+        small = reg.prune(shrink=True).model
         assert isinstance(small.attn, HeadAttention) and small.attn.num_heads == 3
         for kwargs in ({}, {"attn_mask": causal, "key_padding_mask": pad},
                        {"attn_mask": per_head}):  # fmt: skip
@@ -135,7 +135,7 @@ def test_closing_every_head_changes_the_output_and_export_keeps_one_zero_head():
         before = reg(x)
         _close(reg, "heads", [0, 1, 2, 3])
         assert not torch.allclose(reg(x), before)
-        small = reg.prune(shrink=True)
+        small = reg.prune(shrink=True).model
         assert small.layer.self_attn.num_heads == 1
         assert torch.allclose(small(x), reg(x), atol=1e-5)
 
@@ -154,7 +154,7 @@ def test_per_module_granularities_through_include():
     x = torch.randn(2, 3, 16, 16)
     reg.eval()
     with torch.no_grad():
-        small = reg.prune(shrink=True)
+        small = reg.prune(shrink=True).model
         assert torch.allclose(small(x), reg(x), atol=1e-5)
     assert small.blocks[0].attn.num_heads == 3
 
@@ -204,7 +204,7 @@ def test_transformer_encoder_stack_loses_heads_and_hidden_units():
     pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
     reg.eval()
     with torch.no_grad():
-        small = reg.prune(shrink=True)
+        small = reg.prune(shrink=True).model
         for mask in (None, pad):
             assert torch.allclose(small(x, mask), reg(x, mask), atol=1e-5)
     assert [layer.self_attn.num_heads for layer in small.enc.layers] == [3, 3]

@@ -42,13 +42,12 @@ def test_one_shot_closes_the_lowest_norm_units_and_exports_the_same_smaller_mode
     pruner.eval()
     with torch.no_grad():
         want = pruner(x)
-        shrunk = pruner.prune(shrink=True)
+        shrunk, report = pruner.prune(shrink=True)
         got = shrunk(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     assert sum(p.numel() for p in shrunk.parameters()) < 0.7 * dense
-    report = pruner.last_shrink_report
     assert report.params_before == dense and report.params_after < dense
-    plain = pruner.prune()
+    plain = pruner.prune().model
     torch.testing.assert_close(plain(x), want)
     # the FLOPs are the exported model's: a closed unit also removes the next layers' inputs
     assert pruner.expected_flops() == pytest.approx(_macs(shrunk, x))
@@ -109,7 +108,7 @@ def test_depthwise_and_concatenating_networks_prune_and_export():
         pruner.eval()
         with torch.no_grad():
             want = pruner(x)
-            shrunk = pruner.prune(shrink=True)
+            shrunk = pruner.prune(shrink=True).model
             torch.testing.assert_close(
                 shrunk(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max())
             )
@@ -125,7 +124,7 @@ def test_heads_of_a_vit_prune_and_export():
     pruner.eval()
     with torch.no_grad():
         want = pruner(x)
-        shrunk = pruner.prune(shrink=True)
+        shrunk = pruner.prune(shrink=True).model
     assert sum(b.attn.num_heads for b in shrunk.blocks) < 8
     torch.testing.assert_close(shrunk(x), want, rtol=1e-5, atol=1e-5)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from l0core import FixedMask, L0Regularizer
+from l0core import FixedMask, L0Regularizer, Pruned
 from l0core.channel_norm import ChannelNormPruner
 from sweeps.zoo import ViT, cifar_resnet
 from tests.l0core.exact import close_half, gated_and_shrunk
@@ -27,12 +27,14 @@ def _fine_tune(fixed: FixedMask, x: torch.Tensor, steps: int = 3) -> None:
         opt.step()
 
 
-def _export_matches(fixed: FixedMask, x: torch.Tensor) -> torch.nn.Module:
+def _export_matches(fixed: FixedMask, x: torch.Tensor) -> Pruned:
     fixed.eval()
     with torch.no_grad():
         want = fixed(x)
         shrunk = fixed.prune(shrink=True)
-        torch.testing.assert_close(shrunk(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        torch.testing.assert_close(
+            shrunk.model(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max())
+        )
     return shrunk
 
 
@@ -43,13 +45,13 @@ def test_a_fine_tuned_residual_network_exports_as_small_as_the_gated_one():
     reg = L0Regularizer(model, 0.1, granularity="output")
     close_half(reg, seed=1)
     x = torch.randn(8, 3, 16, 16)
-    _, gated_export = gated_and_shrunk(reg, x)
+    _, (gated_export, _) = gated_and_shrunk(reg, x)
     fixed = FixedMask.after(reg)
     _fine_tune(fixed, x)
-    shrunk = _export_matches(fixed, x)
+    shrunk, report = _export_matches(fixed, x)
     # the same units go: as small as the export without fine-tuning, and smaller than dense
     assert _n(shrunk) == _n(gated_export) < dense
-    assert fixed.last_shrink_report.params_after == _n(shrunk)
+    assert report.params_after == _n(shrunk)
 
 
 def test_fine_tuned_attention_heads_are_removed():
@@ -58,10 +60,10 @@ def test_fine_tuned_attention_heads_are_removed():
     reg = L0Regularizer(vit, 0.1, granularity="head")
     close_half(reg, seed=3)
     x = torch.randn(6, 3, 8, 8)
-    _, gated_export = gated_and_shrunk(reg, x)
+    _, (gated_export, _) = gated_and_shrunk(reg, x)
     fixed = FixedMask.after(reg)
     _fine_tune(fixed, x)
-    shrunk = _export_matches(fixed, x)
+    shrunk = _export_matches(fixed, x).model
     heads = [b.attn.num_heads for b in shrunk.blocks]
     assert heads == [b.attn.num_heads for b in gated_export.blocks] and sum(heads) < 8
 
@@ -75,7 +77,7 @@ def test_fine_tuning_after_channel_norm_pruning_exports_through_its_groups():
     with torch.no_grad():
         pruner(x)
     pruner.eval()
-    before = _n(pruner.prune(shrink=True))
+    before = _n(pruner.prune(shrink=True).model)
     fixed = FixedMask.after(pruner)
     _fine_tune(fixed, x)
-    assert _n(_export_matches(fixed, x)) == before
+    assert _n(_export_matches(fixed, x).model) == before

@@ -31,7 +31,7 @@ def test_a_closed_output_removes_the_next_layers_input_from_expected_flops():
     assert reg.export_cost()["macs"] == exact
     assert reg.expected_flops() == pytest.approx(exact, rel=1e-3)
     # What a trial logs as shrunk_flops: the exported model counted as it is, from one example.
-    shrunk = reg.prune(shrink=True).train()
+    shrunk = reg.prune(shrink=True).model.train()
     assert model_macs(shrunk, torch.randn(1, 3, 8, 8)) == exact and shrunk.training
 
 
@@ -53,4 +53,4 @@ def test_expected_flops_of_saturated_gates_equal_the_exported_models(build):
         reg(torch.randn(2, 3, 8, 8))
     cost = reg.export_cost()
     assert reg.expected_flops() == pytest.approx(cost["macs"], rel=2e-3)
-    assert cost["params"] == reg.last_shrink_report.params_after
+    assert cost["params"] == reg.prune(shrink=True).report.params_after

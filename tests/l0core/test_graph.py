@@ -47,12 +47,11 @@ def test_export_of_a_random_half_closed_state_equals_the_gated_model(family):
     _warm(reg, x)
     with torch.no_grad():
         gated = reg(x)
-        small = reg.prune(shrink=True)
+        small, report = reg.prune(shrink=True)
         out = small(x)
     modules = {type(m).__module__ for m in small.modules()}
     assert all(m == "l0core.modules" for m in modules if m.startswith("l0core"))  # plain modules
     assert (out - gated).abs().max() <= 1e-5 * gated.abs().max()
-    report = reg.last_shrink_report
     assert report.params_after < report.params_before
     assert report.params_after == sum(p.numel() for p in small.parameters())
     assert any(after < before for before, after in report.groups.values())
@@ -117,9 +116,9 @@ def test_residual_stream_is_one_group_and_downsample_starts_another():
     assert "layer2.0.conv1.weight[cols]" in stream["members"]
     down = next(g for g in groups.values() if "layer2.0.downsample.1.weight[norm]" in g["members"])
     assert "layer2.1.bn2.weight[norm]" in down["members"]
-    rows = {r["name"]: r for r in reg.summary()}
-    assert rows["layer1.0.bn1.weight"]["applied"].startswith("group:")
-    assert not rows["fc.weight"]["gated"]  # the model's outputs stay
+    rows = {r.name: r for r in reg.summary()}
+    assert rows["layer1.0.bn1.weight"].applied.startswith("group:")
+    assert not rows["fc.weight"].gated  # the model's outputs stay
 
 
 def test_closed_channel_is_zero_after_its_batchnorm_attribute_in_training():
@@ -174,7 +173,7 @@ def test_heads_and_mlp_units_are_gated_together_and_shrink():
     reg.eval()
     x = torch.randn(2, *SHAPE)
     with torch.no_grad():
-        small = reg.prune(shrink=True)
+        small = reg.prune(shrink=True).model
         assert torch.allclose(small(x), reg(x), atol=1e-5)
     attn = small.get_submodule(heads.name.split(":")[0].rpartition(".")[0])
     assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 2 * 8
@@ -201,7 +200,7 @@ def test_encoder_layer_mlp_units_shrink():
     reg(x)
     reg.eval()
     with torch.no_grad():
-        small = reg.prune(shrink=True)
+        small = reg.prune(shrink=True).model
         assert small.layer.linear1.out_features == 22
         assert torch.allclose(small(x), reg(x), atol=1e-5)
 
@@ -223,7 +222,7 @@ def test_torch_export_accepts_the_shrunk_model(family):
     close_half(reg, seed=2)
     reg.eval()
     x = torch.randn(2, *SHAPE)
-    small = reg.prune(shrink=True)
+    small = reg.prune(shrink=True).model
     program = torch.export.export(small, (x,))
     with torch.no_grad():
         assert torch.allclose(program.module()(x), small(x), atol=1e-6)
@@ -242,7 +241,7 @@ def test_output_gates_on_a_conv_transpose_close_its_output_channels():
     with torch.no_grad():
         reg(x)
         assert (feats["up"][:, :2] == 0).all() and (feats["up"][:, 2:] != 0).any()
-        small = reg.prune(shrink=True)
+        small = reg.prune(shrink=True).model
         assert small[0].out_channels == 4 and torch.allclose(small(x), reg(x), atol=1e-6)
 
 
@@ -259,7 +258,7 @@ def test_depthwise_conv_in_a_sequential_shares_its_producers_gates():
     x = torch.randn(4, 3, 5, 5)
     _warm(reg, x)
     with torch.no_grad():
-        small = reg.prune(shrink=True)
+        small = reg.prune(shrink=True).model
         assert torch.allclose(small(x), reg(x), atol=1e-5)
     assert small[3].groups == small[3].out_channels < 8
 
@@ -300,7 +299,7 @@ def test_head_shrink_lowers_num_heads_or_says_why_not(literal, num_heads, proble
     reg.eval()
     if problem is None:
         with torch.no_grad():
-            small = reg.prune(shrink=True)
+            small = reg.prune(shrink=True).model
             assert small.num_heads == 3 and torch.allclose(small(x), reg(x), atol=1e-6)
     else:
         with pytest.raises(ShrinkError, match=problem):
@@ -351,7 +350,7 @@ def test_group_wrapper_pickles_deepcopies_and_counts_l2_of_what_each_gate_owns()
     reg(x)
     with torch.no_grad():
         reg.unit_log_alpha.fill_(10.0)  # P(open) ~ 1: count_l2 is the owned parameters' norm
-    owned = {n for r in reg.summary() if r["gated"] for n in [r["name"]]}
+    owned = {r.name for r in reg.summary() if r.gated}
     params = reg.module.named_parameters()
     expected = sum(float(p.detach().pow(2).sum()) for n, p in params if n in owned)
     assert float(reg.count_l2().detach()) == pytest.approx(expected, rel=1e-3)

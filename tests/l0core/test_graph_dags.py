@@ -96,9 +96,8 @@ def test_shrunk_dag_equals_the_gated_dag(case):
         return  # nothing to gate (every channel reaches the head unchanged... or is fixed)
     close_half(reg, seed, open_low=4.0)
     x = torch.randn(4, 3, 6, 6)
-    gated, small = gated_and_shrunk(reg, x)
+    gated, (small, report) = gated_and_shrunk(reg, x)
     with torch.no_grad():
         out = small(x)
     assert (out - gated).abs().max() <= 1e-5 * max(1.0, float(gated.abs().max()))
-    report = reg.last_shrink_report
     assert report.params_after <= report.params_before

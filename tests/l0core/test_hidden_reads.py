@@ -84,7 +84,7 @@ def test_closing_a_site_read_outside_its_forward_acts(make, name, granularity, a
         open_out = _first(reg(*args))
         _set_gates(reg, name, -10.0)
         closed_out = _first(reg(*args))
-        pruned_out = _first(reg.prune()(*args))
+        pruned_out = _first(reg.prune().model(*args))
     assert not torch.allclose(open_out, closed_out)
     torch.testing.assert_close(closed_out, pruned_out, rtol=1e-5, atol=1e-6)
     reg.train()
@@ -106,7 +106,7 @@ def test_random_gates_on_hidden_reads_equal_the_pruned_model(make, name, granula
     reg.eval()
     with torch.no_grad():
         torch.testing.assert_close(
-            _first(reg(*args)), _first(reg.prune()(*args)), rtol=1e-5, atol=1e-6
+            _first(reg(*args)), _first(reg.prune().model(*args)), rtol=1e-5, atol=1e-6
         )
 
 
@@ -118,6 +118,6 @@ def test_per_sample_gates_on_a_hidden_read_fall_back_to_shared_gates_with_a_warn
     _set_gates(reg, "fc.weight", -10.0)
     reg.eval()
     with torch.no_grad():
-        torch.testing.assert_close(reg(x), reg.prune()(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(reg(x), reg.prune().model(x), rtol=1e-5, atol=1e-6)
         assert torch.equal(reg(x), torch.zeros(4, 4))
-    assert reg.summary()[2]["applied"] == "weight"  # fc.weight: on the weight, not a hook
+    assert reg.summary()[2].applied == "weight"  # fc.weight: on the weight, not a hook

@@ -64,7 +64,7 @@ def test_training_reaches_the_target_and_keeps_learning(scope):
     assert pruner.steps == 250
     assert pruner.sparsity() == pytest.approx(0.9, abs=1 / n)
     assert int(pruner.count_l0()) == n - round(0.9 * n)
-    densities = [r["eval_density"] for r in pruner.summary() if r["gated"]]
+    densities = [r.eval_density for r in pruner.summary() if r.gated]
     if scope == "layer":
         assert densities == pytest.approx([0.1] * 3, abs=0.01)
     else:
@@ -97,7 +97,7 @@ def test_prune_is_a_plain_module_equal_to_the_masked_eval_outputs():
     pruner.eval()
     with torch.no_grad():
         masked = pruner(x)
-    plain = pruner.prune()
+    plain = pruner.prune().model
     assert set(plain.state_dict()) == keys
     assert not any(m._forward_pre_hooks for m in plain.modules())
     assert not plain.training
@@ -133,19 +133,19 @@ def test_fixed_mask_keeps_an_l0_models_zeros_while_the_rest_trains():
     reg = L0Regularizer(mlp((20, 32, 4)), 0.0, granularity="output", droprate_init=0.5)
     with torch.no_grad():
         reg.unit_log_alpha[:16] = -10.0  # half of the first layer's units off
-    plain = reg.prune()
+    plain = reg.prune().model
     before = {n: p.detach().clone() for n, p in plain.named_parameters()}
     fixed = FixedMask(plain)
     assert fixed.sparsity() == pytest.approx(16 * 20 / (20 * 32 + 32 * 4))
     assert list(fixed.gate_parameters()) == [] and float(fixed.regularization()) == 0.0
     _fit(fixed, x, y, 50)
-    tuned = fixed.prune()
+    tuned = fixed.prune().model
     for name, p in tuned.named_parameters():
         was_zero = before[name] == 0
         assert bool((p[was_zero] == 0).all()), name  # dead rows and their biases stay dead
         assert bool((p[~was_zero] != before[name][~was_zero]).any()), name  # the rest trained
-    shrunk = fixed.prune(shrink=True)
-    assert fixed.last_shrink_report.architecture_after == [20, 16, 4]
+    shrunk, report = fixed.prune(shrink=True)
+    assert report.architecture_after == [20, 16, 4]
     with torch.no_grad():
         assert torch.allclose(shrunk(x), tuned(x), atol=1e-5)
 

@@ -67,11 +67,10 @@ def test_export_of_a_random_half_closed_state_equals_the_gated_model(family):
     assert reg.check_export() == []
     close_half(reg, seed=1)
     x = torch.randn(6, *SHAPE)
-    gated, small = gated_and_shrunk(reg, x)
+    gated, (small, report) = gated_and_shrunk(reg, x)
     with torch.no_grad():
         out = small(x)
     assert (out - gated).abs().max() <= 1e-5 * gated.abs().max()
-    report = reg.last_shrink_report
     assert report.params_after < report.params_before
     buf = io.BytesIO()
     torch.save(small, buf)
@@ -100,8 +99,8 @@ def test_a_groupnorm_group_is_one_unit_gated_after_the_normalization():
     interior = next(g for g in groups.values() if "blocks.0.gn1.weight[norm]" in g["members"])
     assert interior["n_gates"] == 4  # one gate per GroupNorm group, not per channel
     assert interior["params_per_gate"] == 4 * (16 * 9 + 2)  # conv rows + gn entries of 4 channels
-    rows = {r["name"]: r for r in reg.summary()}
-    assert rows["blocks.0.gn1.weight"]["applied"].startswith("group:")
+    rows = {r.name: r for r in reg.summary()}
+    assert rows["blocks.0.gn1.weight"].applied.startswith("group:")
     site = next(s for s in reg._asites if s.name == interior["group"])
     with torch.no_grad():
         reg.unit_log_alpha.fill_(8.0)
@@ -113,23 +112,23 @@ def test_a_groupnorm_group_is_one_unit_gated_after_the_normalization():
     hook.remove()
     assert (feats["gn1"][:, 4:8] == 0).all() and (feats["gn1"][:, 8:] != 0).any()
     reg.eval()
-    small = reg.prune(shrink=True)
+    small = reg.prune(shrink=True).model
     assert (small.blocks[0].gn1.num_groups, small.blocks[0].gn1.num_channels) == (3, 12)
     assert small.blocks[0].conv1.out_channels == 12
 
 
 def test_a_layernorm_input_keeps_its_width_and_its_output_is_gated():
     reg = L0Regularizer(LNMlp(), 0.1, granularity="output")
-    rows = {r["name"]: r for r in reg.summary()}
-    assert not rows["embed.weight"]["gated"]  # writes the stream the LayerNorms normalize
-    assert not rows["fc2.0.weight"]["gated"]
-    assert rows["norms.0.weight"]["applied"].startswith("group:")
-    assert rows["fc1.0.weight"]["gated"]
+    rows = {r.name: r for r in reg.summary()}
+    assert not rows["embed.weight"].gated  # writes the stream the LayerNorms normalize
+    assert not rows["fc2.0.weight"].gated
+    assert rows["norms.0.weight"].applied.startswith("group:")
+    assert rows["fc1.0.weight"].gated
     reasons = "\n".join(reg.check_export(ungated=True))
     assert "embed.weight" in reasons and "LayerNorm" in reasons
     close_half(reg, seed=4)
     reg.eval()
-    small = reg.prune(shrink=True)
+    small = reg.prune(shrink=True).model
     norm = small.norms[0]
     assert isinstance(norm, NarrowLayerNorm) and norm.width == 24
     assert small.fc1[0].in_features == norm.keep.numel() < 24
@@ -140,8 +139,8 @@ def test_groupnorm_without_affine_is_not_gated_and_check_export_says_why():
     assert reg.check_export() == []  # nothing gated that would not shrink exactly
     lines = reg.check_export(ungated=True)
     assert any(line.startswith("stem.weight") and "no affine" in line for line in lines)
-    rows = {r["name"]: r for r in reg.summary()}
-    assert not rows["stem.weight"]["gated"]
+    rows = {r.name: r for r in reg.summary()}
+    assert not rows["stem.weight"].gated
 
 
 def test_a_sequential_with_groupnorm_is_gated_by_data_flow_not_per_layer():
@@ -156,5 +155,5 @@ def test_a_sequential_with_groupnorm_is_gated_by_data_flow_not_per_layer():
     x = torch.randn(3, *SHAPE)
     reg.eval()
     with torch.no_grad():
-        small = reg.prune(shrink=True)
+        small = reg.prune(shrink=True).model
         assert torch.allclose(small(x), reg(x), atol=1e-5)

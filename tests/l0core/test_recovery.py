@@ -41,7 +41,7 @@ def test_l0_recovers_a_sparse_teacher():
     reg = L0Regularizer(student, 1e-3, droprate_init=0.3)
     _train(reg, x, y, epochs=30)
     reg.eval()
-    pruned = reg.prune()
+    pruned = reg.prune().model
     kept = pruned.weight != 0
     teacher_nz = w != 0
     assert reg.sparsity() >= 0.80
@@ -61,11 +61,11 @@ def test_l1_regularizer_interface_and_threshold_pruning():
     x = torch.randn(4, 10)
     out = reg(x)
     assert torch.equal(out, model(x))
-    pruned = reg.prune()
+    pruned = reg.prune().model
     assert int((pruned[0].weight == 0).sum() + (pruned[2].weight == 0).sum()) == small
     assert torch.equal(pruned[0].bias, model[0].bias)  # biases are not selected by default
-    rows = {r["name"]: r for r in reg.summary()}
-    assert rows["0.weight"]["gated"] and not rows["0.bias"]["gated"]
+    rows = {r.name: r for r in reg.summary()}
+    assert rows["0.weight"].gated and not rows["0.bias"].gated
     assert reg.expected_flops() == pytest.approx(104 - small)
     with pytest.raises(ValueError, match=r"threshold must be a finite number >= 0\.0, got -1"):
         L1Regularizer(model, 0.5, threshold=-1)

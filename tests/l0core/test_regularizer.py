@@ -121,7 +121,7 @@ def test_prune_equals_gated_eval_output(granularity, build):
     reg.eval()
     with torch.no_grad():
         gated = reg(x)
-        pruned = reg.prune()
+        pruned = reg.prune().model
         assert not any("l0core" in type(m).__module__ for m in pruned.modules())
         assert torch.allclose(pruned(x), gated, atol=1e-5)
     assert 0 < reg.sparsity() < 1
@@ -142,9 +142,8 @@ def test_prune_shrink_removes_closed_units_and_keeps_outputs():
     reg.eval()
     x = torch.randn(5, 20)
     with torch.no_grad():
-        small = reg.prune(shrink=True)
+        small, report = reg.prune(shrink=True)
         assert torch.allclose(small(x), reg(x), atol=1e-5)
-    report = reg.last_shrink_report
     assert report.architecture_after == [20, 6, 5, 4]
     assert report.params_after == sum(p.numel() for p in small.parameters())
     assert report.params_after < report.params_before
@@ -271,10 +270,10 @@ def test_summary_and_expected_flops():
     model = cnn_bn()
     reg = L0Regularizer(model, 0.1, granularity="output", droprate_init=0.5)
     reg(torch.randn(2, 3, 12, 12))
-    rows = {r["name"]: r for r in reg.summary()}
-    assert rows["0.weight"]["gated"] and rows["0.weight"]["applied"] == "weight"
-    assert not rows["0.bias"]["gated"] and rows["1.weight"]["expected_density"] == 1.0
-    assert rows["9.weight"]["applied"] == "activation:9"
+    rows = {r.name: r for r in reg.summary()}
+    assert rows["0.weight"].gated and rows["0.weight"].applied == "weight"
+    assert not rows["0.bias"].gated and rows["1.weight"].expected_density == 1.0
+    assert rows["9.weight"].applied == "activation:9"
     p = prob_nonzero(torch.tensor(0.0), reg.hc).item()
     dense = 12 * 12 * 8 * 27 + 6 * 6 * 16 * 72 + 16 * 5
     # a weight counts when its row and its column are both open: the first conv reads the input
@@ -316,7 +315,7 @@ def test_an_unknown_layer_type_is_gated_on_its_weight_with_a_warning():
     with torch.no_grad():
         out = reg(x)
         assert torch.equal(out[:, 0], torch.zeros(3)) and out[:, 1:].abs().sum() > 0
-        torch.testing.assert_close(out, reg.prune()(x))
+        torch.testing.assert_close(out, reg.prune().model(x))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         L0Regularizer(model, 0.0)  # weight gates suit any parameter: no warning

@@ -57,7 +57,7 @@ def test_sparsity_threshold_rule_equals_the_eval_gates():
             with torch.no_grad():
                 for la in reg.gate_parameters():
                     la.uniform_(-5, 5)
-            rows = [r for r in reg.summary() if r["gated"]]
-            kept = sum(r["eval_density"] * r["numel"] for r in rows)  # from eval_gate() itself
+            rows = [r for r in reg.summary() if r.gated]
+            kept = sum(r.eval_density * r.numel for r in rows)  # from eval_gate() itself
             assert float(reg._eval_sparsity()) == pytest.approx(1 - kept / reg.n_gated)
             assert reg.sparsity() == pytest.approx(1 - kept / reg.n_gated)

@@ -30,7 +30,7 @@ def test_conv_batchnorm_cnn(granularity):
     reg.eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(reg.prune()(x), reg(x), atol=1e-5)
+        assert torch.allclose(reg.prune().model(x), reg(x), atol=1e-5)
 
 
 @pytest.mark.parametrize("granularity", ["weight", "output", "input"])
@@ -46,7 +46,7 @@ def test_lstm(granularity):
     reg.eval()
     x = torch.randn(2, 4, 6)
     with torch.no_grad():
-        assert torch.allclose(reg.prune()(x)[0], reg(x)[0], atol=1e-5)
+        assert torch.allclose(reg.prune().model(x)[0], reg(x)[0], atol=1e-5)
 
 
 def test_transformer_encoder_layer_and_attention():
@@ -59,7 +59,7 @@ def test_transformer_encoder_layer_and_attention():
     assert _grads_flow(reg)
     reg.eval()
     with torch.no_grad():
-        assert torch.allclose(reg.prune()(x), reg(x), atol=1e-5)
+        assert torch.allclose(reg.prune().model(x), reg(x), atol=1e-5)
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
     reg = L0Regularizer(mha, 0.01, granularity="output")
     q = torch.randn(2, 3, 8)
