@@ -145,6 +145,9 @@ def eval_zero_logit(hc: HardConcrete, rule: str = "mean") -> float:
     raise ValueError(f"test_gate must be 'mean' or 'median', got {rule!r}")
 
 
+_FEW = 4096  # below this, uniform_'s one op costs less than the five here
+
+
 def uniform_noise(
     size: tuple[int, ...], hc: HardConcrete, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
@@ -158,7 +161,7 @@ def uniform_noise(
     """
     eps = hc.epsilon
     u = torch.empty(size, dtype=dtype, device=device)
-    if dtype != torch.float32 or u.device.type != "cpu" or u.numel() < 2:
+    if dtype != torch.float32 or u.device.type != "cpu" or u.numel() < _FEW:
         return u.uniform_(eps, 1.0 - eps)
     n = u.numel()
     bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=u.device).random_()
@@ -170,8 +173,10 @@ def uniform_noise(
 def _noise_to_gate_(u: Tensor, log_alpha: Tensor, hc: HardConcrete) -> Tensor:
     """Turn uniform noise ``u`` into gates, in place (no temporary of the gates' size)."""
     u.logit_().add_(log_alpha).mul_(1.0 / hc.temperature).sigmoid_()
-    gamma = torch.tensor(hc.limit_a, dtype=u.dtype)  # a 0-dim CPU tensor acts as a scalar
-    return torch.add(gamma, u, alpha=hc.span, out=u).clamp_(0.0, 1.0)
+    return u.mul_(hc.span).add_(hc.limit_a).clamp_(0.0, 1.0)
+
+
+_CLAMP_BACKWARD = torch.ops.aten.hardtanh_backward.grad_input  # grad where min < x < max, else 0
 
 
 def _gate_grad_(grad: Tensor, z: Tensor, hc: HardConcrete) -> Tensor:
@@ -179,17 +184,16 @@ def _gate_grad_(grad: Tensor, z: Tensor, hc: HardConcrete) -> Tensor:
 
     Inside (0, 1), ``z = s * span + gamma`` so ``s = (z - gamma) / span`` and
     ``dz/dlog_alpha = span * s * (1 - s) / beta = (z - gamma) * (zeta - z) * c`` with
-    ``c = 1 / (span * beta)``: ``z * t - gamma * zeta * c`` with ``t = c * (gamma + zeta - z)``,
-    one ``rsub`` and one ``addcmul``. Where the clamp is active (z == 0 or z == 1) the derivative
-    is 0: ``hardtanh_backward`` (the clamp's own backward) keeps ``grad`` exactly where
-    ``0 < z < 1``. Four passes, one temporary buffer.
+    ``c = 1 / (span * beta)``: ``z * t - gamma * zeta * c`` with ``t = c * (gamma + zeta - z)``.
+    Where the clamp is active (z == 0 or z == 1) the derivative is 0: ``hardtanh_backward`` (the
+    clamp's own backward) keeps ``grad`` exactly where ``0 < z < 1``. Five passes (eight with a
+    separate indicator), one temporary buffer.
     """
     a, b = hc.limit_a, hc.limit_b
     c = 1.0 / (hc.span * hc.temperature)
     t = torch.rsub(z, (a + b) * c, alpha=c)  # c * (a + b - z)
-    torch.addcmul(torch.tensor(-a * b * c, dtype=z.dtype), t, z, out=t)
-    grad.mul_(t)
-    return torch.ops.aten.hardtanh_backward.grad_input(grad, z, 0.0, 1.0, grad_input=grad)
+    grad.mul_(t.mul_(z).sub_(a * b * c))
+    return _CLAMP_BACKWARD(grad, z, 0.0, 1.0, grad_input=grad)
 
 
 class _SampleGates(torch.autograd.Function):
