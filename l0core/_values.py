@@ -17,7 +17,18 @@ from torch import Tensor, fx
 
 from .graph import ChannelGraph
 
-__all__ = ["Repeat", "TensorOps", "Val", "arg_of", "flat_vals", "op_name", "positive"]
+__all__ = [
+    "Repeat",
+    "Shape",
+    "Size",
+    "TensorOps",
+    "Val",
+    "arg_of",
+    "flat_vals",
+    "op_name",
+    "positive",
+    "size_of",
+]
 
 
 @dataclass
@@ -33,6 +44,37 @@ class Val:
 
 def positive(val: Val) -> list[int] | None:
     return None if val.ndim is None else [val.ndim + c for c in val.cdims]
+
+
+@dataclass
+class Size:
+    """An int read from a tensor's shape (``x.shape[i]``, ``x.size(i)``), or computed from such
+    ints: ``value`` where the walk knows it (the width of a channel dimension), ``deps`` the
+    channel ids whose number it depends on (None: no channel width, e.g. the batch size)."""
+
+    value: int | float | None
+    deps: Tensor | None = None
+
+
+@dataclass
+class Shape:
+    """``x.shape`` or ``x.size()`` of a value (None: a tensor the walk does not follow)."""
+
+    val: Val | None
+
+
+def size_of(val: Val | None, dim: int) -> Size:
+    """The size of ``val`` along ``dim``: known, and depending on its channels, on a channel
+    dimension; unknown and independent of them elsewhere."""
+    if val is None:
+        return Size(None)
+    d = dim if dim < 0 else (None if val.ndim is None else dim - val.ndim)
+    if d is None:  # rank unknown: it may be a channel dimension
+        return Size(None, val.ids)
+    if d not in val.cdims:
+        return Size(None)
+    j = val.cdims.index(d)
+    return Size(None if val.block else int(val.ids.shape[j]), val.ids)
 
 
 @dataclass
@@ -69,6 +111,7 @@ class TensorOps:
     """The tensor-op half of the walk; the walker supplies ``g``, ``val`` and ``fix_all``."""
 
     g: ChannelGraph
+    vals: dict
 
     def val(self, arg: Any) -> Any:
         raise NotImplementedError
@@ -91,7 +134,10 @@ class TensorOps:
         other = b if va is not None else a
         if v is None:
             return None
-        if isinstance(other, fx.Node):
+        if isinstance(other, fx.Node) and isinstance(self.vals.get(other), Size):
+            if not multiplies:  # a number read from a shape: a scale keeps zero at zero
+                self.fix_all(node, "adds a number read from a shape")
+        elif isinstance(other, fx.Node):
             self.fix_all(node, "combined with a tensor the walk does not follow")
         elif not multiplies and other not in (0, 0.0):
             self.fix_all(node, f"adds the constant {other!r}")
@@ -143,19 +189,25 @@ class TensorOps:
             self.fix_all(node, "concatenated with a tensor the walk does not follow")
         return v0
 
+    def reshaped(self, node: fx.Node, tail: int, args: list, ids: Tensor) -> None:
+        """Called for a reshape the walk follows into trailing channel dims (the walker records
+        it for export)."""
+
+    def size_deps(self, node: fx.Node, args: list) -> list[Tensor]:
+        raise NotImplementedError
+
     def reshape(self, node: fx.Node, x: Val | None) -> Val | None:
         if x is None:
             return None
-        shape = (
-            list(node.args[1:]) if node.op == "call_method" else [arg_of(node, 1, "shape", None)]
-        )
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = list(shape[0])
+        raw = list(node.args[1:]) if node.op == "call_method" else [arg_of(node, 1, "shape", None)]
+        if len(raw) == 1 and isinstance(raw[0], (tuple, list)):
+            raw = list(raw[0])
+        shape = [self.known_size(a) for a in raw]  # ints where known (shapes read included)
         pos = positive(x)
         # (B, -1) after channels at dim 1: a flatten
         if pos == [1] and len(shape) == 2 and shape[1] == -1:
             return Val(x.ids, (-1,), 2, True)
-        if pos == [1] and len(shape) == 2 and isinstance(shape[1], int):
+        if pos == [1] and len(shape) == 2 and isinstance(raw[1], int):
             self.fix_all(node, f"a hard-coded view size {shape[1]} (write x.flatten(1) or "
                                "x.view(x.size(0), -1) so the width can change)")  # fmt: skip
             return None
@@ -173,6 +225,11 @@ class TensorOps:
                     break
         if pos is not None and trailing and len(shape) > x.ndim - k:
             lead, tail = shape[: x.ndim - k], shape[x.ndim - k :]
+            lead_deps = self.size_deps(node, raw[: x.ndim - k])
+            if lead_deps:  # a width used as a batch-like size: export could not rewrite it
+                for d in lead_deps:
+                    self.g.fix(d, f"its width sizes a leading dim at node {node.name!r} "
+                                  f"({op_name(node)})")  # fmt: skip
             if all(isinstance(s, int) for s in tail) and not any(
                 isinstance(s, int) and s == -1 for s in lead
             ):
@@ -181,9 +238,18 @@ class TensorOps:
                 tail = [n // known if s == -1 else s for s in tail]
                 if math.prod(tail) == n:
                     ids = x.ids.reshape(tail)
+                    self.reshaped(node, x.ndim - k, raw, ids)
                     return Val(ids, tuple(range(-len(tail), 0)), len(shape), x.block)
         self.fix_all(node, "a reshape the walk cannot follow")
         return None
+
+    def known_size(self, a: Any) -> Any:
+        """``a`` as an int where it is one or a size the walk knows, else ``a`` itself."""
+        if isinstance(a, fx.Node):
+            v = self.vals.get(a)
+            if isinstance(v, Size) and isinstance(v.value, int):
+                return v.value
+        return a
 
     def permute(self, node: fx.Node, x: Val | None) -> Val | None:
         if x is None:

@@ -30,6 +30,7 @@ __all__ = [
     "log_alpha_from_droprate",
     "prob_nonzero",
     "sample_gates",
+    "uniform_noise",
 ]
 
 LOG_ALPHA_BOUND = 10.0
@@ -144,10 +145,38 @@ def eval_zero_logit(hc: HardConcrete, rule: str = "mean") -> float:
     raise ValueError(f"test_gate must be 'mean' or 'median', got {rule!r}")
 
 
+_FEW = 4096  # below this, uniform_'s one op costs less than the five here
+
+
+def uniform_noise(
+    size: tuple[int, ...], hc: HardConcrete, dtype: torch.dtype, device: torch.device | str
+) -> Tensor:
+    """``U(eps, 1 - eps)`` noise of ``size``: the values ``Tensor.uniform_(eps, 1 - eps)`` draws.
+
+    On CPU, ``uniform_`` makes one serial call of the generator per float (a third of an MLP's
+    training step with weight gates). For float32 the same 24-bit values, ``k * 2**-24`` scaled
+    to ``(eps, 1 - eps)``, are cut here from 64-bit draws of the same generator (``random_`` on
+    int64: 63 random bits, two 24-bit fields each), so half the calls; ``torch.manual_seed``
+    governs them as before. Other dtypes and devices use ``uniform_``.
+    """
+    eps = hc.epsilon
+    u = torch.empty(size, dtype=dtype, device=device)
+    if dtype != torch.float32 or u.device.type != "cpu" or u.numel() < _FEW:
+        return u.uniform_(eps, 1.0 - eps)
+    n = u.numel()
+    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=u.device).random_()
+    k = bits.view(torch.int32)[:n].bitwise_and_(0xFFFFFF)  # bits 0-23 and 32-55 of each draw
+    torch.mul(k, (1.0 - 2.0 * eps) * 2.0**-24, out=u.view(-1))
+    return u.add_(eps)
+
+
 def _noise_to_gate_(u: Tensor, log_alpha: Tensor, hc: HardConcrete) -> Tensor:
     """Turn uniform noise ``u`` into gates, in place (no temporary of the gates' size)."""
     u.logit_().add_(log_alpha).mul_(1.0 / hc.temperature).sigmoid_()
     return u.mul_(hc.span).add_(hc.limit_a).clamp_(0.0, 1.0)
+
+
+_CLAMP_BACKWARD = torch.ops.aten.hardtanh_backward.grad_input  # grad where min < x < max, else 0
 
 
 def _gate_grad_(grad: Tensor, z: Tensor, hc: HardConcrete) -> Tensor:
@@ -155,17 +184,16 @@ def _gate_grad_(grad: Tensor, z: Tensor, hc: HardConcrete) -> Tensor:
 
     Inside (0, 1), ``z = s * span + gamma`` so ``s = (z - gamma) / span`` and
     ``dz/dlog_alpha = span * s * (1 - s) / beta = (z - gamma) * (zeta - z) * c`` with
-    ``c = 1 / (span * beta)``, which is ``c * (z * (gamma + zeta - z) - gamma * zeta)``: three
-    passes from ``rsub`` with ``alpha``. Where the clamp is active (z == 0 or z == 1) the
-    derivative is 0: ``sign(z - z^2)`` is that indicator, since ``z - z^2 > 0`` exactly inside
-    (0, 1), one ``addcmul`` and one ``sign_``. One temporary buffer in all.
+    ``c = 1 / (span * beta)``: ``z * t - gamma * zeta * c`` with ``t = c * (gamma + zeta - z)``.
+    Where the clamp is active (z == 0 or z == 1) the derivative is 0: ``hardtanh_backward`` (the
+    clamp's own backward) keeps ``grad`` exactly where ``0 < z < 1``. Five passes (eight with a
+    separate indicator), one temporary buffer.
     """
     a, b = hc.limit_a, hc.limit_b
     c = 1.0 / (hc.span * hc.temperature)
-    tmp = torch.rsub(z, (a + b) * c, alpha=c)  # c * (a + b - z)
-    grad.mul_(tmp.mul_(z).sub_(a * b * c))
-    torch.addcmul(z, z, z, value=-1.0, out=tmp)
-    return grad.mul_(tmp.sign_())
+    t = torch.rsub(z, (a + b) * c, alpha=c)  # c * (a + b - z)
+    grad.mul_(t.mul_(z).sub_(a * b * c))
+    return _CLAMP_BACKWARD(grad, z, 0.0, 1.0, grad_input=grad)
 
 
 class _SampleGates(torch.autograd.Function):
@@ -176,8 +204,7 @@ class _SampleGates(torch.autograd.Function):
         ctx, log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...], gates: Tensor | None
     ) -> Tensor:
         if gates is None:
-            u = torch.empty(size, dtype=log_alpha.dtype, device=log_alpha.device)
-            u.uniform_(hc.epsilon, 1.0 - hc.epsilon)
+            u = uniform_noise(size, hc, log_alpha.dtype, log_alpha.device)
             z = _noise_to_gate_(u, log_alpha, hc)
         else:  # a replay: the same gates, a new node
             z = gates.clone()
@@ -223,5 +250,5 @@ def sample_gates(
 def draw_gates(log_alpha: Tensor, hc: HardConcrete) -> Tensor:
     """Hard-concrete gates drawn without gradient, one per logit (see ``masked_weights``).
     No ``no_grad`` block needed: nothing here requires grad, so autograd records nothing."""
-    z = torch.empty_like(log_alpha, requires_grad=False).uniform_(hc.epsilon, 1.0 - hc.epsilon)
+    z = uniform_noise(tuple(log_alpha.shape), hc, log_alpha.dtype, log_alpha.device)
     return _noise_to_gate_(z, log_alpha.detach(), hc)

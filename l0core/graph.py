@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["ChannelGraph", "GraphError", "Incidence"]
+__all__ = ["ChannelGraph", "GraphError", "Incidence", "ReshapeSite"]
 
 
 class GraphError(ValueError):
@@ -51,6 +51,34 @@ class Incidence:
 
 
 @dataclass
+class ReshapeSite:
+    """A reshape (``view``/``reshape``) that splits or joins channels into trailing dims whose
+    sizes export may have to write anew: the widths it reads from a tensor's shape
+    (``d // heads`` with ``b, n, d = x.shape``) or hard-codes no longer hold once units close.
+
+    Attributes:
+        owner: qualified name of the innermost module whose forward holds the op.
+        index: its position among the reshapes of ``owner``'s forward (nested modules' included).
+        tail: the position in the shape arguments where the channel dims begin.
+        literal: per channel dim, its size if the argument is a literal int, None if it is
+            computed in the forward (from a shape).
+        ids: channel id of each element of the channel dims (shaped like them).
+        read: the channels whose widths the computed sizes read (empty: none).
+    """
+
+    owner: str
+    index: int
+    tail: int
+    literal: list[int | None]
+    ids: Tensor
+    read: Tensor
+
+    @property
+    def reads_width(self) -> bool:
+        return any(v is None for v in self.literal)
+
+
+@dataclass
 class ChannelGraph:
     """The channels of a traced model and the parameter slices they tie together (plain data:
     no graph module, so a wrapper holding it pickles). Built by ``l0core.trace``."""
@@ -62,6 +90,8 @@ class ChannelGraph:
     unknown_modules: dict[str, str] = field(default_factory=dict)
     hidden_reads: set[str] = field(default_factory=set)  # modules whose tensors are read directly
     heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> head roots
+    reshapes: list[ReshapeSite] = field(default_factory=list)
+    reshape_counts: dict[str, int] = field(default_factory=dict)  # module -> reshapes under it
     _inc_at: dict[tuple[str, str, int], Incidence] = field(default_factory=dict)
 
     # ---- union-find -----------------------------------------------------------------------

@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ._chain import ShrinkError
+from .graph import ReshapeSite
 from .groups import GroupPlan
 from .modules import HeadAttention, NarrowLayerNorm
 
@@ -68,10 +69,12 @@ def export_blockers(plan: GroupPlan, group_sites: list, weight_sites: list) -> l
         m = root.get_submodule(owner) if owner else root
         if isinstance(m, nn.MultiheadAttention):
             continue  # export makes it a HeadAttention (l0core.modules)
-        if not isinstance(getattr(m, "num_heads", None), int):
+    for owner in sorted(_rewritten_owners(plan)):
+        why = _untraceable(plan, owner)
+        if why:
             lines.append(
-                f"{owner or 'the model'}: scaled_dot_product_attention heads are gated, but the "
-                "module holds no int 'num_heads' attribute that shrink could lower"
+                f"{owner or 'the model'}: a reshape in its forward sizes gated channels with "
+                f"widths that shrink changes, and export cannot rewrite it ({why})"
             )
     unknown = plan.graph.unknown_modules
     for s in [*group_sites, *weight_sites]:
@@ -248,16 +251,157 @@ def _shrunk(model: nn.Module, plan: GroupPlan, closed: Tensor) -> nn.Module:
         if owner in attention:
             continue
         kept = len(_kept_heads(plan, closed, roots))
-        if kept == len(roots):
-            continue
         m = model.get_submodule(owner) if owner else model
-        if not isinstance(getattr(m, "num_heads", None), int):
-            raise ShrinkError(
-                f"cannot shrink the attention in {owner or 'the model'}: it has no int "
-                "'num_heads' attribute to lower"
-            )
-        m.num_heads = kept
+        if kept != len(roots) and isinstance(getattr(m, "num_heads", None), int):
+            m.num_heads = kept  # its forward reads it (or its reshapes are rewritten below)
+    return _rewrite_reshapes(model, plan, closed)
+
+
+# ---- reshapes whose sizes change --------------------------------------------------------------
+
+
+def _lowers_heads(plan: GroupPlan, owner: str) -> bool:
+    """Whether export lowers ``owner``'s int ``num_heads``, which its forward reads."""
+    if owner not in plan.graph.heads:
+        return False
+    m = plan.model.get_submodule(owner) if owner else plan.model
+    return isinstance(getattr(m, "num_heads", None), int)
+
+
+def _needs_rewrite(plan: GroupPlan, site: ReshapeSite) -> bool:
+    """Whether ``site``'s sizes, once units close, are not what the module's own code computes:
+    a width read from a shape (``d // heads`` with ``d = x.shape[-1]``), or literal sizes in a
+    module that holds no ``num_heads`` for export to lower."""
+    return site.reads_width or not _lowers_heads(plan, site.owner)
+
+
+def _gated(plan: GroupPlan, ids: Tensor) -> bool:
+    return any(plan.graph.find(i) in plan.unit_of for i in ids.flatten().tolist())
+
+
+def _touches_gates(plan: GroupPlan, site: ReshapeSite) -> bool:
+    """Whether closing units can change ``site``'s sizes or the widths it reads."""
+    return _gated(plan, site.ids) or (site.reads_width and _gated(plan, site.read))
+
+
+def _rewritten_owners(plan: GroupPlan) -> set[str]:
+    """The modules whose reshapes export may rewrite (gated channels, sizes it must write)."""
+    return {
+        s.owner for s in plan.graph.reshapes if _needs_rewrite(plan, s) and _touches_gates(plan, s)
+    }
+
+
+class _LeafTracer(fx.Tracer):
+    """fx's tracer, with export's own replacement modules kept whole too."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (HeadAttention, NarrowLayerNorm)) or super().is_leaf_module(
+            m, qualname
+        )
+
+
+def _reshape_nodes(module: nn.Module) -> tuple[fx.Graph, list[fx.Node]]:
+    graph = _LeafTracer().trace(module)
+    nodes = [
+        n
+        for n in graph.nodes
+        if (n.op == "call_method" and n.target in ("view", "reshape"))
+        or (n.op == "call_function" and n.target is torch.reshape)
+    ]
+    return graph, nodes
+
+
+def _untraceable(plan: GroupPlan, owner: str) -> str | None:
+    """Why ``owner``'s forward cannot be traced on its own with its reshapes matching the walk's
+    (None when it can)."""
+    m = plan.model.get_submodule(owner) if owner else plan.model
+    try:
+        _, nodes = _reshape_nodes(m)
+    except Exception as exc:
+        return f"torch.fx cannot trace {type(m).__name__} on its own: {type(exc).__name__}: {exc}"
+    total = plan.graph.reshape_counts.get(owner, 0)
+    if not nodes or total % len(nodes):
+        return f"its forward traced on its own has {len(nodes)} reshapes, the model's trace {total}"
+    return None
+
+
+def _new_sizes(plan: GroupPlan, closed: Tensor, site: ReshapeSite) -> list[int]:
+    """The sizes of ``site``'s channel dims once the closed units are gone."""
+    closed_full = torch.cat([closed.cpu(), torch.zeros(1, dtype=torch.bool)])
+    n = plan.n_gates
+    index = [plan.unit_of.get(plan.graph.find(i), n) for i in site.ids.flatten().tolist()]
+    keep = ~closed_full[torch.tensor(index, dtype=torch.long)].view(site.ids.shape)
+    sizes, box = [], keep
+    for j in range(keep.dim()):
+        others = [d for d in range(keep.dim()) if d != j]
+        along = keep.any(dim=others) if others else keep
+        sizes.append(int(along.sum()))
+        box = box.index_select(j, along.nonzero().flatten())
+    if not bool(box.all()) or box.numel() != int(keep.sum()):
+        raise ShrinkError(
+            f"cannot shrink the reshape {site.index} in {site.owner or 'the model'}: the units "
+            "left do not fill whole rows of its channel dims"
+        )
+    return sizes
+
+
+def _rewrite_reshapes(model: nn.Module, plan: GroupPlan, closed: Tensor) -> nn.Module:
+    """Write the new channel sizes into the reshapes that need them: the module whose forward
+    holds them becomes an ``fx.GraphModule`` of its own forward (same submodules, parameters
+    and name of class), its reshapes reading the narrower literal sizes."""
+    changes: dict[str, dict[int, tuple[ReshapeSite, list[int]]]] = {}
+    for site in plan.graph.reshapes:
+        if not (_needs_rewrite(plan, site) and _touches_gates(plan, site)):
+            continue
+        sizes = _new_sizes(plan, closed, site)
+        if sizes == list(site.ids.shape) and not any(
+            _is_closed(plan, closed, i) for i in site.read.tolist()
+        ):
+            continue  # the module's own code computes the same sizes
+        changes.setdefault(site.owner, {})[site.index] = (site, sizes)
+    for owner in sorted(changes, key=lambda o: -o.count(".") if o else 1):  # inner ones first
+        why = _untraceable(plan, owner)
+        if why:
+            raise ShrinkError(f"cannot rewrite the reshapes of {owner or 'the model'}: {why}")
+        m = model.get_submodule(owner) if owner else model
+        graph, nodes = _reshape_nodes(m)
+        done: dict[int, list[int]] = {}
+        for index, (site, sizes) in changes[owner].items():
+            i = index % len(nodes)
+            if done.setdefault(i, sizes) != sizes:
+                raise ShrinkError(
+                    f"cannot shrink {owner or 'the model'}: it is called more than once, with "
+                    "different units closed in one of its reshapes"
+                )
+            _set_sizes(nodes[i], site, sizes)
+        gm = fx.GraphModule(m, graph, class_name=type(m).__name__).train(m.training)
+        if not owner:
+            return gm
+        model.set_submodule(owner, gm)
     return model
+
+
+def _set_sizes(node: fx.Node, site: ReshapeSite, sizes: list[int]) -> None:
+    """Write ``sizes`` into the channel dims of a reshape node (a literal -1 stays)."""
+    if node.op == "call_method":
+        x, raw = node.args[0], list(node.args[1:])
+        packed = len(raw) == 1 and isinstance(raw[0], (tuple, list))
+    else:
+        x, raw, packed = (
+            node.args[0],
+            node.args[1] if len(node.args) > 1 else node.kwargs["shape"],
+            True,
+        )
+    shape = list(raw[0] if node.op == "call_method" and packed else raw)
+    tail = [-1 if lit == -1 else new for lit, new in zip(site.literal, sizes, strict=True)]
+    shape[site.tail :] = tail
+    if node.op == "call_method":
+        node.args = (x, tuple(shape)) if packed else (x, *shape)
+    else:
+        node.args, node.kwargs = (
+            (x, tuple(shape)),
+            {k: v for k, v in node.kwargs.items() if k != "shape"},
+        )
 
 
 def _kept_heads(plan: GroupPlan, closed: Tensor, roots: list[int]) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import HardConcrete, _gate_grad_, _noise_to_gate_
+from .functional import HardConcrete, _gate_grad_, _noise_to_gate_, uniform_noise
 
 __all__ = ["masked_weights"]
 
@@ -20,8 +20,7 @@ class _MaskedWeights(torch.autograd.Function):
     def forward(ctx, log_alpha: Tensor, hc: HardConcrete, layout, gates, *weights: Tensor):
         # layout: per weight, (offset, n_gates, view_shape, reduce_dims); gates: z or None
         if gates is None:
-            z = torch.empty_like(log_alpha)
-            z.uniform_(hc.epsilon, 1.0 - hc.epsilon)
+            z = uniform_noise(tuple(log_alpha.shape), hc, log_alpha.dtype, log_alpha.device)
             _noise_to_gate_(z, log_alpha, hc)
         else:
             z = gates

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from ._values import TensorOps, Val, arg_of, flat_vals, op_name, positive
-from .graph import ChannelGraph, GraphError
+from ._values import Shape, Size, TensorOps, Val, arg_of, flat_vals, op_name, positive, size_of
+from .graph import ChannelGraph, GraphError, ReshapeSite
 from .record import record_graph
 
 __all__ = ["trace_channels"]
@@ -44,7 +44,12 @@ _NONZERO_AT_ZERO = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
 _TIE_OPS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
             torch.add, torch.sub, torch.mul}  # fmt: skip
 _TIE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
-_SHAPE_METHODS = {"size", "dim"}
+_SHAPE_METHODS = {"dim"}
+_SIZE_ARITHMETIC = {
+    operator.floordiv, operator.mul, operator.add, operator.sub, operator.truediv, operator.mod,
+    operator.pow, operator.neg,
+}  # fmt: skip
+_RESHAPES = {"view", "reshape"}
 
 
 def _zero_at_zero(activation: Any) -> bool:
@@ -64,7 +69,23 @@ class _Walker(TensorOps):
 
     # ---- helpers --------------------------------------------------------------------------
     def val(self, arg: Any) -> Any:
-        return self.vals.get(arg) if isinstance(arg, fx.Node) else None
+        """The channels of a tensor argument (None for anything else, sizes included)."""
+        v = self.vals.get(arg) if isinstance(arg, fx.Node) else None
+        return None if isinstance(v, (Size, Shape)) else v
+
+    def size_deps(self, node: fx.Node, args: Any) -> list[Tensor]:
+        """The channel ids that the sizes among ``args`` (nested) depend on."""
+        out = []
+        stack = list(args) if isinstance(args, (list, tuple)) else [args]
+        while stack:
+            a = stack.pop()
+            if isinstance(a, (list, tuple)):
+                stack.extend(a)
+            elif isinstance(a, fx.Node):
+                v = self.vals.get(a)
+                if isinstance(v, Size) and v.deps is not None:
+                    out.append(v.deps)
+        return out
 
     def fix_all(self, node: fx.Node, why: str) -> None:
         for arg in node.all_input_nodes:
@@ -73,6 +94,10 @@ class _Walker(TensorOps):
 
     def run(self) -> ChannelGraph:
         for node in self.graph.nodes:
+            if _is_reshape(node):  # numbered per module (and its parents) for export
+                self.reshape_index = self.g.reshape_counts.get(_owner(node), 0)
+                for path in {p for p, _ in node.meta.get("nn_module_stack", {}).values()} | {""}:
+                    self.g.reshape_counts[path] = self.g.reshape_counts.get(path, 0) + 1
             try:
                 self.vals[node] = self.visit(node)
             except GraphError:
@@ -92,8 +117,10 @@ class _Walker(TensorOps):
             return None
         if node.op == "output":
             self.fix_all(node, "the model's output")
+            self._width_read(node)
             return None
         if node.op == "call_module":
+            self._width_read(node)
             return self.module(node, self.modules[node.target])
         return self.call(node)
 
@@ -306,10 +333,60 @@ class _Walker(TensorOps):
             self.g.head.add(self.g.find(int(row[0])))
         self.g.heads[owner] = [int(row[0]) for row in heads]
 
+    # ---- shapes read in the forward ---------------------------------------------------------
+    def reshaped(self, node: fx.Node, tail: int, args: list, ids: Tensor) -> None:
+        literal = [a if isinstance(a, int) else None for a in args[tail:]]
+        read = [d.flatten() for d in self.size_deps(node, args[tail:])]
+        read = torch.cat(read) if read else torch.zeros(0, dtype=torch.long)
+        site = ReshapeSite(_owner(node), self.reshape_index, tail, literal, ids.clone(), read)
+        self.g.reshapes.append(site)
+
+    def _width_read(self, node: fx.Node) -> None:
+        """A width read from a shape used by anything but shape arithmetic and the sizes of a
+        reshape: export cannot rewrite that use, so those channels keep their width."""
+        for deps in self.size_deps(node, [*node.args, *node.kwargs.values()]):
+            self.g.fix(deps, f"its width is read from a shape by node {node.name!r} "
+                             f"({op_name(node)})")  # fmt: skip
+
+    def shape_op(self, node: fx.Node) -> Any:
+        """``x.shape``, ``x.size()``, ``x.size(i)``, indexing a shape and int arithmetic on
+        sizes; ``NotImplemented`` for any other op."""
+        t, args = node.target, node.args
+        first = self.vals.get(args[0]) if args and isinstance(args[0], fx.Node) else None
+        if node.op == "call_function" and t is getattr and len(args) > 1 and args[1] == "shape":
+            return Shape(self.val(args[0]))
+        if node.op == "call_method" and t == "size":
+            dim = arg_of(node, 1, "dim", None)
+            return Shape(self.val(args[0])) if dim is None else size_of(self.val(args[0]), dim)
+        if node.op == "call_function" and t is operator.getitem and isinstance(first, Shape):
+            index = args[1]
+            if isinstance(index, int):
+                return size_of(first.val, index)
+            if isinstance(index, slice) and first.val is not None and first.val.ndim is not None:
+                return [size_of(first.val, i) for i in range(first.val.ndim)[index]]
+            return Size(None, None if first.val is None else first.val.ids)
+        if node.op == "call_function" and t is operator.getitem and isinstance(first, list):
+            return first[args[1]] if isinstance(args[1], int) else None
+        if node.op == "call_function" and t in _SIZE_ARITHMETIC:
+            operands = [self.vals.get(a) if isinstance(a, fx.Node) else a for a in args]
+            if any(isinstance(o, Size) for o in operands) and all(
+                isinstance(o, (Size, int, float)) for o in operands
+            ):
+                values = [o.value if isinstance(o, Size) else o for o in operands]
+                deps = [o.deps for o in operands if isinstance(o, Size) and o.deps is not None]
+                known = all(isinstance(v, (int, float)) for v in values)
+                return Size(t(*values) if known else None, torch.cat(deps) if deps else None)
+        return NotImplemented
+
     # ---- functions and methods ------------------------------------------------------------
     def call(self, node: fx.Node) -> Any:
         t = node.target
         args = node.args
+        shape = self.shape_op(node)
+        if shape is not NotImplemented:
+            return shape
+        if not _is_reshape(node):
+            self._width_read(node)
         x = self.val(args[0]) if args else None
         if node.op == "call_method" and t in _SHAPE_METHODS:
             return None
@@ -325,7 +402,9 @@ class _Walker(TensorOps):
             node.op == "call_method" and t in _TIE_METHODS
         ):
             return self.tie(node, t)
-        if t in (operator.truediv, torch.div, "div") and isinstance(args[1], (int, float)):
+        if t in (operator.truediv, torch.div, "div") and (
+            isinstance(args[1], (int, float)) or isinstance(self.vals.get(args[1]), Size)
+        ):
             return x  # a scale: zero stays zero
         if (node.op == "call_function" and t in (torch.flatten,)) or (
             node.op == "call_method" and t == "flatten"
@@ -372,6 +451,18 @@ class _Walker(TensorOps):
         owner = stack[-1][0] if stack else ""
         self._tie_heads(heads.view(heads.shape[0], 1, -1).transpose(0, 1), node.name, owner)
         return v
+
+
+def _owner(node: fx.Node) -> str:
+    """The qualified name of the innermost module whose forward holds ``node`` ("": the root)."""
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    return stack[-1][0] if stack else ""
+
+
+def _is_reshape(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _RESHAPES) or (
+        node.op == "call_function" and node.target is torch.reshape
+    )
 
 
 class _Tracer(fx.Tracer):

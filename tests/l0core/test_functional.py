@@ -12,6 +12,7 @@ from l0core.functional import (
     log_alpha_from_droprate,
     prob_nonzero,
     sample_gates,
+    uniform_noise,
 )
 from l0core.masking import masked_weights
 
@@ -86,6 +87,49 @@ def test_sample_gradient_matches_autograd_reference(batch_size):
     (ref * w).sum().backward()
     assert torch.allclose(ours, la.grad, atol=1e-10)
     assert (ours != 0).any()
+
+
+@pytest.mark.parametrize("batch_size", [None, 7])
+def test_float32_gates_and_gradient_match_the_reference_on_the_same_noise(batch_size):
+    """float32 on CPU draws its noise through ``uniform_noise`` (not ``uniform_``): the gates and
+    the hand-written backward equal the authors' formula with autograd on that noise."""
+    la = torch.randn(4099, requires_grad=True)  # above uniform_noise's small-size cut
+    torch.manual_seed(5)
+    z = sample_gates(la, HC, batch_size=batch_size)
+    w = torch.randn_like(z)
+    (z * w).sum().backward()
+    ours = la.grad.clone()
+    la.grad = None
+    torch.manual_seed(5)
+    shape = la.shape if batch_size is None else (batch_size, *la.shape)
+    ref = _reference_gates(uniform_noise(shape, HC, torch.float32, "cpu").double(), la.double())
+    assert torch.allclose(ref.float(), z.detach(), atol=1e-5)
+    (ref * w.double()).sum().backward()
+    assert torch.allclose(ours, la.grad, atol=1e-4, rtol=1e-4)
+    assert ((z > 0) & (z < 1)).any() and (ours != 0).any()
+
+
+def test_uniform_noise_is_uniform_on_uniforms_grid_and_follows_the_seed():
+    """The float32 noise takes the values ``uniform_(eps, 1 - eps)`` takes (24-bit steps scaled
+    to the interval), uniformly, and ``torch.manual_seed`` reproduces it."""
+    eps = HC.epsilon
+    torch.manual_seed(0)
+    u = uniform_noise((400_001,), HC, torch.float32, "cpu")
+    torch.manual_seed(0)
+    assert torch.equal(u, uniform_noise((400_001,), HC, torch.float32, "cpu"))
+    assert not torch.equal(u, uniform_noise((400_001,), HC, torch.float32, "cpu"))
+    assert eps <= float(u.min()) and float(u.max()) <= 1 - eps
+    k = (u.double() - eps) / (1 - 2 * eps) * 2**24
+    assert torch.allclose(k, k.round(), atol=0.02)  # on uniform_'s grid
+    # Kolmogorov-Smirnov distance to U(0, 1): 1.63 / sqrt(n) is its 1% critical value
+    srt = u.double().sort().values
+    grid = torch.arange(1, u.numel() + 1, dtype=torch.float64) / u.numel()
+    assert float((srt - grid).abs().max()) < 1.63 / math.sqrt(u.numel())
+    # consecutive values (the two halves of one draw) are not correlated
+    a, b = u[:-1:2].double() - 0.5, u[1::2].double() - 0.5
+    assert abs(float((a * b).mean() / (a.std() * b.std()))) < 0.01
+    f64 = uniform_noise((5,), HC, torch.float64, "cpu")
+    assert f64.dtype == torch.float64 and bool(((f64 > 0) & (f64 < 1)).all())
 
 
 def test_masked_weights_gradients_match_autograd_reference():

@@ -11,7 +11,7 @@ from torch import nn
 from l0core import L0Regularizer
 from sweeps.zoo import GoogLeNet, MobileNetV2, ViT, cifar_resnet, resnet
 
-from .exact import close_half
+from .exact import close_half, gated_and_shrunk
 
 SHAPE = (3, 16, 16)
 FAMILIES = {
@@ -283,14 +283,15 @@ class _Attention(nn.Module):
 
 @pytest.mark.parametrize(
     ("literal", "num_heads", "problem"),
-    [(False, True, None), (True, True, "fails on an input"), (False, False, "num_heads")],
+    [(False, True, None), (True, True, "fails on an input"), (False, False, None)],
 )
 def test_head_shrink_lowers_num_heads_or_says_why_not(literal, num_heads, problem):
+    """With an int ``num_heads`` export lowers it (the forward must read it); without one, the
+    module's reshapes are rewritten with the narrower sizes (an ``fx.GraphModule``)."""
     from l0core.export import ShrinkError
 
     reg = L0Regularizer(_Attention(literal, num_heads), 0.1, granularity="head")
-    if not num_heads:
-        assert any("num_heads" in line for line in reg.check_export())
+    assert reg.check_export() == []
     with torch.no_grad():
         reg.unit_log_alpha.fill_(8.0)
         reg.unit_log_alpha[1] = -10.0
@@ -300,10 +301,83 @@ def test_head_shrink_lowers_num_heads_or_says_why_not(literal, num_heads, proble
     if problem is None:
         with torch.no_grad():
             small = reg.prune(shrink=True).model
-            assert small.num_heads == 3 and torch.allclose(small(x), reg(x), atol=1e-6)
+            assert torch.allclose(small(x), reg(x), atol=1e-6)
+        assert small.qkv.out_features == 36
+        if num_heads:
+            assert small.num_heads == 3 and type(small) is _Attention
+        else:
+            assert (
+                isinstance(small, torch.fx.GraphModule)
+                and "reshape(getitem, getitem_1, 3, 3, 4)" in small.code
+            )
     else:
         with pytest.raises(ShrinkError, match=problem):
             reg.prune(shrink=True)
+
+
+class _ShapeAttention(nn.Module):
+    """Hand-written attention that reads its widths from the input: ``d = x.shape[-1]``."""
+
+    def __init__(self, dim: int, heads: int, scale: bool = False) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, scale
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        if self.scale:  # the width itself enters the result: it must keep its value
+            y = y * d**-0.5
+        return self.proj(y)
+
+
+class _ConvAttention(nn.Module):
+    def __init__(self, scale: bool = False) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.attn = _ShapeAttention(16, 4, scale)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = torch.relu(self.bn(self.conv(x))).flatten(2).transpose(1, 2)
+        return self.fc(self.attn(t).mean(1))
+
+
+@pytest.mark.parametrize("granularity", ["head", ["head", "output"], "output"])
+def test_attention_that_reads_widths_from_shapes_exports_exactly_and_smaller(granularity):
+    reg = L0Regularizer(_ConvAttention(), 0.1, granularity=granularity)
+    assert reg.check_export() == []
+    close_half(reg, seed=5)
+    x = torch.randn(4, 3, 6, 6)
+    want, small = gated_and_shrunk(reg, x)
+    assert torch.allclose(small(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    n = sum(p.numel() for p in small.parameters())
+    assert n < sum(p.numel() for p in reg.module.parameters())
+    assert isinstance(small.attn, torch.fx.GraphModule)  # its reshapes read the new sizes
+    buf = io.BytesIO()
+    torch.save(small, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+    if "head" in granularity:
+        assert small.attn.qkv.out_features < 48
+
+
+def test_a_width_read_into_the_result_keeps_its_channels():
+    """``y * d ** -0.5`` with ``d`` read from the input: the input's channels keep their width
+    (a narrower ``d`` would change the scale), heads still shrink."""
+    reg = L0Regularizer(_ConvAttention(scale=True), 0.1, granularity=["head", "output"])
+    kinds = [g["group"] for g in reg.group_summary()]
+    assert "attn.qkv:heads" in kinds and "bn:channels" not in kinds
+    reasons = " ".join(reg.check_export(ungated=True))
+    assert "read from a shape by node 'mul'" in reasons
+    close_half(reg, seed=6)
+    x = torch.randn(4, 3, 6, 6)
+    want, small = gated_and_shrunk(reg, x)
+    assert torch.allclose(small(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert small.conv.out_channels == 16
 
 
 class _DataDependent(nn.Module):
