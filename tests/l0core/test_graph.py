@@ -350,7 +350,7 @@ def test_attention_that_reads_widths_from_shapes_exports_exactly_and_smaller(gra
     assert reg.check_export() == []
     close_half(reg, seed=5)
     x = torch.randn(4, 3, 6, 6)
-    want, small = gated_and_shrunk(reg, x)
+    want, (small, _) = gated_and_shrunk(reg, x)
     assert torch.allclose(small(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     n = sum(p.numel() for p in small.parameters())
     assert n < sum(p.numel() for p in reg.module.parameters())
@@ -375,7 +375,7 @@ def test_a_width_read_into_the_result_keeps_its_channels():
     assert "read from a shape by node 'mul'" in reasons
     close_half(reg, seed=6)
     x = torch.randn(4, 3, 6, 6)
-    want, small = gated_and_shrunk(reg, x)
+    want, (small, _) = gated_and_shrunk(reg, x)
     assert torch.allclose(small(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     assert small.conv.out_channels == 16
 
