@@ -38,6 +38,7 @@ from .vocabulary import ExportFormat, TrialStatus
 
 __all__ = [
     "COSTS",
+    "cost_metrics",
     "plot_cost",
     "plot_fronts",
     "plot_speed",
@@ -307,8 +308,17 @@ def plot_speed(points: list[Point], methods: list[str], title: str) -> bytes:
 COSTS = {
     "shrunk_params": ("params", "parameters of the exported model"),
     "shrunk_flops": ("flops", "multiply-adds per example of the exported model"),
+    "expected_flops": ("flops", "expected multiply-adds per example (last epoch)"),
 }
 """The cost fronts of the report: metric -> (plot name, axis label)."""
+
+
+def cost_metrics(points: list[Point]) -> list[str]:
+    """The costs to front on: the exported model's parameters and its multiply-adds, or, for
+    sweeps recorded before trials logged ``shrunk_flops``, the last epoch's expected ones."""
+    logged = {m for p in points for m in p.metrics}
+    flops = "shrunk_flops" if "shrunk_flops" in logged else "expected_flops"
+    return [m for m in ("shrunk_params", flops) if m in logged]
 
 
 def plot_cost(points: list[Point], methods: list[str], metric: str, title: str) -> bytes:
@@ -323,29 +333,36 @@ def plot_cost(points: list[Point], methods: list[str], metric: str, title: str) 
 def _cost_section(points: list[Point], methods: list[str], plots: dict[str, str]) -> list[str]:
     """Accuracy against the exported model's parameters and multiply-adds."""
     out = ["", "## Accuracy against parameters and FLOPs", ""]
-    costed = [p for p in points if any(m in p.metrics for m in COSTS)]
-    if not costed:
+    costs = cost_metrics(points)
+    if "shrunk_params" not in costs:
         return [*out, "No trial logged the exported model's cost (`shrunk_params`)."]
+    costed = [p for p in points if "shrunk_params" in p.metrics]
+    flops = costs[-1] if len(costs) > 1 else None
     out.append(
         "Each method's front on (cost of the exported model, val accuracy): parameters after "
         "the export (a structured export removes units; an unstructured one keeps full-size "
-        "tensors) and multiply-adds per example of the exported model, zero weights skipped."
-    )
-    for name, label in COSTS.values():
+        "tensors) and "
+        + ("multiply-adds per example of the exported model, zero weights skipped."
+           if flops == "shrunk_flops" else "the expected multiply-adds per example of the last "
+           "epoch (these sweeps predate the exported model's `shrunk_flops`).")
+    )  # fmt: skip
+    for metric in costs:
+        name, label = COSTS[metric]
         if name in plots:
             out += ["", f"![test accuracy vs {label}]({plots[name]})"]
     rows = []
     for method in methods:
         for p in cost_front([q for q in costed if q.method == method], "shrunk_params"):
-            flops = p.metrics.get("shrunk_flops")
+            value = p.metrics.get(flops) if flops else None
             rows.append([
                 method, _int(p.metrics.get("shrunk_params")),
-                "-" if flops is None else f"{flops / 1e6:.3f}", _acc(p),
+                "-" if value is None else f"{value / 1e6:.3f}", _acc(p),
                 _pct(p.metrics.get("sparsity")), _export_text(p),
                 " / ".join(p.architectures) or "-",
             ])  # fmt: skip
+    flops_header = "MFLOPs after export" if flops != "expected_flops" else "expected MFLOPs"
     return [*out, "", *_table(
-        ["method", "params after export", "MFLOPs after export", "test acc", "sparsity",
+        ["method", "params after export", flops_header, "test acc", "sparsity",
          "export", "architecture"], rows)]  # fmt: skip
 
 
@@ -391,11 +408,11 @@ def write_report(
             speed_title = f"{common or 'all methods'}: test accuracy vs measured speedup"
             (out / "speed.png").write_bytes(plot_speed(points, methods, speed_title))
             plots["speed"] = "speed.png"
-        for metric, (name, _) in COSTS.items():
-            if any(metric in p.metrics for p in points):
-                cost_title = f"{common or 'all methods'}: test accuracy vs {name}"
-                (out / f"{name}.png").write_bytes(plot_cost(points, methods, metric, cost_title))
-                plots[name] = f"{name}.png"
+        for metric in cost_metrics(points):
+            name = COSTS[metric][0]
+            cost_title = f"{common or 'all methods'}: test accuracy vs {name}"
+            (out / f"{name}.png").write_bytes(plot_cost(points, methods, metric, cost_title))
+            plots[name] = f"{name}.png"
     for method in methods:
         if method == "dense":
             continue

@@ -17,7 +17,7 @@ from sweeps.results import (
     method_front,
     method_label,
 )
-from sweeps.results_report import plot_cost, render_markdown, slug
+from sweeps.results_report import cost_metrics, plot_cost, render_markdown, slug
 
 _ids = itertools.count()
 
@@ -174,3 +174,17 @@ def test_the_report_fronts_accuracy_against_the_exported_models_parameters_and_f
     points = aggregate(trials)
     png = plot_cost(points, ["dense", "L0 output", "channel-norm one-shot"], "shrunk_flops", "t")
     assert png.startswith(b"\x89PNG")
+
+
+def test_sweeps_without_the_exported_flops_front_on_the_expected_ones():
+    trials = [
+        _trial(_config("none", 0), 0.95, 0.94, 0.0, shrunk_params=2000.0),
+        _trial(_config("l0", 0, granularity="output", lam=10.0), 0.945, 0.93, 0.8,
+               shrunk_params=420.0, expected_flops=0.5e6),
+    ]  # fmt: skip
+    points = aggregate(trials)
+    assert cost_metrics(points) == ["shrunk_params", "expected_flops"]
+    sweep = SweepInfo("d" * 32, "old", "FINISHED", "1", 0, 1000, trials)
+    text = render_markdown(ReportData(None, [sweep]), {"flops": "flops.png"})
+    assert "(last epoch)](flops.png)" in text and "| expected MFLOPs |" in text
+    assert "| L0 output | 420 | 0.500 |" in text
