@@ -21,9 +21,14 @@ lint: setup
 
 # Two pytest-xdist workers, each a session with its own Ray, MLflow and PostgreSQL; a module's
 # tests stay together in one worker unless tests/conftest.py splits it (--dist loadgroup), and
-# the groups go out slow ones first, in the order tests/conftest.py gives them.
+# the groups go out slow ones first, in the order tests/conftest.py gives them. The schema fuzz
+# runs after them in one process: Schemathesis gives the test of every API operation one node id,
+# and xdist, which tells tests apart by node id, would run one operation's of twelve (its tally
+# test fails when that happens).
+SERIAL := tests/service/test_schema_fuzz.py
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --ignore=$(SERIAL)
+	$(PY) -m pytest -q $(SERIAL)
 
 # The fast tier: pure logic and the control plane's decisions against in-memory fakes (marker
 # `fast`), no Ray or MLflow processes; under a minute.

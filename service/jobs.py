@@ -149,10 +149,12 @@ class JobRunner:
                     metadata={Tag.JOB_SWEEP_ID: sweep_id, Tag.JOB_SUBMISSION_ATTEMPT: str(attempt)},
                     runtime_env=self.runtime_env(),
                 )
-            except JobServerError as exc:
-                # Ray refuses (400) a submission id it has seen: the attempt was submitted
-                # already. Any other refusal has no job behind it, and is raised.
-                if exc.status_code < 500 and _exists(client, submission_id):
+            except JobServerError:
+                # Ray refuses a submission id it has seen: the attempt was submitted already
+                # (the reconciler and the request racing, or a retry). Ray 2.x answers that with
+                # a 500 that wraps its job agent's 400, so the job's existence decides, not the
+                # status. Any other refusal has no job behind it, and is raised.
+                if _exists(client, submission_id):
                     return submission_id
                 raise
 

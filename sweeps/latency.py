@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "SPEEDUP_METRICS",
     "THROUGHPUT_BATCH",
     "Speed",
     "compare",
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 THROUGHPUT_BATCH = 256  # the "large batch" of the throughput figure
+SPEEDUP_METRICS = ("speedup_vs_dense", "latency_speedup_b1")
+"""What :func:`speedups` gives each model; the driver logs them on finished trials at the end."""
 _SAMPLE_S = 0.02  # calls per sample are calibrated to last about this long
 
 
@@ -234,10 +237,11 @@ def speedups(speeds: Mapping[str, Speed], reference: str) -> dict[str, dict[str,
     if reference not in speeds:
         raise KeyError(f"reference {reference!r} not among the compared models {list(speeds)}")
     ref = speeds[reference]
+    throughput, latency = SPEEDUP_METRICS
     return {
         name: {
-            "speedup_vs_dense": s.throughput / ref.throughput,
-            "latency_speedup_b1": ref.latency_ms_b1 / s.latency_ms_b1,
+            throughput: s.throughput / ref.throughput,
+            latency: ref.latency_ms_b1 / s.latency_ms_b1,
         }
         for name, s in speeds.items()
     }

@@ -38,6 +38,7 @@ from service.jobs import JobRunner
 from service.record import SweepStore
 from service.stack import free_port, start_mlflow, start_ray_head
 from sweeps import raycompat, tracking
+from sweeps.latency import SPEEDUP_METRICS
 from sweeps.spec import SweepSpec
 from sweeps.vocabulary import ACTIVE_SWEEP, Tag
 from tests.service.conftest import TINY_SPEC, ApiProcess, wait_for
@@ -197,6 +198,12 @@ def _both_midway(client: MlflowClient, sweep_id: str) -> Callable[[], dict[str, 
     return poll
 
 
+def _created(response: Any) -> dict[str, Any]:
+    """The created sweep, or a failure that shows what the service answered instead."""
+    assert response.status_code == 202, (response.status_code, response.text)
+    return response.json()
+
+
 def _cancel_if_active(api: Any, sweep_id: str) -> None:
     if api.get(f"/sweeps/{sweep_id}").json().get("status") in ACTIVE_SWEEP:
         api.post(f"/sweeps/{sweep_id}/cancel")
@@ -239,7 +246,7 @@ def _kill_one_trial_and_wait(
 def test_killed_trial_is_retried_in_its_own_run(make_api, mlflow_client, ray_address) -> None:
     spec = _spec("trial-killed-retried", batch_size=4, max_failures=1, lam={"grid": [0.01, 0.1]})
     with make_api(reconcile_interval_s=1) as api:
-        sweep = api.post("/sweeps", json=spec).json()
+        sweep = _created(api.post("/sweeps", json=spec))
         at_kill, done = _kill_one_trial_and_wait(api, mlflow_client, ray_address, sweep["id"])
     assert done["status"] == "FINISHED", done
     assert done["progress"]["finished"] == 2 and done["progress"]["failed"] == 0, done
@@ -261,7 +268,7 @@ def test_killed_trial_is_retried_in_its_own_run(make_api, mlflow_client, ray_add
 def test_killed_trial_without_retries_fails_alone(make_api, mlflow_client, ray_address) -> None:
     spec = _spec("trial-killed-failed", batch_size=4, max_failures=0, lam={"grid": [0.01, 0.1]})
     with make_api(reconcile_interval_s=1) as api:
-        sweep = api.post("/sweeps", json=spec).json()
+        sweep = _created(api.post("/sweeps", json=spec))
         _, done = _kill_one_trial_and_wait(api, mlflow_client, ray_address, sweep["id"])
         trials = {t["id"]: t for t in api.get(f"/sweeps/{sweep['id']}/trials").json()}
     assert done["status"] == "FINISHED", done
@@ -301,8 +308,13 @@ def _one_finished_one_midway(client: MlflowClient, sweep_id: str) -> dict[str, A
 
 
 def _assert_not_rerun(client: MlflowClient, runs: dict[str, Run], before: dict[str, Any]) -> None:
+    """The finished trial's record is as it was: the driver's speed pass at the end of the sweep
+    only adds its ratios to the trials on a front (which this one may or may not be)."""
     run = runs[before["trial_id"]]
-    assert _snapshot(client, run) == {k: v for k, v in before.items() if k != "trial_id"}
+    after = _snapshot(client, run)
+    for metric in SPEEDUP_METRICS:
+        after["metrics"].pop(metric, None)
+    assert after == {k: v for k, v in before.items() if k != "trial_id"}
     assert "l0sweep.resumed_from_epoch" not in run.data.tags
 
 
@@ -310,7 +322,7 @@ def test_killed_driver_is_resubmitted_and_resumes(make_api, mlflow_client) -> No
     # batch 64 trains in a few seconds, batch 4 in several times as long
     spec = _spec("driver-killed", batch_size={"grid": [64, 4]}, max_failures=0)
     with make_api(reconcile_interval_s=1) as api:
-        sweep = api.post("/sweeps", json=spec).json()
+        sweep = _created(api.post("/sweeps", json=spec))
         try:
             finished = _one_finished_one_midway(mlflow_client, sweep["id"])
             drivers = _driver_pids(sweep["id"])
@@ -327,7 +339,7 @@ def test_killed_driver_is_resubmitted_and_resumes(make_api, mlflow_client) -> No
         jobs = api.app.state.control.jobs
         first_job = jobs.state(JobRunner.submission_id(sweep["id"], 0))
     assert done["status"] == "FINISHED", done
-    failures = [(t["trial_id"], t["failure_reason"]) for t in trials if t["failure_reason"]]
+    failures = [(t["id"], t["failure_reason"]) for t in trials if t["failure_reason"]]
     assert done["progress"]["finished"] == 2, (done["progress"], failures)
     assert first_job is not None and first_job.status == "FAILED", first_job
     assert done["job_id"] == JobRunner.submission_id(sweep["id"], 1)

@@ -88,7 +88,8 @@ def test_digits_benchmark_report_comes_from_mlflow(
     text = (out / "report.md").read_text()
     pngs = sorted(p.name for p in out.glob("*.png"))
     # the fronts, one per method, and accuracy against measured speedup
-    assert len(pngs) == 2 + len(METHODS) and {"fronts.png", "speed.png"} <= set(pngs)
+    overview = {"fronts.png", "speed.png", "params.png", "flops.png"}
+    assert len(pngs) == len(overview) + len(METHODS) and overview <= set(pngs)
     assert "## Measured speed" in text and "unstructured: dense tensors, no speedup" in text
     assert all((out / p).read_bytes().startswith(b"\x89PNG") for p in pngs)
     for png in pngs:
@@ -112,6 +113,14 @@ def test_digits_benchmark_report_comes_from_mlflow(
             assert row[8] == " / ".join(archs)
             mean_params = statistics.fmean(r.data.metrics["shrunk_params"] for r in runs)
             assert int(row[4].replace(",", "")) == round(mean_params)
+    # Accuracy against the exported model's size and FLOPs: each point is a trial's logged cost.
+    costs = text.split("## Accuracy against parameters and FLOPs")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in costs.splitlines()
+            if line.startswith("| ")]  # fmt: skip
+    structured = [r for r in rows if r[0] == "L0 output + target, from dense"]
+    assert structured
+    for row in structured:
+        assert row[4] == "structured: shrunk" and float(row[2]) > 0
     for row in sections["L0 output + target, from dense"]:
         assert all(re.fullmatch(r"64-\d+-\d+-10", a) for a in row[8].split(" / "))
         assert row[7] == "structured: shrunk"
