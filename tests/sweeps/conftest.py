@@ -52,3 +52,15 @@ def tiny_spec(**overrides: Any) -> dict[str, Any]:
 @pytest.fixture
 def tiny() -> Any:
     return tiny_spec
+
+
+def write_broken_plugin(directory: Path) -> None:
+    """An installed distribution (``l0sweep-bad-plugin``) in ``directory``, for PYTHONPATH,
+    whose ``l0sweep.models`` entry point raises ImportError when loaded."""
+    (directory / "l0sweep_bad_plugin.py").write_text("raise ImportError('needs libfoo 2')\n")
+    info = directory / "l0sweep_bad_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: l0sweep-bad-plugin\nVersion: 1.0\n"
+    )
+    (info / "entry_points.txt").write_text("[l0sweep.models]\nbad-net = l0sweep_bad_plugin\n")

@@ -12,6 +12,7 @@ import pytest
 
 from sweeps import registry
 from sweeps.registry import MODELS, PluginLoadError
+from tests.sweeps.conftest import write_broken_plugin
 
 BROKEN = EntryPoint("broken-net", "l0sweep_no_such_plugin.models", "l0sweep.models")
 
@@ -47,13 +48,7 @@ def test_start_up_fails_naming_the_plugin(tmp_path: Path):
     """A real installed distribution whose entry point raises: the start-up of the CLI (as of the
     service and the driver, which load the plugins first) fails with the entry point and the
     exception."""
-    (tmp_path / "l0sweep_bad_plugin.py").write_text("raise ImportError('needs libfoo 2')\n")
-    info = tmp_path / "l0sweep_bad_plugin-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: l0sweep-bad-plugin\nVersion: 1.0\n"
-    )
-    (info / "entry_points.txt").write_text("[l0sweep.models]\nbad-net = l0sweep_bad_plugin\n")
+    write_broken_plugin(tmp_path)
     done = subprocess.run(
         [sys.executable, "-c", "from service.cli import main; main(['schema'])"],
         env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},

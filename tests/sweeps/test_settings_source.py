@@ -14,6 +14,7 @@ import pytest
 
 from sweeps.config import SweepSettings
 from sweeps.data import load_dataset
+from tests.sweeps.conftest import write_broken_plugin
 
 
 def _npz_dirs(tmp_path: Path) -> tuple[Path, Path]:
@@ -77,13 +78,7 @@ def test_building_the_app_writes_nothing_into_the_environment(monkeypatch):
 def test_importing_the_engine_sets_nothing_and_loads_no_plugin(tmp_path):
     """A broken plugin installed: importing the spec still works (plugins load at start-up,
     explicitly), and the environment is left as it was."""
-    (tmp_path / "l0sweep_bad_plugin.py").write_text("raise ImportError('needs libfoo 2')\n")
-    info = tmp_path / "l0sweep_bad_plugin-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: l0sweep-bad-plugin\nVersion: 1.0\n"
-    )
-    (info / "entry_points.txt").write_text("[l0sweep.models]\nbad-net = l0sweep_bad_plugin\n")
+    write_broken_plugin(tmp_path)
     code = (
         "import os, sys; before = dict(os.environ)\n"
         "import sweeps, sweeps.spec\n"
