@@ -120,7 +120,7 @@ def test_digits_benchmark_report_comes_from_mlflow(
     structured = [r for r in rows if r[0] == "L0 output + target, from dense"]
     assert structured
     for row in structured:
-        assert row[4] == "structured: shrunk" and float(row[2]) > 0
+        assert row[5] == "structured: shrunk" and float(row[2]) > 0
     for row in sections["L0 output + target, from dense"]:
         assert all(re.fullmatch(r"64-\d+-\d+-10", a) for a in row[8].split(" / "))
         assert row[7] == "structured: shrunk"
