@@ -70,16 +70,23 @@ def test_bad_constants_and_rules_are_rejected():
         log_alpha_from_droprate(1.5)
 
 
-@pytest.mark.parametrize("batch_size", [None, 7])
-def test_sample_gradient_matches_autograd_reference(batch_size):
-    la = torch.randn(50, dtype=torch.float64, requires_grad=True)
-    torch.manual_seed(3)
+def _our_gradient(la: torch.Tensor, seed: int, batch_size: int | None):
+    """Gates sampled from ``la`` at ``seed``, random weights ``w`` and the hand-written gradient
+    of ``(z * w).sum()``; the generator is left at ``seed`` again, for the reference's noise."""
+    torch.manual_seed(seed)
     z = sample_gates(la, HC, batch_size=batch_size)
     w = torch.randn_like(z)
     (z * w).sum().backward()
     ours = la.grad.clone()
     la.grad = None
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
+    return z, w, ours
+
+
+@pytest.mark.parametrize("batch_size", [None, 7])
+def test_sample_gradient_matches_autograd_reference(batch_size):
+    la = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    z, w, ours = _our_gradient(la, 3, batch_size)
     shape = la.shape if batch_size is None else (batch_size, *la.shape)
     u = torch.empty(shape, dtype=la.dtype).uniform_(HC.epsilon, 1 - HC.epsilon)
     ref = _reference_gates(u, la)
@@ -94,13 +101,7 @@ def test_float32_gates_and_gradient_match_the_reference_on_the_same_noise(batch_
     """float32 on CPU draws its noise through ``uniform_noise`` (not ``uniform_``): the gates and
     the hand-written backward equal the authors' formula with autograd on that noise."""
     la = torch.randn(4099, requires_grad=True)  # above uniform_noise's small-size cut
-    torch.manual_seed(5)
-    z = sample_gates(la, HC, batch_size=batch_size)
-    w = torch.randn_like(z)
-    (z * w).sum().backward()
-    ours = la.grad.clone()
-    la.grad = None
-    torch.manual_seed(5)
+    z, w, ours = _our_gradient(la, 5, batch_size)
     shape = la.shape if batch_size is None else (batch_size, *la.shape)
     ref = _reference_gates(uniform_noise(shape, HC, torch.float32, "cpu").double(), la.double())
     assert torch.allclose(ref.float(), z.detach(), atol=1e-5)
