@@ -2,9 +2,11 @@
 
 For MLP 784-300-100 and LeNet-5-Caffe (20-50-800-500) at batch 128, times a full step
 (forward, cross-entropy + penalty, backward, Adam step) of: the plain model; ``L0Regularizer``
-with weight and with output gates; and the copy-delete-replug reference design (re-implemented
-below: a copied module whose parameters move to a dict, one mask logit per element, a Python loop
-that samples every mask and plugs masked tensors back in on every forward). Configurations are
+with weight and with output gates; the least an eager implementation of output gates can do
+(``MinimalOutputL0``: hooks, sampling and penalty written for the model, nothing else: the floor
+under ``L0 output``); and the copy-delete-replug reference design (re-implemented below: a copied
+module whose parameters move to a dict, one mask logit per element, a Python loop that samples
+every mask and plugs masked tensors back in on every forward). Configurations are
 interleaved round by round so that machine noise hits them alike; the table shows medians.
 
 Each allocator mode runs in its own process: ``default`` (glibc as the process starts) and
@@ -89,11 +91,47 @@ class ReferenceL0(nn.Module):
         return torch.cat([torch.sigmoid(m - shift).view(-1) for m in self.masks.values()]).sum()
 
 
+class MinimalOutputL0(nn.Module):
+    """The least an eager implementation of output gates does, written for this one model: one
+    logit per output unit of every Linear/Conv2d, forward hooks registered once that scale the
+    outputs by gates sampled once per forward, and the L0 penalty. No coupled groups, export,
+    replay, probing or bounds: what a step costs below the library's bookkeeping."""
+
+    def __init__(self, module: nn.Module, droprate_init: float = 0.2) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(module)
+        layers = [m for m in self.module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        sizes = [m.weight.shape[0] for m in layers]
+        la = math.log(1 - droprate_init) - math.log(droprate_init)
+        self.log_alpha = nn.Parameter(torch.empty(sum(sizes)).normal_(la, 1e-2))
+        self.beta, self.gamma, self.zeta = 2 / 3, -0.1, 1.1
+        self._z: list[torch.Tensor] = []
+        for i, m in enumerate(layers):
+            m.register_forward_hook(lambda mod, args, out, i=i: out * self._view(self._z[i], out))
+        self._sizes = sizes
+
+    @staticmethod
+    def _view(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return z.view(-1, *([1] * (out.dim() - 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = torch.empty_like(self.log_alpha).uniform_(1e-6, 1 - 1e-6).logit_()
+        s = torch.sigmoid((u + self.log_alpha) / self.beta)
+        z = (s * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
+        self._z = list(z.split(self._sizes))
+        return self.module(x)
+
+    def regularization(self) -> torch.Tensor:
+        shift = self.beta * math.log(-self.gamma / self.zeta)
+        return 1e-6 * torch.sigmoid(self.log_alpha - shift).sum()
+
+
 def _configs(model_fn, compile_: bool):
     base = model_fn()
     yield "plain", copy.deepcopy(base), None
     yield "L0 weight", None, L0Regularizer(copy.deepcopy(base), 1e-6)
     yield "L0 output", None, L0Regularizer(copy.deepcopy(base), 1e-6, granularity="output")
+    yield "minimal output gates (hand-written)", None, MinimalOutputL0(copy.deepcopy(base))
     yield "reference design", None, ReferenceL0(copy.deepcopy(base))
     if compile_:
         reg = L0Regularizer(copy.deepcopy(base), 1e-6)

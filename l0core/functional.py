@@ -15,10 +15,12 @@ exactly 1 with non-zero probability while staying differentiable in its location
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -30,12 +32,17 @@ __all__ = [
     "log_alpha_from_droprate",
     "prob_nonzero",
     "sample_gates",
+    "splitmix64",
     "uniform_noise",
 ]
 
 LOG_ALPHA_BOUND = 10.0
 """Gate logits are kept in [-10, 10]: P(z != 0) is then within 2e-4 of 0 or 1, and every
 quantity derived from them stays finite in half precision."""
+
+_FEW = 4096
+"""Below this many gates, per-op overhead outweighs per-element work: one ``uniform_`` instead
+of the hash of :func:`uniform_noise`, native autograd ops instead of Python Functions."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,9 @@ def prob_nonzero(log_alpha: Tensor, hc: HardConcrete) -> Tensor:
     return torch.sigmoid(log_alpha - hc.l0_shift)
 
 
+_SIGMOID_BACKWARD = torch.ops.aten.sigmoid_backward.default
+
+
 class _ExpectedCount(torch.autograd.Function):
     """``sum(P(z != 0) * group_sizes)`` with one buffer forward and one backward."""
 
@@ -96,7 +106,7 @@ class _ExpectedCount(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         p, group_sizes = ctx.saved_tensors
-        g = torch.addcmul(p, p, p, value=-1.0).mul_(grad)  # p * (1 - p) * grad
+        g = _SIGMOID_BACKWARD(grad.expand_as(p), p)  # grad * p * (1 - p), one pass
         return (g if group_sizes is None else g.mul_(group_sizes)), None, None
 
 
@@ -104,6 +114,9 @@ def expected_count(
     log_alpha: Tensor, hc: HardConcrete, group_sizes: Tensor | None = None
 ) -> Tensor:
     """``sum_g P(z_g != 0) * group_sizes[g]`` (all ones if ``None``): the expected L0 norm."""
+    if log_alpha.numel() < _FEW:  # native autograd: cheaper than a Python Function when small
+        p = torch.sigmoid(log_alpha - hc.l0_shift)
+        return p.sum() if group_sizes is None else torch.dot(p, group_sizes)
     return _ExpectedCount.apply(log_alpha, hc.l0_shift, group_sizes)
 
 
@@ -145,35 +158,74 @@ def eval_zero_logit(hc: HardConcrete, rule: str = "mean") -> float:
     raise ValueError(f"test_gate must be 'mean' or 'median', got {rule!r}")
 
 
-_FEW = 4096  # below this, uniform_'s one op costs less than the five here
+def _signed64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+# splitmix64 (Steele, Lea & Flood 2014, the finalizer of Java's SplittableRandom): the Weyl
+# increment and the two multipliers, as the signed 64-bit values torch's int64 arithmetic wraps.
+_GOLDEN = _signed64(0x9E3779B97F4A7C15)
+_MIX = ((30, _signed64(0xBF58476D1CE4E5B9)), (27, _signed64(0x94D049BB133111EB)), (31, None))
+
+
+@functools.lru_cache(maxsize=8)
+def _weyl(m: int, device: torch.device) -> Tensor:
+    """``(i + 1) * golden`` (mod 2**64) for ``i < m``: the counters of one draw, before its key."""
+    return torch.arange(1, m + 1, dtype=torch.int64, device=device).mul_(_GOLDEN)
+
+
+def splitmix64(key: int, m: int, device: torch.device | str = "cpu") -> Tensor:
+    """``m`` outputs of splitmix64 from state ``key``: element ``i`` is the generator's output
+    for ``key + (i + 1) * golden``, each computed alone (a counter-based generator), so the
+    whole draw is a few vectorized, multi-threaded int64 passes instead of ``m`` serial calls
+    of a stateful generator. Logical right shifts are arithmetic shifts with the sign bits
+    masked off. Returns int64 (the 64 output bits, two's complement)."""
+    z = torch.add(_weyl(m, torch.device(device)), key)
+    t = torch.empty_like(z)
+    for shift, mul in _MIX:
+        torch.bitwise_right_shift(z, shift, out=t).bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(t)
+        if mul is not None:
+            z.mul_(mul)
+    return z
 
 
 def uniform_noise(
     size: tuple[int, ...], hc: HardConcrete, dtype: torch.dtype, device: torch.device | str
 ) -> Tensor:
-    """``U(eps, 1 - eps)`` noise of ``size``: the values ``Tensor.uniform_(eps, 1 - eps)`` draws.
+    """``U(eps, 1 - eps)`` noise of ``size``, as ``Tensor.uniform_(eps, 1 - eps)`` draws it.
 
-    On CPU, ``uniform_`` makes one serial call of the generator per float (a third of an MLP's
-    training step with weight gates). For float32 the same 24-bit values, ``k * 2**-24`` scaled
-    to ``(eps, 1 - eps)``, are cut here from 64-bit draws of the same generator (``random_`` on
-    int64: 63 random bits, two 24-bit fields each), so half the calls; ``torch.manual_seed``
-    governs them as before. Other dtypes and devices use ``uniform_``.
+    On CPU, ``uniform_`` makes one serial call of the Mersenne Twister per float (a third of an
+    MLP's training step with weight gates). For float32, the noise is cut here from
+    :func:`splitmix64` outputs keyed by one 64-bit draw of torch's generator (so
+    ``torch.manual_seed`` governs it as before): each 64-bit output gives two 32-bit integers
+    ``k``, and ``u = 1/2 + k (1 - 2 eps) / 2**32`` rounded to float32, so each float in the
+    interval takes the probability of the 32-bit values that round to it (finer than
+    ``uniform_``'s 24-bit steps). The hash runs vectorized on all intra-op threads and needs
+    no mask. Other dtypes and devices use ``uniform_``.
     """
     eps = hc.epsilon
-    u = torch.empty(size, dtype=dtype, device=device)
-    if dtype != torch.float32 or u.device.type != "cpu" or u.numel() < _FEW:
-        return u.uniform_(eps, 1.0 - eps)
-    n = u.numel()
-    bits = torch.empty((n + 1) // 2, dtype=torch.int64, device=u.device).random_()
-    k = bits.view(torch.int32)[:n].bitwise_and_(0xFFFFFF)  # bits 0-23 and 32-55 of each draw
-    torch.mul(k, (1.0 - 2.0 * eps) * 2.0**-24, out=u.view(-1))
-    return u.add_(eps)
+    n = math.prod(size)
+    if dtype != torch.float32 or torch.device(device).type != "cpu" or n < _FEW:
+        return torch.empty(size, dtype=dtype, device=device).uniform_(eps, 1.0 - eps)
+    key = int(torch.empty((), dtype=torch.int64).random_())  # the default CPU generator
+    k = splitmix64(key, (n + 1) // 2, device).view(torch.int32)[:n]  # two 32-bit halves each
+    # 0.5 + k * (1 - 2 eps) / 2**32 for k in [-2**31, 2**31): (eps, 1 - eps), rounded to float32,
+    # written over k (elementwise, same bytes): no second buffer
+    u = k.view(torch.float32)
+    return torch.add(_scalar(0.5), k, alpha=(1.0 - 2.0 * eps) * 2.0**-32, out=u).view(size)
+
+
+@functools.lru_cache(maxsize=32)
+def _scalar(x: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A 0-dim CPU tensor of ``x`` (the ``input`` of one-pass ``add``/``addcmul`` on any device)."""
+    return torch.tensor(x, dtype=dtype)
 
 
 def _noise_to_gate_(u: Tensor, log_alpha: Tensor, hc: HardConcrete) -> Tensor:
     """Turn uniform noise ``u`` into gates, in place (no temporary of the gates' size)."""
     u.logit_().add_(log_alpha).mul_(1.0 / hc.temperature).sigmoid_()
-    return u.mul_(hc.span).add_(hc.limit_a).clamp_(0.0, 1.0)
+    return torch.add(_scalar(hc.limit_a, u.dtype), u, alpha=hc.span, out=u).clamp_(0.0, 1.0)
 
 
 _CLAMP_BACKWARD = torch.ops.aten.hardtanh_backward.grad_input  # grad where min < x < max, else 0
@@ -186,13 +238,13 @@ def _gate_grad_(grad: Tensor, z: Tensor, hc: HardConcrete) -> Tensor:
     ``dz/dlog_alpha = span * s * (1 - s) / beta = (z - gamma) * (zeta - z) * c`` with
     ``c = 1 / (span * beta)``: ``z * t - gamma * zeta * c`` with ``t = c * (gamma + zeta - z)``.
     Where the clamp is active (z == 0 or z == 1) the derivative is 0: ``hardtanh_backward`` (the
-    clamp's own backward) keeps ``grad`` exactly where ``0 < z < 1``. Five passes (eight with a
+    clamp's own backward) keeps ``grad`` exactly where ``0 < z < 1``. Four passes (eight with a
     separate indicator), one temporary buffer.
     """
     a, b = hc.limit_a, hc.limit_b
     c = 1.0 / (hc.span * hc.temperature)
     t = torch.rsub(z, (a + b) * c, alpha=c)  # c * (a + b - z)
-    grad.mul_(t.mul_(z).sub_(a * b * c))
+    grad.mul_(torch.addcmul(_scalar(-a * b * c, z.dtype), t, z, out=t))
     return _CLAMP_BACKWARD(grad, z, 0.0, 1.0, grad_input=grad)
 
 
@@ -244,7 +296,21 @@ def sample_gates(
     size = tuple(log_alpha.shape) if batch_size is None else (batch_size, *log_alpha.shape)
     if gates is not None and tuple(gates.shape) != size:
         raise ValueError(f"gates of shape {tuple(gates.shape)} given for gates of shape {size}")
+    if gates is None and batch_size is None and log_alpha.numel() < _FEW:
+        return _sample_few(log_alpha, hc, size)
     return _SampleGates.apply(log_alpha, hc, size, gates)
+
+
+def _sample_few(log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...]) -> Tensor:
+    """:class:`_SampleGates` for a few shared gates (a layer's units): the same values from the
+    same noise, through four native autograd ops, since for small tensors a Python
+    ``autograd.Function`` costs more than the memory it saves (an MLP's output gates). Not for
+    per-sample gates: those may be drawn inside a checkpointed region, whose recomputation
+    replays them through :class:`_SampleGates` and must save the same tensors."""
+    beta = hc.temperature
+    noise = uniform_noise(size, hc, log_alpha.dtype, log_alpha.device).logit_().mul_(1.0 / beta)
+    s = torch.add(noise, log_alpha, alpha=1.0 / beta).sigmoid()
+    return F.hardtanh(torch.add(_scalar(hc.limit_a, s.dtype), s, alpha=hc.span), 0.0, 1.0)
 
 
 def draw_gates(log_alpha: Tensor, hc: HardConcrete) -> Tensor:

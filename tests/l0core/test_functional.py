@@ -12,6 +12,7 @@ from l0core.functional import (
     log_alpha_from_droprate,
     prob_nonzero,
     sample_gates,
+    splitmix64,
     uniform_noise,
 )
 from l0core.masking import masked_weights
@@ -110,25 +111,47 @@ def test_float32_gates_and_gradient_match_the_reference_on_the_same_noise(batch_
     assert ((z > 0) & (z < 1)).any() and (ours != 0).any()
 
 
-def test_uniform_noise_is_uniform_on_uniforms_grid_and_follows_the_seed():
-    """The float32 noise takes the values ``uniform_(eps, 1 - eps)`` takes (24-bit steps scaled
-    to the interval), uniformly, and ``torch.manual_seed`` reproduces it."""
+def test_uniform_noise_is_uniform_in_the_interval_and_follows_the_seed():
+    """The float32 noise lies in ``[eps, 1 - eps]``, is uniform (also near the ends, where
+    ``logit`` makes the gates' tails), its values are not correlated, and ``torch.manual_seed``
+    reproduces it."""
     eps = HC.epsilon
     torch.manual_seed(0)
     u = uniform_noise((400_001,), HC, torch.float32, "cpu")
     torch.manual_seed(0)
     assert torch.equal(u, uniform_noise((400_001,), HC, torch.float32, "cpu"))
     assert not torch.equal(u, uniform_noise((400_001,), HC, torch.float32, "cpu"))
-    assert eps <= float(u.min()) and float(u.max()) <= 1 - eps
-    k = (u.double() - eps) / (1 - 2 * eps) * 2**24
-    assert torch.allclose(k, k.round(), atol=0.02)  # on uniform_'s grid
+    assert eps * (1 - 1e-6) <= float(u.min()) and float(u.max()) <= 1 - eps
     # Kolmogorov-Smirnov distance to U(0, 1): 1.63 / sqrt(n) is its 1% critical value
     srt = u.double().sort().values
     grid = torch.arange(1, u.numel() + 1, dtype=torch.float64) / u.numel()
     assert float((srt - grid).abs().max()) < 1.63 / math.sqrt(u.numel())
-    # consecutive values (the two halves of one draw) are not correlated
-    a, b = u[:-1:2].double() - 0.5, u[1::2].double() - 0.5
-    assert abs(float((a * b).mean() / (a.std() * b.std()))) < 0.01
+    # the tails: P(u < q) = q for q = 1e-3 (about 400 values, 4 standard deviations = 80)
+    assert abs(int((u < 1e-3).sum()) - 400) < 80 and abs(int((u > 1 - 1e-3).sum()) - 400) < 80
+    # the two halves of one 64-bit output, and neighbouring outputs, are not correlated
+    c = u.double() - 0.5
+    for a, b in ((c[:-1:2], c[1::2]), (c[:-2:2], c[2::2])):
+        assert abs(float((a * b).mean() / (a.std() * b.std()))) < 0.01
+
+
+def test_splitmix64_equals_the_reference_generator():
+    """Element ``i`` is splitmix64's output for state ``key + (i + 1) * golden`` (the
+    reference algorithm in Python integers), whatever the sign of the 64-bit values."""
+    mask = (1 << 64) - 1
+
+    def reference(state: int) -> int:
+        z = state & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    for key in (0, 12345, (1 << 63) - 1):
+        out = splitmix64(key, 1000)
+        for i in (0, 1, 2, 511, 999):
+            assert int(out[i]) & mask == reference(key + (i + 1) * 0x9E3779B97F4A7C15)
+
+
+def test_float64_noise_uses_uniform():
     f64 = uniform_noise((5,), HC, torch.float64, "cpu")
     assert f64.dtype == torch.float64 and bool(((f64 > 0) & (f64 < 1)).all())
 
