@@ -284,50 +284,55 @@ def _logs(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from service.stack import embedded_mlflow, mlflow_home
     from sweeps import tracking
-    from sweeps.config import SweepSettings, configure_mlflow_client
+    from sweeps.config import SweepSettings, configure_mlflow_client, use_settings
     from sweeps.driver import run_sweep
     from sweeps.pareto import pareto_front
     from sweeps.spec import SweepSpec
 
-    settings = SweepSettings()
+    settings = SweepSettings()  # read once; in force for the spec's limits and all the run does
     configure_mlflow_client(settings.mlflow_retry_window_s)
-    loaded = _load_spec(args.spec, check_data=True, data_dirs=settings.data_dirs())
-    spec = SweepSpec.model_validate(loaded, context={"data_dirs": settings.data_dirs()})
-    print(f"sweep {spec.name}: {_trials_text(spec.num_trials(), spec.duplicate_trials())}")
-    tty = sys.stdout.isatty()
+    with use_settings(settings):
+        loaded = _load_spec(args.spec, check_data=True, data_dirs=settings.data_dirs())
+        spec = SweepSpec.model_validate(loaded, context={"data_dirs": settings.data_dirs()})
+        print(f"sweep {spec.name}: {_trials_text(spec.num_trials(), spec.duplicate_trials())}")
+        tty = sys.stdout.isatty()
 
-    def show(progress) -> None:
-        print(("\r" if tty else "") + progress.line(), end="" if tty else "\n", flush=True)
+        def show(progress) -> None:
+            print(("\r" if tty else "") + progress.line(), end="" if tty else "\n", flush=True)
 
-    uri = args.tracking_uri or settings.tracking_uri
-    with contextlib.ExitStack() as stack:
-        store, ui = None, uri if uri and uri.startswith(("http://", "https://")) else None
-        if uri is None:
-            store = mlflow_home(settings.home)
-            print(f"recording in the MLflow store {store}", flush=True)
-            uri, shared = stack.enter_context(embedded_mlflow(store))
-            ui = uri if shared else None
-        result = run_sweep(spec, uri, args.storage_path, progress=show, settings=settings)
-        experiment_id = tracking.client(uri).get_run(result.sweep_id).info.experiment_id
-    if tty:
-        print()
-    print(f"sweep {result.sweep_id} {result.status} (Tune experiment at {result.experiment_path})")
-    if ui:
-        print(f"  MLflow: {ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{result.sweep_id}")
-    elif store is not None:
-        print(f"  MLflow: in {store}; `l0sweep serve` shows it in the MLflow UI")
-    objectives = [o.model_dump() for o in spec.objectives]
-    front = [TrialOut.of(t) for t in pareto_front(result.trials, objectives)]
-    _print_pareto(
-        ParetoFront(
-            sweep_id=result.sweep_id,
-            status=result.status,
-            objectives=objectives,
-            front=front,
-            num_trials=len(result.trials),
+        uri = args.tracking_uri or settings.tracking_uri
+        with contextlib.ExitStack() as stack:
+            store, ui = None, uri if uri and uri.startswith(("http://", "https://")) else None
+            if uri is None:
+                store = mlflow_home(settings.home)
+                print(f"recording in the MLflow store {store}", flush=True)
+                uri, shared = stack.enter_context(embedded_mlflow(store))
+                ui = uri if shared else None
+            result = run_sweep(spec, uri, args.storage_path, progress=show, settings=settings)
+            experiment_id = tracking.client(uri).get_run(result.sweep_id).info.experiment_id
+        if tty:
+            print()
+        print(
+            f"sweep {result.sweep_id} {result.status} (Tune experiment at {result.experiment_path})"
         )
-    )
-    return 0 if result.status == SweepStatus.FINISHED else 1
+        if ui:
+            print(
+                f"  MLflow: {ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{result.sweep_id}"
+            )
+        elif store is not None:
+            print(f"  MLflow: in {store}; `l0sweep serve` shows it in the MLflow UI")
+        objectives = [o.model_dump() for o in spec.objectives]
+        front = [TrialOut.of(t) for t in pareto_front(result.trials, objectives)]
+        _print_pareto(
+            ParetoFront(
+                sweep_id=result.sweep_id,
+                status=result.status,
+                objectives=objectives,
+                front=front,
+                num_trials=len(result.trials),
+            )
+        )
+        return 0 if result.status == SweepStatus.FINISHED else 1
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -289,8 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = SweepSettings()
+    settings = SweepSettings()  # read once; in force for all the driver does
     configure_mlflow_client(settings.mlflow_retry_window_s)
+    with use_settings(settings):
+        return _drive(args, settings)
+
+
+def _drive(args: argparse.Namespace, settings: SweepSettings) -> int:
     try:
         load_builtins()  # the plugins the spec may name; one that fails ends the sweep, named
         spec = tracking.load_sweep_spec(args.sweep_id, args.tracking_uri)

@@ -26,7 +26,7 @@ from ray import tune
 from l0core import SummaryRow
 
 from . import tracking
-from .config import get_settings
+from .config import SweepSettings, get_settings, use_settings
 from .model_log import record_exported_model
 from .space import concrete_config, trial_config
 from .training import TrainResult, TrialDiverged, train
@@ -100,7 +100,16 @@ def _log_artifacts(run_id: str, result: TrainResult, tracking_uri: str | None) -
 
 
 def train_trial(config: dict[str, Any], context: SweepContext) -> None:
-    """Tune function trainable (bind ``context`` with ``tune.with_parameters``)."""
+    """Tune function trainable (bind ``context`` with ``tune.with_parameters``).
+
+    The trial's process reads its settings once, here, from the environment its job gave it (a
+    node's data directory is its own), and puts them in force for all it does: the MLflow retry
+    window, the tracking URI's default and the data directories are never read again."""
+    with use_settings(SweepSettings()):
+        _train_trial(config, context)
+
+
+def _train_trial(config: dict[str, Any], context: SweepContext) -> None:
     threads = max(1, math.floor(context.cpus_per_trial))
     torch.set_num_threads(threads)
     own = trial_config(config)
@@ -132,7 +141,6 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     try:
         init = _init_weights(cfg, run_id, context)
         device = _device()
-        # The trial's own process reads its settings once (a node's data directory is its own).
         result = train(cfg, device, on_epoch, state, init, get_settings().data_dirs())
         log(result.metrics)
         _log_artifacts(run_id, result, context.tracking_uri)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sweeps.config import SweepSettings
+from sweeps.config import SweepSettings, get_settings
 from sweeps.data import load_dataset
 from tests.sweeps.conftest import write_broken_plugin
 
@@ -111,3 +111,41 @@ def test_the_service_validates_a_spec_against_its_own_settings(monkeypatch):
     app = create_app(Settings(ray_address=dead, tracking_uri=dead, max_epochs=3))
     answer = TestClient(app).post("/sweeps", json=tiny_spec(train={"epochs": 5}))
     assert answer.status_code == 422 and "exceeds the limit 3" in answer.text, answer.text
+
+
+def _read_twice(monkeypatch, seen: list):
+    """Stands in for a process's work: reads the settings, the environment changes, reads again."""
+
+    def work(*args) -> int:
+        first = get_settings()
+        monkeypatch.setenv("L0SWEEP_MLFLOW_RETRY_WINDOW_S", "9")
+        monkeypatch.setenv("L0SWEEP_MAX_TRIALS", "2")
+        seen.append((first, get_settings()))
+        return 0
+
+    return work
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("entry", ["trial", "driver"])
+def test_a_process_reads_its_settings_once_at_its_start(entry, monkeypatch):
+    """A trial and a sweep's driver read their settings when they start and keep them in force:
+    the MLflow retry window, the tracking URI's default, the spec limits and the data directories
+    read later in the process are those, not a fresh read of the environment."""
+    from sweeps import driver, trainable
+
+    monkeypatch.setenv("L0SWEEP_MLFLOW_RETRY_WINDOW_S", "7")
+    monkeypatch.delenv("L0SWEEP_MAX_TRIALS", raising=False)
+    seen: list = []
+    if entry == "trial":
+        monkeypatch.setattr(trainable, "_train_trial", _read_twice(monkeypatch, seen))
+        trainable.train_trial({}, None)
+    else:
+        monkeypatch.setattr(driver.raycompat, "check_ray_version", lambda: None)
+        monkeypatch.setattr(driver, "configure_mlflow_client", lambda window: None)
+        monkeypatch.setattr(driver, "_drive", _read_twice(monkeypatch, seen))
+        assert driver.main(["--sweep-id", "0" * 32]) == 0
+    first, later = seen[0]
+    assert later is first
+    assert later.mlflow_retry_window_s == 7 and later.max_trials == 512
+    assert get_settings().mlflow_retry_window_s == 9  # outside the process's work: the env again
