@@ -71,8 +71,11 @@ def schedule_step(pruner: Any) -> None:
     pruner.steps += 1
 
 
-class _Masked(CountedMethod):
-    """Masks on parameters of ``model`` and the regularizers' inspection and export methods.
+class BinaryMaskMethod(CountedMethod):
+    """Fixed 0/1 masks on parameters of ``model`` (``torch.nn.utils.prune``), with the methods'
+    inspection and export: the base of magnitude pruning and of :class:`FixedMask`. Not to be
+    confused with ``gates.Masked`` (where a gate acts on a tensor) or ``masking`` (the sampled
+    masked weights of L0).
 
     Args:
         model: the module, used in place: its selected parameters become ``<name>_orig`` with a
@@ -162,7 +165,7 @@ class _Masked(CountedMethod):
         return kept
 
 
-class MagnitudePruner(_Masked):
+class MagnitudePruner(BinaryMaskMethod):
     """Gradual magnitude pruning of ``model`` to ``target_sparsity``; ``pruner(*args)`` runs it.
 
     Every forward in training mode is one step of the schedule (masks are updated before it
@@ -252,7 +255,7 @@ class MagnitudePruner(_Masked):
         )
 
 
-class FixedMask(_Masked):
+class FixedMask(BinaryMaskMethod):
     """Train a pruned model with its zeros fixed: every parameter element that is exactly 0 now
     stays 0 (its mask is 0), every other element trains.
 
