@@ -30,9 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sweeps.data import load_dataset
 from sweeps.space import concrete_config
-from sweeps.spec import SweepSpec
+from sweeps.spec import SweepSpec, TrialConfig
 from sweeps.training import build_model, seed_everything, train
 
 
@@ -67,18 +66,15 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
     return correct / len(x)
 
 
-def plain_loop(cfg: dict) -> float:
+def plain_loop(cfg: TrialConfig) -> float:
     """A hand-written loop over the same model and data; returns the test accuracy."""
-    ds = cfg["dataset"]
-    data = load_dataset(
-        ds["name"], ds["params"], ds["val_fraction"], ds["test_fraction"], ds["split_seed"]
-    )
-    seed_everything(cfg["seed"])
-    model = build_model(cfg, data)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["train"]["lr"])
+    data = cfg.dataset.load()
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, data)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     x, y = data.train
-    batch = cfg["train"]["batch_size"]
-    for _ in range(cfg["train"]["epochs"]):
+    batch = cfg.train.batch_size
+    for _ in range(cfg.train.epochs):
         model.train()
         order = torch.randperm(len(x))
         for i in range(0, len(x), batch):

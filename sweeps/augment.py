@@ -60,19 +60,19 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def augmenter(
-    spec: dict | None, input_shape: tuple[int, ...], dataset: str
+    spec: AugmentSpec | None, input_shape: tuple[int, ...], dataset: str
 ) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """The function a trial applies to each training batch (the identity when nothing is on).
 
     Args:
-        spec: the dataset's ``augment`` section (an :class:`AugmentSpec` dump) or None.
+        spec: the dataset's ``augment`` section, or None.
         input_shape: one example's shape; augmentation needs images (C, H, W).
         dataset: the dataset's name, for the error message.
 
     Raises:
         ValueError: augmentation is asked of inputs that are not images.
     """
-    options = AugmentSpec.model_validate(spec) if spec is not None else AugmentSpec()
+    options = spec if spec is not None else AugmentSpec()
     if options.crop == 0 and not options.flip:
         return _unchanged
     if len(input_shape) != 3:

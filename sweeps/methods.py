@@ -8,8 +8,6 @@ model and its report), so the trial's training loop has no branch per method.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from l0core import (
@@ -21,25 +19,25 @@ from l0core import (
     SparsityMethod,
 )
 
-from .spec import granularity_units
+from .spec import RegularizerSpec, granularity_units
 
 __all__ = ["build_method", "channel_norm_granularity", "is_structured"]
 
 _MASK_UPDATES = 50  # a gradual magnitude schedule updates its masks about this often
 
 
-def is_structured(reg: dict[str, Any]) -> bool:
+def is_structured(reg: RegularizerSpec) -> bool:
     """Whether the export can remove whole units (structured L0 gates, channel-norm pruning)."""
-    if reg["kind"] == "channel-norm":
+    if reg.kind == "channel-norm":
         return True
-    units = granularity_units(reg["granularity"])
-    return reg["kind"] == "l0" and all(u in ("output", "input", "head") for u in units)
+    units = granularity_units(reg.granularity)
+    return reg.kind == "l0" and all(u in ("output", "input", "head") for u in units)
 
 
-def channel_norm_granularity(reg: dict[str, Any]) -> str | list[str]:
+def channel_norm_granularity(granularity: str | list[str]) -> str | list[str]:
     """The units channel-norm pruning removes: heads, channels or both as asked (the spec's
     default ``weight`` granularity means nothing to it: channels)."""
-    return "output" if reg["granularity"] == "weight" else reg["granularity"]
+    return "output" if granularity == "weight" else granularity
 
 
 def _gate_init(choice: str, pretrained: bool) -> str:
@@ -63,7 +61,7 @@ def _dual_lr(choice: float | None, pretrained: bool) -> dict[str, float]:
 
 def build_method(
     model: nn.Module,
-    reg: dict[str, Any],
+    reg: RegularizerSpec,
     num_train: int,
     total_steps: int | None = None,
     pretrained: bool = False,
@@ -72,7 +70,7 @@ def build_method(
 
     Args:
         model: the registry's model.
-        reg: a concrete ``RegularizerSpec`` dump (no search domains left).
+        reg: the trial's regularizer section (no search domains left).
         num_train: training examples; as in the L0 paper, the penalty is
             ``lam / num_train * count``, so one lam suits datasets of any size.
         total_steps: optimizer steps before the fine-tuning epochs; magnitude and channel-norm
@@ -84,44 +82,44 @@ def build_method(
     Raises:
         ValueError: magnitude or channel-norm pruning without ``total_steps``.
     """
-    lam = reg["lam"] / num_train
-    if reg["kind"] == "l0":
+    lam = reg.lam / num_train
+    if reg.kind == "l0":
         return L0Regularizer(
             model,
             lam,
-            weight_decay=reg["l2"],
-            droprate_init=reg["droprate_init"],
-            temperature=reg["temperature"],
-            granularity=reg["granularity"],
-            include=reg["include"],
-            exclude=reg["exclude"],
-            per_sample=reg["per_sample"],
-            test_gate=reg["test_gate"],
-            target_sparsity=reg["target_sparsity"],
-            **_dual_lr(reg["dual_lr"], pretrained),
-            init=_gate_init(reg["gate_init"], pretrained),
+            weight_decay=reg.l2,
+            droprate_init=reg.droprate_init,
+            temperature=reg.temperature,
+            granularity=reg.granularity,
+            include=reg.include,
+            exclude=reg.exclude,
+            per_sample=reg.per_sample,
+            test_gate=reg.test_gate,
+            target_sparsity=reg.target_sparsity,
+            **_dual_lr(reg.dual_lr, pretrained),
+            init=_gate_init(reg.gate_init, pretrained),
         )
-    if reg["kind"] in ("magnitude", "channel-norm"):
+    if reg.kind in ("magnitude", "channel-norm"):
         if total_steps is None:
-            raise ValueError(f"{reg['kind']} pruning needs total_steps to place its schedule")
-        begin = round(reg["prune_begin"] * total_steps)
-        end = max(begin, round(reg["prune_end"] * total_steps))
-    if reg["kind"] == "channel-norm":
+            raise ValueError(f"{reg.kind} pruning needs total_steps to place its schedule")
+        begin = round(reg.prune_begin * total_steps)
+        end = max(begin, round(reg.prune_end * total_steps))
+    if reg.kind == "channel-norm":
         return ChannelNormPruner(
-            model, reg["target_sparsity"], end, begin_step=begin,
+            model, reg.target_sparsity, end, begin_step=begin,
             frequency=max(1, (end - begin) // _MASK_UPDATES),
-            granularity=channel_norm_granularity(reg), include=reg["include"],
-            exclude=reg["exclude"],
+            granularity=channel_norm_granularity(reg.granularity), include=reg.include,
+            exclude=reg.exclude,
         )  # fmt: skip
-    if reg["kind"] == "magnitude":
+    if reg.kind == "magnitude":
         return MagnitudePruner(
-            model, reg["target_sparsity"], end, begin_step=begin,
-            frequency=max(1, (end - begin) // _MASK_UPDATES), scope=reg["prune_scope"],
-            include=reg["include"], exclude=reg["exclude"],
+            model, reg.target_sparsity, end, begin_step=begin,
+            frequency=max(1, (end - begin) // _MASK_UPDATES), scope=reg.prune_scope,
+            include=reg.include, exclude=reg.exclude,
         )  # fmt: skip
-    if reg["kind"] == "l1":
+    if reg.kind == "l1":
         return L1Regularizer(
-            model, lam, include=reg["include"], exclude=reg["exclude"],
-            threshold=reg["l1_threshold"],
+            model, lam, include=reg.include, exclude=reg.exclude,
+            threshold=reg.l1_threshold,
         )  # fmt: skip
     return Dense(model)

@@ -31,10 +31,11 @@ from mlflow.entities import Metric, RunTag
 from torch import nn
 
 from . import tracking
-from .data import load_dataset
+from .config import DataDirs
 from .latency import compare, model_bytes
 from .onnx_export import export_onnx
 from .sparse_export import to_csr
+from .spec import TrialConfig
 from .training import TrainResult
 from .vocabulary import ExportFormat, Tag
 
@@ -53,29 +54,27 @@ _INPUT_EXAMPLE_SIZE = 4  # rows of the logged model's input example
 RECORD_SECONDS = "speed_record_seconds"  # metric: the time record_exported_model took
 
 
-def exported_model(result: TrainResult, cfg: dict[str, Any]) -> tuple[nn.Module, str]:
+def exported_model(result: TrainResult, cfg: TrialConfig) -> tuple[nn.Module, str]:
     """The model a trial exports and its format: shrunk (structured), dense tensors holding
     zeros (unstructured), or unpruned (a dense trial)."""
     if result.shrunk is not None:
         return result.shrunk, ExportFormat.SHRUNK
-    if cfg["regularizer"]["kind"] == "none":
+    if cfg.regularizer.kind == "none":
         return result.pruned, ExportFormat.UNPRUNED
     return result.pruned, ExportFormat.DENSE
 
 
-def timing_inputs(cfg: dict[str, Any]) -> torch.Tensor:
-    """The first :data:`EXAMPLE_SIZE` validation inputs of a trial's dataset (cached per process)."""
-    ds = cfg["dataset"]
-    data = load_dataset(
-        ds["name"], ds["params"], ds["val_fraction"], ds["test_fraction"], ds["split_seed"]
-    )
+def timing_inputs(dataset: Any, dirs: DataDirs | None = None) -> torch.Tensor:
+    """The first :data:`EXAMPLE_SIZE` validation inputs of a spec's ``dataset`` section (loaded
+    once per process)."""
+    data = dataset.load(dirs)
     return data.val[0][:EXAMPLE_SIZE].float().cpu()
 
 
 def record_exported_model(
     run_id: str,
     result: TrainResult,
-    cfg: dict[str, Any],
+    cfg: TrialConfig,
     device: torch.device,
     threads: int,
     tracking_uri: str | None,
@@ -87,7 +86,7 @@ def record_exported_model(
     """
     started = time.perf_counter()
     model, kind = exported_model(result, cfg)
-    example = timing_inputs(cfg)
+    example = timing_inputs(cfg.dataset)
     candidates = {kind: model}
     if kind == ExportFormat.DENSE and device.type == "cpu":
         csr, converted = to_csr(model)

@@ -21,11 +21,10 @@ from l0core.channel_norm import ChannelNormPruner
 
 from .augment import augmenter
 from .config import DataDirs
-from .data import load_dataset
 from .domains import _possible
 from .methods import channel_norm_granularity
-from .registry import MODELS
 from .spec import SweepSpec, granularity_label, granularity_units
+from .training import build_model
 
 __all__ = ["export_granularities", "preflight"]
 
@@ -43,13 +42,9 @@ def export_granularities(spec: SweepSpec, kind: str | None = None) -> list[str |
     if "l0" in kinds:
         out += [g for g in granularities if set(granularity_units(g)) <= set(_STRUCTURED_L0)]
     if "channel-norm" in kinds:
-        out += [channel_norm_granularity({"granularity": g}) for g in granularities]
+        out += [channel_norm_granularity(g) for g in granularities]
     unique = {granularity_label(g): g for g in out}
     return list(unique.values())
-
-
-def _build(spec: SweepSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    return MODELS.get(spec.model.name).factory(spec.model.params, input_shape, num_classes)
 
 
 def preflight(spec: SweepSpec, dirs: DataDirs | None = None) -> str | None:
@@ -62,16 +57,15 @@ def preflight(spec: SweepSpec, dirs: DataDirs | None = None) -> str | None:
     """
     ds = spec.dataset
     try:  # every trial would fail the same way: the sweep fails once, with the reason
-        data = load_dataset(ds.name, ds.params.model_dump(), ds.val_fraction, ds.test_fraction,
-                            ds.split_seed, dirs)  # fmt: skip
+        data = ds.load(dirs)
     except Exception as err:
         return f"dataset {ds.name!r} cannot be loaded: {type(err).__name__}: {err}"
     try:
-        augmenter(ds.augment and ds.augment.model_dump(), data.input_shape, ds.name)
+        augmenter(ds.augment, data.input_shape, ds.name)
     except ValueError as err:
         return str(err)
     try:
-        model = _build(spec, data.input_shape, data.num_classes)
+        model = build_model(spec.model, data)
     except Exception as err:  # a lab's factory may raise anything
         return (
             f"model {spec.model.name!r} cannot be built for inputs {data.input_shape}: "

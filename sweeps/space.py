@@ -16,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from .domains import _domain_tag, _is_domain
-from .spec import SweepSpec
+from .spec import SweepSpec, TrialConfig
 
 __all__ = [
     "TRIAL_SECTIONS",
@@ -71,30 +71,9 @@ def trial_config(config: dict[str, Any]) -> dict[str, Any]:
     return config.get("trial", config)
 
 
-def concrete_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate a trial's config with the spec's own models; returns the JSON dump.
-
-    Raises:
-        pydantic.ValidationError: a section is malformed.
-        ValueError: a search domain survived into the trial (a bug in :func:`param_space`).
-    """
-    from .spec import RegularizerSpec, TrainSpec
-
-    reg = RegularizerSpec.model_validate(config["regularizer"])
-    train = TrainSpec.model_validate(config["train"])
-    leftover = [k for m in (reg, train) for k, v in m if _is_domain(v)]
-    if leftover:
-        raise ValueError(f"trial config still holds search domains: {leftover}")
-    probe = SweepSpec.model_validate(
-        {"name": "trial", "model": config["model"], "dataset": config["dataset"]}
-    )
-    return {
-        "model": probe.model.model_dump(mode="json"),
-        "dataset": probe.dataset.model_dump(mode="json"),
-        "regularizer": reg.model_dump(mode="json"),
-        "train": train.model_dump(mode="json"),
-        "seed": int(config["seed"]),
-    }
+def concrete_config(config: dict[str, Any]) -> TrialConfig:
+    """A trial's own config (:func:`trial_config`), validated and typed (`TrialConfig.of`)."""
+    return TrialConfig.of(config)
 
 
 def search_algorithm(spec: SweepSpec) -> Searcher | SearchAlgorithm:

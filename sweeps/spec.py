@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from functools import cache, lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
@@ -51,6 +52,9 @@ from .domains import (
 from .registry import DATASETS, MODELS, Entry, Registry, takes_dirs
 from .variants import Expansion, ExpansionTooLarge, expand
 
+if TYPE_CHECKING:
+    from .data import DataSplits
+
 __all__ = [
     "DOMAIN_KINDS",
     "EPOCH_METRICS",
@@ -70,6 +74,7 @@ __all__ = [
     "SearchSpec",
     "SweepSpec",
     "TrainSpec",
+    "TrialConfig",
     "Uniform",
     "json_schema",
 ]
@@ -361,6 +366,16 @@ class _DatasetSpec(_Strict):
         "validation and test are never augmented.",
     )
 
+    def load(self, dirs: DataDirs | None = None) -> DataSplits:
+        """This dataset with its splits (`sweeps.data.load_dataset`, cached per process), from
+        ``dirs`` (default: the settings in force)."""
+        from .data import load_dataset
+
+        params = self.params.model_dump(mode="json")  # a field of each subclass
+        return load_dataset(
+            self.name, params, self.val_fraction, self.test_fraction, self.split_seed, dirs
+        )
+
     @model_validator(mode="after")
     def _data_on_disk(self, info: ValidationInfo) -> _DatasetSpec:
         # Params that name files check them here, so a bad path is a spec error (a 422) before
@@ -567,6 +582,48 @@ class SweepSpec(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """One trial's config, validated with the spec's own models, every search domain resolved:
+    what the trial builds its model, data, method and optimizer from (typed: no section is read
+    by key). :meth:`dump` is its JSON form, the trial run's MLflow params."""
+
+    model: Any  # the model's spec class (`ModelSpec`): ``name`` and typed ``params``
+    dataset: Any  # the dataset's spec class (`DatasetSpec`): ``params``, splits, ``augment``
+    regularizer: RegularizerSpec
+    train: TrainSpec
+    seed: int
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> TrialConfig:
+        """Validate a trial's sections (``model``, ``dataset``, ``regularizer``, ``train``,
+        ``seed``), the data files its dataset names included (on this node).
+
+        Raises:
+            pydantic.ValidationError: a section is malformed.
+            ValueError: a search domain survived into the trial (a bug in the expansion).
+        """
+        reg = RegularizerSpec.model_validate(config["regularizer"])
+        train = TrainSpec.model_validate(config["train"])
+        leftover = [k for m in (reg, train) for k, v in m if _is_domain(v)]
+        if leftover:
+            raise ValueError(f"trial config still holds search domains: {leftover}")
+        probe = SweepSpec.model_validate(
+            {"name": "trial", "model": config["model"], "dataset": config["dataset"]}
+        )
+        return cls(probe.model, probe.dataset, reg, train, int(config["seed"]))
+
+    def dump(self) -> dict[str, Any]:
+        """The JSON form: each section's dump, and ``seed``."""
+        return {
+            "model": self.model.model_dump(mode="json"),
+            "dataset": self.dataset.model_dump(mode="json"),
+            "regularizer": self.regularizer.model_dump(mode="json"),
+            "train": self.train.model_dump(mode="json"),
+            "seed": self.seed,
+        }
 
 
 def json_schema() -> dict[str, Any]:

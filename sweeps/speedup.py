@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
 
 import mlflow
 import torch
@@ -37,17 +36,9 @@ log = logging.getLogger(__name__)
 _DENSE = "dense"
 
 
-def _dense_model(
-    spec: SweepSpec, example_cfg: dict[str, Any], dirs: DataDirs | None
-) -> torch.nn.Module:
-    from .data import load_dataset
-
-    ds = example_cfg["dataset"]
-    data = load_dataset(
-        ds["name"], ds["params"], ds["val_fraction"], ds["test_fraction"], ds["split_seed"], dirs
-    )
+def _dense_model(spec: SweepSpec, dirs: DataDirs | None) -> torch.nn.Module:
     seed_everything(0)
-    return build_model(example_cfg, data)
+    return build_model(spec.model, spec.dataset.load(dirs))
 
 
 def record_speedups(
@@ -72,11 +63,7 @@ def record_speedups(
         return {}
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    cfg = {
-        "model": spec.model.model_dump(mode="json"),
-        "dataset": spec.dataset.model_dump(mode="json"),
-    }
-    models: dict[str, torch.nn.Module] = {_DENSE: _dense_model(spec, cfg, dirs)}
+    models: dict[str, torch.nn.Module] = {_DENSE: _dense_model(spec, dirs)}
     for t in candidates:
         uri = c.get_run(t.run_id).data.tags.get(Tag.MODEL_URI)
         try:
@@ -88,7 +75,7 @@ def record_speedups(
             log.warning("trial %s not timed against dense: %s", t.trial_id, reason)
             c.set_tag(t.run_id, Tag.SPEEDUP_ERROR, reason)
     threads = max(1, math.floor(spec.resources.cpus_per_trial))
-    speeds = compare(models, timing_inputs(cfg), "cpu", threads, rounds)
+    speeds = compare(models, timing_inputs(spec.dataset, dirs), "cpu", threads, rounds)
     ratios = speedups(speeds, _DENSE)
     now = int(time.time() * 1000)
     for run_id, r in ratios.items():

@@ -29,6 +29,7 @@ from . import tracking
 from .config import SweepSettings, get_settings, use_settings
 from .model_log import record_exported_model
 from .space import concrete_config, trial_config
+from .spec import TrialConfig
 from .training import TrainResult, TrialDiverged, train
 from .variants import run_name
 from .vocabulary import TRUE, RunStatus, Tag, TrialStatus
@@ -71,12 +72,10 @@ def _load_checkpoint() -> dict[str, Any] | None:
 
 
 def _init_weights(
-    cfg: dict[str, Any], run_id: str, context: SweepContext
+    cfg: TrialConfig, run_id: str, context: SweepContext
 ) -> dict[str, torch.Tensor] | None:
     """The starting weights ``train.init_from`` names; the source run is tagged on the trial."""
-    source = resolve_init_run(
-        cfg["train"]["init_from"], cfg["seed"], context.sweep_id, context.tracking_uri
-    )
+    source = resolve_init_run(cfg.train.init_from, cfg.seed, context.sweep_id, context.tracking_uri)
     if source is None:
         return None
     tracking.client(context.tracking_uri).set_tag(run_id, Tag.INIT_FROM_RUN, source)
@@ -123,7 +122,7 @@ def _train_trial(config: dict[str, Any], context: SweepContext) -> None:
         return
     name = run_name(own, trial_id, context.searched)
     run_id = tracking.start_trial_run(
-        context.sweep_id, trial_id, cfg, context.tracking_uri, run_id, name
+        context.sweep_id, trial_id, cfg.dump(), context.tracking_uri, run_id, name
     )
     logged = 0  # the last epoch the run holds: a killed attempt may have logged past its checkpoint
     if prior is not None:

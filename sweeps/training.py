@@ -29,9 +29,10 @@ from l0core.flops import model_macs
 
 from .augment import augmenter
 from .config import DataDirs
-from .data import DataSplits, load_dataset
+from .data import DataSplits
 from .methods import build_method, is_structured
 from .registry import MODELS
+from .spec import RegularizerSpec, TrainSpec, TrialConfig
 
 __all__ = [
     "TrainResult",
@@ -66,11 +67,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: dict[str, Any], data: DataSplits) -> nn.Module:
-    """The registry's model for a concrete trial config."""
-    entry = MODELS.get(cfg["model"]["name"])
-    params = entry.params.model_validate(cfg["model"]["params"])
-    return entry.factory(params, data.input_shape, data.num_classes)
+def build_model(model: Any, data: DataSplits) -> nn.Module:
+    """The registry's model for a spec's (or trial's) ``model`` section, sized for ``data``."""
+    return MODELS.get(model.name).factory(model.params, data.input_shape, data.num_classes)
 
 
 def architecture(model: nn.Module) -> str:
@@ -119,22 +118,22 @@ def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContex
 
 
 def _optimizer(
-    method: SparsityMethod, train: dict[str, Any], finetuning: bool = False
+    method: SparsityMethod, train: TrainSpec, finetuning: bool = False
 ) -> torch.optim.Optimizer:
-    lr = (train["finetune_lr"] or train["lr"]) if finetuning else train["lr"]
-    groups = [{"params": list(method.weight_parameters()), "weight_decay": train["weight_decay"]}]
+    lr = (train.finetune_lr or train.lr) if finetuning else train.lr
+    groups = [{"params": list(method.weight_parameters()), "weight_decay": train.weight_decay}]
     gates = list(method.gate_parameters())
     if gates:  # gate logits get their own lr and no weight decay
-        groups.append({"params": gates, "lr": train["gate_lr"] or lr, "weight_decay": 0})
-    if train["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=train["momentum"])
+        groups.append({"params": gates, "lr": train.gate_lr or lr, "weight_decay": 0})
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=train.momentum)
     return torch.optim.Adam(groups, lr=lr)
 
 
-def _fixed_zeros(method: SparsityMethod, reg: dict[str, Any]) -> FixedMask:
+def _fixed_zeros(method: SparsityMethod, reg: RegularizerSpec) -> FixedMask:
     """The fine-tuning phase's model: the method's pruned copy, its zeros kept at zero (and a
     structured method's coupled groups, so the export shrinks any graph the method gated)."""
-    return FixedMask.after(method, include=reg["include"], exclude=reg["exclude"])
+    return FixedMask.after(method, include=reg.include, exclude=reg.exclude)
 
 
 @torch.no_grad()
@@ -157,7 +156,7 @@ def _nonzero(model: nn.Module) -> int:
 
 
 def train(
-    cfg: dict[str, Any],
+    cfg: TrialConfig,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[dict[str, float], Callable[[], dict[str, Any]]], None] | None = None,
     state: dict[str, Any] | None = None,
@@ -167,7 +166,7 @@ def train(
     """Train one trial.
 
     Args:
-        cfg: a concrete trial config (:func:`sweeps.space.concrete_config`).
+        cfg: the trial's config (:class:`sweeps.spec.TrialConfig`).
         device: where to train.
         on_epoch: called after every epoch but the last with the epoch's metrics and a function
             that returns the checkpoint state; the last epoch's metrics (with the test metrics)
@@ -185,36 +184,34 @@ def train(
         TrialDiverged: the loss became NaN or infinite.
     """
     device = torch.device(device)
-    seed_everything(cfg["seed"])
-    ds = cfg["dataset"]
-    data = load_dataset(
-        ds["name"], ds["params"], ds["val_fraction"], ds["test_fraction"], ds["split_seed"], dirs
-    )
-    model = build_model(cfg, data)
+    seed_everything(cfg.seed)
+    data = cfg.dataset.load(dirs)
+    model = build_model(cfg.model, data)
     if init_weights is not None:
         try:
             model.load_state_dict(init_weights)
         except RuntimeError as err:
             raise ValueError(f"train.init_from: the weights do not fit this model: {err}") from err
     x_train, y_train = data.train
-    precision = cfg["train"].get("precision", "fp32")
+    precision = cfg.train.precision
     _autocast(precision, device)  # refuses fp16 off CUDA before any work
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if data_fits_on_device(x_train.nbytes + y_train.nbytes, device, _free_bytes(device)):
         x_train, y_train = x_train.to(device), y_train.to(device)
-    augment = augmenter(ds.get("augment"), data.input_shape, ds["name"])  # training batches only
-    batch, epochs = cfg["train"]["batch_size"], cfg["train"]["epochs"]
-    sparse_epochs = epochs - cfg["train"]["finetune_epochs"]  # then the fine-tuning phase
+    # training batches only
+    augment = augmenter(cfg.dataset.augment, data.input_shape, cfg.dataset.name)
+    batch, epochs = cfg.train.batch_size, cfg.train.epochs
+    sparse_epochs = epochs - cfg.train.finetune_epochs  # then the fine-tuning phase
     steps = math.ceil(len(x_train) / batch) * sparse_epochs
     method = build_method(
-        model, cfg["regularizer"], len(x_train), steps, pretrained=init_weights is not None
+        model, cfg.regularizer, len(x_train), steps, pretrained=init_weights is not None
     ).to(device)
     # A checkpoint of epoch ``sparse_epochs`` still holds the sparse method: the fine-tuning
     # model is made at the start of the next epoch.
     finetuning = state is not None and state["epoch"] > sparse_epochs
     if finetuning:
-        method = _fixed_zeros(method, cfg["regularizer"]).to(device)
-    opt = _optimizer(method, cfg["train"], finetuning)
+        method = _fixed_zeros(method, cfg.regularizer).to(device)
+    opt = _optimizer(method, cfg.train, finetuning)
     start = 0
     if state is not None:
         method.load_state_dict(state["method"])
@@ -225,16 +222,16 @@ def train(
     metrics: dict[str, float] = {}
     for epoch in range(start + 1, epochs + 1):
         if epoch > sparse_epochs and not finetuning:
-            method = _fixed_zeros(method, cfg["regularizer"]).to(device)
-            opt, finetuning = _optimizer(method, cfg["train"], finetuning=True), True
+            method = _fixed_zeros(method, cfg.regularizer).to(device)
+            opt, finetuning = _optimizer(method, cfg.train, finetuning=True), True
         t0 = time.perf_counter()
         method.train()
         order = torch.randperm(
-            len(x_train), generator=torch.Generator().manual_seed(cfg["seed"] * 100003 + epoch)
+            len(x_train), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
         ).to(x_train.device)
         loss_sum = torch.zeros((), device=device)
         # Augmentation's own stream, seeded per epoch like the batch order.
-        aug_rng = torch.Generator(device).manual_seed(cfg["seed"] * 100003 + epoch + 2**40)
+        aug_rng = torch.Generator(device).manual_seed(cfg.seed * 100003 + epoch + 2**40)
         for i in range(0, len(order), batch):
             idx = order[i : i + batch]
             xb, yb = (
@@ -265,7 +262,7 @@ def train(
         if on_epoch is not None:
             on_epoch(metrics, lambda m=method, o=opt, e=epoch: _state(m, o, e))
     pruned = method.prune().model
-    shrunk = method.prune(shrink=True).model if is_structured(cfg["regularizer"]) else None
+    shrunk = method.prune(shrink=True).model if is_structured(cfg.regularizer) else None
     final_model = shrunk if shrunk is not None else pruned
     metrics["test_accuracy"] = _evaluate(final_model, *data.test, device)[1]
     metrics["shrunk_params"] = sum(p.numel() for p in final_model.parameters())

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import re
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import tracking
 from .vocabulary import NEWEST_FIRST, SweepStatus, TrialStatus, sweeps_filter
+
+if TYPE_CHECKING:
+    from .spec import InitFromSweep
 
 __all__ = ["InitFromError", "load_init_weights", "resolve_init_run"]
 
@@ -42,7 +45,7 @@ def _sweep_by_name(name: str, experiment_id: str, tracking_uri: str | None) -> s
 
 
 def resolve_init_run(
-    init_from: str | dict[str, Any] | None, seed: int, sweep_id: str, tracking_uri: str | None
+    init_from: str | InitFromSweep | None, seed: int, sweep_id: str, tracking_uri: str | None
 ) -> str | None:
     """The run whose weights a trial of ``sweep_id`` with ``seed`` starts from (None: none).
 
@@ -51,7 +54,7 @@ def resolve_init_run(
     """
     if init_from is None or isinstance(init_from, str):
         return init_from
-    ref = init_from["sweep"]
+    ref = init_from.sweep
     c = tracking.client(tracking_uri)
     if not _RUN_ID.match(ref):
         ref = _sweep_by_name(ref, c.get_run(sweep_id).info.experiment_id, tracking_uri)

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 import sweeps.training as training
-from sweeps.augment import augmenter, random_crop, random_flip
+from sweeps.augment import AugmentSpec, augmenter, random_crop, random_flip
 from sweeps.preflight import preflight
 from sweeps.space import concrete_config
 from sweeps.spec import SweepSpec
@@ -52,7 +52,7 @@ def test_random_flip_mirrors_about_half_the_batch():
 
 def test_augmentation_needs_images_and_validates_its_options():
     with pytest.raises(ValueError, match=r"needs images \(C, H, W\).*'mnist1d'.*\(40,\)"):
-        augmenter({"crop": 2, "flip": False}, (40,), "mnist1d")
+        augmenter(AugmentSpec(crop=2, flip=False), (40,), "mnist1d")
     x = torch.ones(2, 1, 4, 4)
     assert augmenter(None, (40,), "mnist1d")(x, _gen(0)) is x  # nothing asked: nothing done
     with pytest.raises(ValidationError, match=r"dataset\.digits\.augment\.crop"):
@@ -98,7 +98,7 @@ def test_training_batches_are_augmented_and_evaluation_is_not(monkeypatch):
 
     monkeypatch.setattr(training, "augmenter", spying)
     a = training.train(cfg)
-    n_train = len(training.load_dataset("digits", {}, 0.1, 0.2, 0).train[0])
+    n_train = len(cfg.dataset.load().train[0])
     assert len(seen) == math.ceil(n_train / 256)  # every training batch, nothing else
     assert all(grad and shape[1:] == (1, 8, 8) for grad, shape in seen)
     monkeypatch.setattr(training, "augmenter", real)

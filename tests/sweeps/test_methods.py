@@ -11,8 +11,8 @@ from sweeps.models import MlpParams, mlp
 from sweeps.spec import RegularizerSpec, TrainSpec
 
 
-def _reg(**fields) -> dict:
-    return RegularizerSpec.model_validate(fields).model_dump(mode="json")
+def _reg(**fields) -> RegularizerSpec:
+    return RegularizerSpec.model_validate(fields)
 
 
 def _model() -> torch.nn.Module:
@@ -27,7 +27,9 @@ def test_magnitude_schedule_is_placed_in_the_training_steps():
     assert isinstance(method, MagnitudePruner)
     assert (method.begin_step, method.end_step, method.frequency) == (100, 600, 10)
     assert method.scope == "layer" and method.target_sparsity == 0.9
-    one_shot = build_method(_model(), {**reg, "prune_begin": 0.0, "prune_end": 0.0}, 1000, 50)
+    one_shot = build_method(
+        _model(), reg.model_copy(update={"prune_begin": 0.0, "prune_end": 0.0}), 1000, 50
+    )
     assert (one_shot.begin_step, one_shot.end_step, one_shot.frequency) == (0, 0, 1)
     with pytest.raises(ValueError, match="needs total_steps"):
         build_method(_model(), reg, num_train=1000)
@@ -35,11 +37,11 @@ def test_magnitude_schedule_is_placed_in_the_training_steps():
 
 def test_auto_gate_init_opens_the_gates_of_large_weights_only_when_pretrained():
     reg = _reg(kind="l0", droprate_init=0.3)
-    assert reg["gate_init"] == "auto" and reg["dual_lr"] is None  # l0core's controller default
+    assert reg.gate_init == "auto" and reg.dual_lr is None  # l0core's controller default
     assert TrainSpec().gate_lr == 0.1  # the measured recipe (docs/benchmarks.md)
     scratch = build_method(_model(), reg, 1000)
     tuned = build_method(_model(), reg, 1000, pretrained=True)
-    explicit = build_method(_model(), {**reg, "gate_init": "magnitude"}, 1000)
+    explicit = build_method(_model(), reg.model_copy(update={"gate_init": "magnitude"}), 1000)
     assert isinstance(tuned, L0Regularizer)
     assert torch.equal(tuned.weight_log_alpha, explicit.weight_log_alpha)
     assert scratch.weight_log_alpha.std() < 0.02  # the authors' N(logit, 0.01)
@@ -54,5 +56,5 @@ def test_dual_lr_reaches_the_controller_or_follows_the_start():
     assert build_method(_model(), reg, 1000).controller.dual_lr == default  # from scratch
     finetuned = build_method(_model(), reg, 1000, pretrained=True)
     assert finetuned.controller.dual_lr == FINETUNE_DUAL_LR != default
-    tuned = build_method(_model(), {**reg, "dual_lr": 0.25}, 1000, pretrained=True)
+    tuned = build_method(_model(), reg.model_copy(update={"dual_lr": 0.25}), 1000, pretrained=True)
     assert tuned.controller.dual_lr == 0.25 and tuned.controller.target == 0.9

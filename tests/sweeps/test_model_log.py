@@ -61,7 +61,7 @@ def test_structured_trial_model_round_trips_through_a_real_mlflow_server(server,
     import onnxruntime as ort
 
     onnx_path = c.download_artifacts(run_id, tracking.ONNX_ARTIFACT, str(tmp_path))
-    x = timing_inputs(cfg)
+    x = timing_inputs(cfg.dataset)
     got = ort.InferenceSession(onnx_path).run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, result.shrunk(x).detach().numpy(), atol=1e-4)
 
@@ -105,5 +105,5 @@ def test_unstructured_trial_is_logged_as_dense_tensors_and_an_onnx_failure_is_a_
     onnx_files = {f.path for f in tracking.client(server).list_artifacts(run_id, "onnx")}
     assert tracking.ONNX_ARTIFACT not in onnx_files
     loaded = mlflow.pytorch.load_model(tags[Tag.MODEL_URI])  # the model is still logged
-    x = timing_inputs(cfg)
+    x = timing_inputs(cfg.dataset)
     torch.testing.assert_close(loaded(x), result.pruned(x), atol=1e-5, rtol=1e-4)
