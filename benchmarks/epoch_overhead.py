@@ -33,7 +33,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sweeps.space import concrete_config
 from sweeps.spec import SweepSpec, TrialConfig
 from sweeps.training import build_model, seed_everything, train
 
@@ -54,7 +53,7 @@ def _config(kind: str, epochs: int, limit: int, width: float) -> dict:
             "train": {"epochs": epochs, "batch_size": 128, "lr": 1e-3},
         }
     ).model_dump(mode="json")
-    return concrete_config(
+    return TrialConfig.of(
         {**{k: spec[k] for k in ("model", "dataset", "regularizer", "train")}, "seed": 0}
     )
 

@@ -22,8 +22,7 @@ import ray
 import torch
 
 from sweeps.driver import run_sweep
-from sweeps.space import concrete_config
-from sweeps.spec import SweepSpec
+from sweeps.spec import SweepSpec, TrialConfig
 from sweeps.training import train
 
 
@@ -42,13 +41,14 @@ def _spec(trials: int, parallel: int, epochs: int, limit: int) -> SweepSpec:
 
 
 def _configs(spec: SweepSpec) -> list[dict]:
-    """The trials the sweep runs, for the plain loop."""
-    return [concrete_config(trial) for trial in spec.expansion().trials]
+    """The trials the sweep runs, for the plain loop (as dicts: the pool's processes validate
+    them, since a validated config holds classes made at run time, which do not pickle)."""
+    return spec.expansion().trials
 
 
 def _plain(cfg: dict) -> float:
     torch.set_num_threads(1)
-    return train(cfg).metrics["val_accuracy"]
+    return train(TrialConfig.of(cfg)).metrics["val_accuracy"]
 
 
 def main() -> None:

@@ -115,7 +115,7 @@ def expected_count(
 ) -> Tensor:
     """``sum_g P(z_g != 0) * group_sizes[g]`` (all ones if ``None``): the expected L0 norm."""
     if log_alpha.numel() < _FEW:  # native autograd: cheaper than a Python Function when small
-        p = torch.sigmoid(log_alpha - hc.l0_shift)
+        p = prob_nonzero(log_alpha, hc)
         return p.sum() if group_sizes is None else torch.dot(p, group_sizes)
     return _ExpectedCount.apply(log_alpha, hc.l0_shift, group_sizes)
 

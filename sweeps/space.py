@@ -16,11 +16,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator, SearchAlgorithm, Searcher
 
 from .domains import _domain_tag, _is_domain
-from .spec import SweepSpec, TrialConfig
+from .spec import SweepSpec
 
 __all__ = [
     "TRIAL_SECTIONS",
-    "concrete_config",
     "param_space",
     "scheduler",
     "search_algorithm",
@@ -69,11 +68,6 @@ def trial_config(config: dict[str, Any]) -> dict[str, Any]:
     """A trial's own config (sections, ``seed``, and ``name`` when the expansion named it) out of
     the config Tune gives the trial."""
     return config.get("trial", config)
-
-
-def concrete_config(config: dict[str, Any]) -> TrialConfig:
-    """A trial's own config (:func:`trial_config`), validated and typed (`TrialConfig.of`)."""
-    return TrialConfig.of(config)
 
 
 def search_algorithm(spec: SweepSpec) -> Searcher | SearchAlgorithm:

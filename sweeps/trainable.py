@@ -28,7 +28,7 @@ from l0core import SummaryRow
 from . import tracking
 from .config import SweepSettings, get_settings, use_settings
 from .model_log import record_exported_model
-from .space import concrete_config, trial_config
+from .space import trial_config
 from .spec import TrialConfig
 from .training import TrainResult, TrialDiverged, train
 from .variants import run_name
@@ -112,7 +112,7 @@ def _train_trial(config: dict[str, Any], context: SweepContext) -> None:
     threads = max(1, math.floor(context.cpus_per_trial))
     torch.set_num_threads(threads)
     own = trial_config(config)
-    cfg = concrete_config(own)
+    cfg = TrialConfig.of(own)
     trial_id = tune.get_context().get_trial_id()
     state = _load_checkpoint()
     c = tracking.client(context.tracking_uri)

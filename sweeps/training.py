@@ -198,8 +198,7 @@ def train(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if data_fits_on_device(x_train.nbytes + y_train.nbytes, device, _free_bytes(device)):
         x_train, y_train = x_train.to(device), y_train.to(device)
-    # training batches only
-    augment = augmenter(cfg.dataset.augment, data.input_shape, cfg.dataset.name)
+    augment = augmenter(cfg.dataset.augment, data.input_shape, cfg.dataset.name)  # train batches
     batch, epochs = cfg.train.batch_size, cfg.train.epochs
     sparse_epochs = epochs - cfg.train.finetune_epochs  # then the fine-tuning phase
     steps = math.ceil(len(x_train) / batch) * sparse_epochs

@@ -13,8 +13,7 @@ from pydantic import ValidationError
 import sweeps.training as training
 from sweeps.augment import AugmentSpec, augmenter, random_crop, random_flip
 from sweeps.preflight import preflight
-from sweeps.space import concrete_config
-from sweeps.spec import SweepSpec
+from sweeps.spec import SweepSpec, TrialConfig
 from tests.sweeps.conftest import tiny_spec
 from tests.sweeps.images_on_disk import write_class_folder
 
@@ -78,7 +77,7 @@ def test_augmenting_data_that_are_not_images_is_refused_before_any_trial(tmp_pat
 
 def _cfg(**overrides):
     d = SweepSpec.model_validate(tiny_spec(**overrides)).model_dump(mode="json")
-    return concrete_config(
+    return TrialConfig.of(
         {**{k: d[k] for k in ("model", "dataset", "regularizer", "train")}, "seed": 0}
     )
 

@@ -5,8 +5,7 @@ import torch
 from sweeps.config import DataPathError, resolve_data_path
 from sweeps.data import load_dataset
 from sweeps.registry import MODELS, UnknownNameError, list_datasets, list_models
-from sweeps.space import concrete_config
-from sweeps.spec import SweepSpec
+from sweeps.spec import SweepSpec, TrialConfig
 from sweeps.training import TrialDiverged, architecture, train
 from tests.sweeps.conftest import tiny_spec
 
@@ -60,7 +59,7 @@ def test_npz_paths_stay_inside_the_data_dir(tmp_path, monkeypatch):
 
 def _cfg(**overrides):
     d = SweepSpec.model_validate(tiny_spec(**overrides)).model_dump(mode="json")
-    return concrete_config(
+    return TrialConfig.of(
         {**{k: d[k] for k in ("model", "dataset", "regularizer", "train")}, "seed": 0}
     )
 

@@ -13,7 +13,7 @@ import torch
 from service.stack import free_port, start_mlflow
 from sweeps import tracking
 from sweeps.model_log import record_exported_model, timing_inputs
-from sweeps.space import concrete_config
+from sweeps.spec import TrialConfig
 from sweeps.training import train
 from sweeps.vocabulary import ExportFormat, Tag
 from tests.sweeps.conftest import tiny_spec
@@ -30,7 +30,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def _trained(**regularizer) -> tuple[dict, object]:
     spec = tiny_spec(regularizer=regularizer)
-    cfg = concrete_config({**spec, "seed": 0})
+    cfg = TrialConfig.of({**spec, "seed": 0})
     return cfg, train(cfg, "cpu")
 
 

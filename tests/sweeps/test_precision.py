@@ -6,15 +6,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from sweeps.space import concrete_config
-from sweeps.spec import SweepSpec
+from sweeps.spec import SweepSpec, TrialConfig
 from sweeps.training import data_fits_on_device, train
 from tests.sweeps.conftest import tiny_spec
 
 
 def _cfg(**overrides):
     d = SweepSpec.model_validate(tiny_spec(**overrides)).model_dump(mode="json")
-    return concrete_config(
+    return TrialConfig.of(
         {**{k: d[k] for k in ("model", "dataset", "regularizer", "train")}, "seed": 0}
     )
 

@@ -3,15 +3,14 @@ zeros, and resuming from a checkpoint in either phase (real training on digits).
 
 import pytest
 
-from sweeps.space import concrete_config
-from sweeps.spec import SweepSpec
+from sweeps.spec import SweepSpec, TrialConfig
 from sweeps.training import train
 from tests.sweeps.conftest import tiny_spec
 
 
 def _cfg(**overrides):
     d = SweepSpec.model_validate(tiny_spec(**overrides)).model_dump(mode="json")
-    return concrete_config(
+    return TrialConfig.of(
         {**{k: d[k] for k in ("model", "dataset", "regularizer", "train")}, "seed": 0}
     )
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sweeps.space import concrete_config, param_space
-from sweeps.spec import SweepSpec
+from sweeps.space import param_space
+from sweeps.spec import SweepSpec, TrialConfig
 from sweeps.training import train
 from sweeps.variants import ignored_fields
 from tests.sweeps.conftest import tiny_spec
@@ -101,7 +101,7 @@ def _trained(regularizer: dict, train_section: dict | None = None) -> dict[str, 
     dumped = SweepSpec.model_validate(
         tiny_spec(regularizer=regularizer, train={"epochs": 1, **(train_section or {})})
     ).model_dump(mode="json")
-    cfg = concrete_config({**{k: dumped[k] for k in ("model", "dataset", "regularizer", "train")},
+    cfg = TrialConfig.of({**{k: dumped[k] for k in ("model", "dataset", "regularizer", "train")},
                            "seed": 0})  # fmt: skip
     return train(cfg).metrics
 

@@ -9,8 +9,7 @@ import pytest
 
 from sweeps import tracking
 from sweeps.driver import run_sweep
-from sweeps.space import concrete_config
-from sweeps.spec import EPOCH_METRICS, FINAL_METRICS, SweepSpec
+from sweeps.spec import EPOCH_METRICS, FINAL_METRICS, SweepSpec, TrialConfig
 from sweeps.training import train
 from tests.sweeps.conftest import tiny_spec
 
@@ -29,7 +28,7 @@ def _cfg(model: str, regularizer: dict, epochs: int = 1) -> dict:
     spec = tiny_spec(model={"name": model, "params": TINY[model]}, regularizer=regularizer,
                      train={"epochs": epochs, "lr": 3e-3, "gate_lr": 0.3})  # fmt: skip
     d = SweepSpec.model_validate(spec).model_dump(mode="json")
-    return concrete_config({**{k: d[k] for k in ("model", "dataset", "regularizer", "train")},
+    return TrialConfig.of({**{k: d[k] for k in ("model", "dataset", "regularizer", "train")},
                             "seed": 0})  # fmt: skip
 
 
