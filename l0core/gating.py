@@ -16,8 +16,8 @@ indexes examples, and reused by every call of the layer in that forward.
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +29,11 @@ from .gates import GateSite, Masked
 
 if TYPE_CHECKING:
     from .regularizer import L0Regularizer
+
+# Keys of the hooks put straight into a module's hook dicts for one forward (what
+# ``register_forward_hook`` and its handle would do, for a few microseconds less per layer and
+# step): negative, so never the id of a ``RemovableHandle`` (those count up from 0).
+_HOOK_IDS = itertools.count(-1, -1)
 
 __all__ = [
     "ForwardGating",
@@ -100,7 +105,7 @@ class ForwardGating:
     """
 
     __slots__ = (
-        "_handles", "_undo", "hooked", "per_sample", "reg", "replay_values", "swaps",
+        "_hooks", "_undo", "hooked", "per_sample", "reg", "replay_values", "swaps",
         "unit_gates", "values",
     )  # fmt: skip
 
@@ -118,9 +123,10 @@ class ForwardGating:
         self.per_sample: dict[int, Tensor] = {}
         self.replay_values = replay_values or {}
         self._undo: list[tuple[nn.Module, str, Any]] = []
-        self._handles: list[Any] = []
+        self._hooks: list[tuple[dict, int]] = []
 
     def __enter__(self) -> ForwardGating:
+        key = None
         try:
             for m, t in self.swaps:
                 for mod, attr in ((m.module, m.attr), *m.aliases):
@@ -129,22 +135,24 @@ class ForwardGating:
             for i, (site, z) in enumerate(zip(self.reg._asites, self.unit_gates, strict=True)):
                 if not self.hooked[i]:
                     continue
-                hook = _UnitGate(self, i, site, z)
-                if site.granularity == "output":
-                    self._handles.append(site.hook_module.register_forward_hook(hook))
-                else:
-                    self._handles.append(site.hook_module.register_forward_pre_hook(hook))
+                module = site.hook_module
+                hooks = module._forward_hooks if site.granularity == "output" else (
+                    module._forward_pre_hooks
+                )  # fmt: skip
+                key = key if key is not None else next(_HOOK_IDS)
+                hooks[key] = _UnitGate(self, i, site, z)
+                self._hooks.append((hooks, key))
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
+        for hooks, key in self._hooks:
+            hooks.pop(key, None)
         for mod, attr, p in reversed(self._undo):
             mod._parameters[attr] = p
-        self._handles, self._undo = [], []
+        self._hooks, self._undo = [], []
 
 
 class Running:
@@ -239,7 +247,7 @@ class _Armed:
             self.entered.__exit__(None, None, None)
         self.entered, self.node = None, None
 
-    def __call__(self, grad: Tensor) -> None:  # a hook on an output: backward has reached it
+    def __call__(self, grads: Any) -> None:  # a pre-hook on an output's node: backward reached it
         _REPLAYS.arm(self)
 
 
@@ -249,7 +257,7 @@ class _Replays:
 
     def __init__(self) -> None:
         self.armed: list[_Armed] = []
-        self.handle: Any = None
+        self.watching = False  # the pre-hook is in place
         self.lock = threading.Lock()
 
     def arm(self, armed: _Armed) -> None:
@@ -258,8 +266,9 @@ class _Replays:
                 return
             first = not self.armed
             self.armed.append(armed)
-            if self.handle is None:
-                self.handle = nn.modules.module.register_module_forward_pre_hook(self._pre_hook)
+            if not self.watching:
+                _GLOBAL_PRE_HOOKS[_REPLAY_HOOK] = self._pre_hook
+                self.watching = True
         if first:
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
 
@@ -288,13 +297,13 @@ class _Replays:
         """End of the backward: undo the replayed gatings and stop watching module calls."""
         with self.lock:
             armed, self.armed = self.armed, []
-            handle, self.handle = self.handle, None
+            watching, self.watching = self.watching, False
         for a in reversed(armed):
             a.exit()
             a.gating.values = None  # the gate values may be large: free them with the backward
             a.gating.per_sample = {}
-        if handle is not None:
-            handle.remove()
+        if watching:
+            _GLOBAL_PRE_HOOKS.pop(_REPLAY_HOOK, None)
 
     def release(self, reg: L0Regularizer) -> None:
         """Undo what a backward that failed before its end left in place for ``reg``."""
@@ -302,6 +311,8 @@ class _Replays:
             self.finish()
 
 
+_GLOBAL_PRE_HOOKS = nn.modules.module._global_forward_pre_hooks
+_REPLAY_HOOK = next(_HOOK_IDS)
 _REPLAYS = _Replays()
 
 
@@ -312,15 +323,15 @@ def _same(t: Tensor) -> Tensor:
 def arm_replay(reg: L0Regularizer, gating: ForwardGating, output: Any) -> None:
     """Arm the outputs of a forward that recorded a graph (see the module docstring)."""
     gating.swaps, gating.unit_gates = [], []  # the graph keeps what it needs
-    if isinstance(output, Tensor):
+    if isinstance(output, Tensor):  # a pre-hook on the node: cheaper than a tensor hook
         if output.grad_fn is not None:
-            output.register_hook(_Armed(reg, gating))
+            output.grad_fn.register_prehook(_Armed(reg, gating))
         return
-    hook: Callable[[Tensor], None] | None = None
+    hook: _Armed | None = None
     for t in pytree.tree_leaves(output):
         if isinstance(t, Tensor) and t.grad_fn is not None:
             hook = hook or _Armed(reg, gating)
-            t.register_hook(hook)
+            t.grad_fn.register_prehook(hook)
 
 
 def release_replays(reg: L0Regularizer) -> None:

@@ -200,7 +200,10 @@ class L0Regularizer(MethodBase):
         else:
             gating = self._eval_gating()
         if self._hooked is None:
-            out = self._probe_forward(gating, args, kwargs)
+            probe = self._probe_forward
+            if torch.compiler.is_compiling():  # runs eagerly (torch._dynamo is loaded by then;
+                probe = torch.compiler.disable(probe)  # importing it costs seconds at start-up)
+            out = probe(gating, args, kwargs)
         else:
             with self._running(), gating, self._shape_recorder():
                 out = self.module(*args, **kwargs)
@@ -212,7 +215,6 @@ class L0Regularizer(MethodBase):
         """Marks the module calls of this wrapper's own forward (not recomputations)."""
         return Running(self.__dict__)
 
-    @torch.compiler.disable
     def _probe_forward(self, gating: ForwardGating, args: tuple, kwargs: dict) -> Any:
         """The first forward, with every gate on the weights (exact wherever they are read;
         per-sample gates excepted), finding the layers whose hooks would not see every use of

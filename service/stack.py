@@ -199,19 +199,46 @@ def start_ray_head(
         ensure_ray_token()
     process = ManagedProcess("Ray head", argv, log_dir / "ray.log", env).start()
     url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + timeout_s
     try:
         wait_for_http(f"{url}/api/version", process, timeout_s, accept=frozenset({200, 401}))
         raycompat.enable_token_auth()
-        headers = raycompat.auth_headers()
         # The port was free when chosen; make sure the dashboard answering is this head's.
-        version = httpx.get(f"{url}/api/version", headers=headers, timeout=5).json()
-        session = version.get("session_name", "")
-        if not session or not (Path(temp_dir) / session).is_dir():
+        session = _dashboard_session(url, process, deadline)
+        if not (Path(temp_dir) / session).is_dir():
             raise RuntimeError(f"another Ray cluster answers at {url}; see {process.log_path}")
-    except (RuntimeError, httpx.HTTPError, ValueError):
+    except (RuntimeError, httpx.HTTPError):
         process.stop()
         raise
     return process, url
+
+
+def _dashboard_session(url: str, process: ManagedProcess, deadline: float) -> str:
+    """The session name the dashboard at ``url`` reports, asked until it answers with one: a
+    dashboard still starting (on a loaded machine) may answer ``/api/version`` with an empty or
+    non-JSON body first."""
+    answer = ""
+    while True:
+        try:
+            response = httpx.get(f"{url}/api/version", headers=raycompat.auth_headers(), timeout=5)
+        except httpx.HTTPError as exc:
+            answer = f"{type(exc).__name__}: {exc}"
+        else:
+            answer = f"{response.status_code} {response.text[:200]!r}"
+            try:
+                version = response.json() if response.is_success else None
+            except ValueError:
+                version = None
+            if isinstance(version, dict) and version.get("session_name"):
+                return str(version["session_name"])
+        if not process.running:
+            raise RuntimeError(f"{process.name} exited while starting; see {process.log_path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the Ray dashboard at {url} gave no session name (last answer: {answer}); "
+                f"see {process.log_path}"
+            )
+        time.sleep(0.5)
 
 
 def start_mlflow(

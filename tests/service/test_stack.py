@@ -16,7 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.stack import free_port, running_mlflow
+from service.stack import (
+    ManagedProcess,
+    _dashboard_session,
+    free_port,
+    running_mlflow,
+    wait_for_http,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -69,3 +75,42 @@ def test_serve_starts_and_stops_the_whole_stack(tmp_path, stop_signal, exit_code
             serve.kill()
         for new in set(Path(tempfile.gettempdir()).glob("l0sweep-ray-*")) - ray_dirs:
             shutil.rmtree(new, ignore_errors=True)
+
+
+# A dashboard stub: answers /api/version with an empty body, then an HTML page, then (unless told
+# "never") JSON with a session name, for ever.
+_STARTING_DASHBOARD = """
+import http.server, json, sys
+answers = [b"", b"<html>starting</html>"]
+if sys.argv[2] != "never":
+    answers.append(json.dumps({"session_name": "session_1"}).encode())
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = answers.pop(0) if len(answers) > 1 else answers[0]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+@pytest.mark.parametrize("answers", ["starting", "never"])
+def test_a_dashboard_that_answers_before_it_is_ready_is_asked_again(tmp_path, answers) -> None:
+    """A Ray dashboard still starting on a loaded machine answered ``/api/version`` with an empty
+    body, and ``l0sweep serve`` exited with ``error: Expecting value: line 1 column 1``."""
+    port = free_port()
+    argv = [sys.executable, "-c", _STARTING_DASHBOARD, str(port), answers]
+    stub = ManagedProcess("dashboard stub", argv, tmp_path / "stub.log").start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/up", stub, 30, accept=frozenset({200}))  # takes the empty body
+        if answers == "starting":
+            assert _dashboard_session(url, stub, time.monotonic() + 30) == "session_1"
+        else:  # a clear error naming the last answer, at the deadline
+            with pytest.raises(RuntimeError, match=r"gave no session name \(last answer: 200 "):
+                _dashboard_session(url, stub, time.monotonic() + 2)
+    finally:
+        stub.stop()
