@@ -75,10 +75,22 @@ def pytest_configure(config: pytest.Config) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
     config.add_cleanup(restore)
+    if _loadgroup(config) and not _xdist_can_group():
+        raise pytest.UsageError(
+            f"--dist loadgroup: pytest {pytest.__version__} does not let pytest-xdist mark a "
+            "test's group (every test would be its own group: a module's fixtures set up on each "
+            "worker, tests that must not run side by side at once); pyproject.toml pins the "
+            "versions that work"
+        )
 
 
 def _loadgroup(config: pytest.Config) -> bool:
-    return getattr(config.option, "dist", "no") == "loadgroup"
+    """``--dist loadgroup``, in the controller or in a worker: xdist sets a worker's ``dist`` to
+    ``"no"`` and its ``loadgroup`` to ``True``, and the groups must be marked in the workers (they
+    collect, and the controller schedules by the node ids they report, ``...@group``)."""
+    return bool(getattr(config.option, "loadgroup", False)) or (
+        getattr(config.option, "dist", "no") == "loadgroup"
+    )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -94,6 +106,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(group))
     if _loadgroup(config):
         _slow_groups_first(items)
+
+
+def _xdist_can_group() -> bool:
+    """Whether pytest-xdist's way of marking a test's group works: it rewrites ``item._nodeid``
+    (to ``...@group``, all the controller schedules by), which pytest 9.2 no longer reads."""
+    from types import SimpleNamespace
+
+    from _pytest.nodes import Node
+
+    try:
+        return Node.nodeid.fget(SimpleNamespace(_nodeid="t@g")) == "t@g"
+    except AttributeError:
+        return False
 
 
 def _slow_groups_first(items: list[pytest.Item]) -> None:
