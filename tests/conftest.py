@@ -75,6 +75,13 @@ def pytest_configure(config: pytest.Config) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
     config.add_cleanup(restore)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Two workers on two cores: each trains in-process on one intra-op thread (as each trial
+        # does), not two that contend with the other worker's (the CPU time of an in-process
+        # training test drops by a third).
+        import torch
+
+        torch.set_num_threads(1)
     if _loadgroup(config) and not _xdist_can_group():
         raise pytest.UsageError(
             f"--dist loadgroup: pytest {pytest.__version__} does not let pytest-xdist mark a "

@@ -20,10 +20,13 @@ from tests.service.conftest import ApiProcess
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BENCH = Path(__file__).parents[2] / "benchmarks" / "specs" / "digits"
-STAGE_2 = ("l0-weight", "l0-target", "l0-output", "l1", "magnitude")
+# Three of the set's five stage-2 sweeps: structured L0 with a target (the measured-speed rows),
+# and the two unstructured baselines (the "no speedup" rows); the two L0 weight-gate sweeps add
+# nothing the report reads differently, and a third of the test's trials.
+STAGE_2 = ("l0-output", "l1", "magnitude")
 METHODS = {
-    "L0 weight, from dense", "L0 weight + target, from dense", "L0 output + target, from dense",
-    "L1 + threshold, from dense", "magnitude gradual (global), from dense",
+    "L0 output + target, from dense", "L1 + threshold, from dense",
+    "magnitude gradual (global), from dense",
 }  # fmt: skip
 _RUN = re.compile(r"\[([0-9a-f]{32})\]")
 
