@@ -161,8 +161,12 @@ def use_settings(settings: SweepSettings) -> Iterator[SweepSettings]:
 def mlflow_client_env(retry_window_s: float) -> dict[str, str]:
     """MLflow's client settings for a process that retries MLflow requests for ``retry_window_s``.
 
-    l0sweep retries MLflow requests itself, so MLflow's own retries are off: left on, each of our
-    attempts against a stopped server would itself retry for about four minutes. A request in
+    l0sweep retries MLflow requests itself, so MLflow's own retries are down to one, at once
+    (urllib3 waits nothing before its first retry): a keep-alive connection that the server drops
+    as the request goes out (``Connection reset by peer``, on a loaded machine) is asked again on
+    a fresh one instead of counting as an outage, and a stopped server is reported after one more
+    refused connection. Left at MLflow's default, each of our attempts against a stopped server
+    would itself retry for about four minutes. A request in
     flight may take as long as the window, from 10 s up to MLflow's default of 120 s, so a server
     that hangs instead of refusing is given up on in time. The service, which answers 503 at
     once, is a client with a window of 0 (10 s). MLflow's usage telemetry is off unless the user
@@ -171,7 +175,7 @@ def mlflow_client_env(retry_window_s: float) -> dict[str, str]:
     with KeyError '_MLFLOW_TELEMETRY_SESSION_ID'.
     """
     return {
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(min(120, max(10, retry_window_s)))),
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }

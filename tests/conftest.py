@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -139,3 +140,15 @@ def _slow_groups_first(items: list[pytest.Item]) -> None:
 
     slow = {group(item) for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: group(item) not in slow)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_restored() -> Iterator[None]:
+    """MLflow's process-wide tracking URI (``mlflow.set_tracking_uri``, which logging a model or
+    the speed pass call in-process) as it was before each test: a test that reads MLflow's
+    default saw the server of a test that ran before it in the same worker."""
+    from mlflow.tracking._tracking_service import utils
+
+    before = utils._tracking_uri
+    yield
+    utils._tracking_uri = before

@@ -25,6 +25,7 @@ from service.app import create_app
 from service.settings import Settings
 from service.stack import ManagedProcess, free_port, start_mlflow
 from sweeps import retry, tracking
+from sweeps.config import mlflow_client_env
 from sweeps.spec import SweepSpec
 from tests.fakes import FakeClock, RecordingClock
 from tests.service.conftest import TINY_SPEC, wait_for
@@ -284,7 +285,8 @@ def test_retries_stop_at_the_window_and_refusals_are_not_retried(
     backoff 0.5 s, 1 s, then the rest of the window); an answer that refuses the request (no
     such run) is not an outage and is not retried; the service's `retry_window(0)` wins even
     over the end of a run, which otherwise waits until MLflow answers."""
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as in a sweep's job
+    for key, value in mlflow_client_env(2).items():  # as in a sweep's job
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("L0SWEEP_MLFLOW_RETRY_WINDOW_S", "2")
     dead = f"http://127.0.0.1:{free_port()}"
     with retry.use_clock(FakeClock()) as clock, pytest.raises(tracking.MlflowUnavailable) as err:
