@@ -192,6 +192,21 @@ def job_env(retry_window_s: float) -> dict[str, str]:
     }
 
 
+# How often, at most, Tune saves its experiment state (the trials and their latest checkpoints)
+# while a sweep runs. Tune's "auto" saves every 10 s or more, while a trial keeps only its last
+# checkpoints (`CheckpointConfig(num_to_keep=...)` in the driver): a trial with epochs shorter than
+# that rotated away the checkpoint the saved state named, and a driver killed then and resubmitted
+# failed the trial ("Could not recover from checkpoint as it does not exist").
+TUNE_STATE_PERIOD_S = 1.0
+
+
+def configure_tune() -> None:
+    """Set Tune's experiment-state period (:data:`TUNE_STATE_PERIOD_S`) in this process's
+    environment, where Tune reads it when a sweep starts, unless the user set it: with
+    :func:`configure_mlflow_client`, the only writes to the environment, called by the driver."""
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", f"{TUNE_STATE_PERIOD_S:g}")
+
+
 def configure_mlflow_client(retry_window_s: float) -> None:
     """Set MLflow's client settings (:func:`mlflow_client_env`) in this process's environment,
     where MLflow reads them, unless the user set them: the one place that writes the environment,

@@ -32,6 +32,7 @@ from .config import (
     DataDirs,
     SweepSettings,
     configure_mlflow_client,
+    configure_tune,
     get_settings,
     job_env,
     use_settings,
@@ -87,7 +88,7 @@ def _tuner(
         name=sweep_id,
         storage_path=str(storage),
         callbacks=[callback],
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=3),  # see config.TUNE_STATE_PERIOD_S
         failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
         verbose=0,
     )
@@ -210,6 +211,7 @@ def _run(
     # (A driver that runs as a Ray job joined its cluster in `main`: the job's runtime
     # environment, `service.jobs`, carries the same to its trials, and Ray refuses a second.)
     callback = SweepCallback(sweep_id, tracking_uri, spec, progress)
+    configure_tune()
     tuner, restored = _tuner(spec, sweep_id, tracking_uri, storage, callback)
     message = "restored" if restored else None
     tracking.set_sweep_status(sweep_id, SweepStatus.RUNNING, message, tracking_uri)
