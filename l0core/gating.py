@@ -126,7 +126,6 @@ class ForwardGating:
         self._hooks: list[tuple[dict, int]] = []
 
     def __enter__(self) -> ForwardGating:
-        key = None
         try:
             for m, t in self.swaps:
                 for mod, attr in ((m.module, m.attr), *m.aliases):
@@ -139,7 +138,7 @@ class ForwardGating:
                 hooks = module._forward_hooks if site.granularity == "output" else (
                     module._forward_pre_hooks
                 )  # fmt: skip
-                key = key if key is not None else next(_HOOK_IDS)
+                key = next(_HOOK_IDS)
                 hooks[key] = _UnitGate(self, i, site, z)
                 self._hooks.append((hooks, key))
         except BaseException:
