@@ -209,8 +209,9 @@ def configure_tune() -> None:
 
 def configure_mlflow_client(retry_window_s: float) -> None:
     """Set MLflow's client settings (:func:`mlflow_client_env`) in this process's environment,
-    where MLflow reads them, unless the user set them: the one place that writes the environment,
-    called once at the start-up of a process (the service, the CLI, the driver)."""
+    where MLflow reads them, unless the user set them: with :func:`configure_tune`, the only writes
+    to the environment, called once at the start-up of a process (the service, the CLI, the
+    driver)."""
     for key, value in mlflow_client_env(retry_window_s).items():
         os.environ.setdefault(key, value)
 

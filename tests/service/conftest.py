@@ -25,7 +25,6 @@ from service.app import create_app
 from service.settings import Settings
 from service.stack import free_port, start_mlflow, start_ray_head
 from sweeps import raycompat
-from sweeps.retry import retry_window, with_retries
 
 TINY_SPEC = {
     "name": "tiny-digits",
@@ -120,13 +119,10 @@ def mlflow_client(mlflow_uri: str) -> MlflowClient:
 
 def wait_for(poll, until, timeout_s: float = 240, every_s: float = 1.0, what: str = ""):
     """``poll()`` every ``every_s`` until ``until(value)``; returns that value, or fails the test
-    after ``timeout_s`` showing the last value. A poll that MLflow could not serve (a dropped
-    keep-alive connection on a loaded machine: the test's client has MLflow's retries off) is
-    asked again, as l0sweep's own clients do, for up to 30 s."""
+    after ``timeout_s`` showing the last value."""
     deadline = time.monotonic() + timeout_s
     while True:
-        with retry_window(30):
-            value = with_retries(poll, f"poll{' ' + what if what else ''}", "the test's MLflow")
+        value = poll()
         if until(value):
             return value
         waiting = f" waiting {what}" if what else ""
