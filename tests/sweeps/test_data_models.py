@@ -1,3 +1,8 @@
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -41,6 +46,28 @@ def test_splits_are_seeded_and_disjoint():
     assert torch.equal(a.val[0], b.val[0])
     assert len(a.train[0]) + len(a.val[0]) + len(a.test[0]) == 500
     assert 0.0 < a.info["teacher_density"] < 0.2
+
+
+def test_digits_are_scikit_learns_read_without_importing_it():
+    """The digits loader reads the file scikit-learn ships: the same images and labels as
+    ``load_digits``, and the process that loads them does not import scikit-learn (a second of
+    CPU in every trial and driver)."""
+    code = (
+        "import sys, numpy as np; from sweeps.registry import DATASETS; import sweeps.data; "
+        "raw = DATASETS.get('digits').factory(None); "
+        "assert not any(m == 'sklearn' or m.startswith('sklearn.') for m in sys.modules), "
+        "sorted(m for m in sys.modules if m.startswith('sklearn')); "
+        "np.save(sys.argv[1], raw.x); np.save(sys.argv[2], raw.y)"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        x_path, y_path = Path(tmp) / "x.npy", Path(tmp) / "y.npy"
+        subprocess.run([sys.executable, "-c", code, str(x_path), str(y_path)], check=True)
+        x, y = np.load(x_path), np.load(y_path)
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    assert x.shape == (1797, 1, 8, 8) and np.array_equal(x, bunch.images[:, None] / 16.0)
+    assert np.array_equal(y, bunch.target) and y.dtype == np.int64
 
 
 def test_npz_paths_stay_inside_the_data_dir(tmp_path, monkeypatch):
