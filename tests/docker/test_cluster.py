@@ -234,6 +234,7 @@ def test_sweep_over_rest_runs_on_both_workers_and_lands_in_mlflow(lab: Lab) -> N
 
     assert httpx.get(f"{lab.api_url}/sweeps", timeout=10).status_code == 401
     spec = copy.deepcopy(TINY_SPEC) | {"name": "lab-smoke", "experiment": "l0sweep-lab-smoke"}
+    spec["resources"] = {"cpus_per_trial": 1}  # both trials at once, one on each worker
     with lab.api() as api:
         health = api.get("/healthz").json()
         assert health["status"] == "ok", health

@@ -107,6 +107,7 @@ _wait = functools.partial(wait_for, every_s=0.5)
 def _spec(name: str, epochs: int) -> dict:
     spec = copy.deepcopy(TINY_SPEC) | {"name": name, "experiment": EXPERIMENT}
     spec["train"] = {"epochs": epochs, "batch_size": 16}
+    spec["resources"] = {"cpus_per_trial": 1}  # both trials running when MLflow stops
     return spec
 
 
