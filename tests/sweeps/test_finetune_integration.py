@@ -16,11 +16,6 @@ from tests.sweeps.conftest import tiny_spec
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-# One trial at a time: a sweep's second trial reuses the first one's warm Ray worker (about 5 s
-# of CPU of start-up saved a trial).
-ONE_AT_A_TIME = {"max_concurrent_trials": 1}
-
-
 def _by_seed(trials: list[TrialRecord]) -> dict[int, TrialRecord]:
     return {int(t.config["seed"]): t for t in trials}
 
@@ -29,12 +24,7 @@ def test_sparse_sweeps_start_from_the_dense_trial_with_their_seed(
     ray_local, tracking_uri, storage_path
 ):
     dense = SweepSpec.model_validate(
-        tiny_spec(
-            name="dense-source",
-            regularizer={"kind": "none"},
-            search={"seeds": [0, 1]},
-            resources=ONE_AT_A_TIME,
-        )
+        tiny_spec(name="dense-source", regularizer={"kind": "none"}, search={"seeds": [0, 1]})
     )
     first = run_sweep(dense, tracking_uri, storage_path)
     assert first.status == "FINISHED"
@@ -50,7 +40,6 @@ def test_sparse_sweeps_start_from_the_dense_trial_with_their_seed(
             train={"epochs": 1, "lr": 1e-12, "gate_lr": 1e-12,
                    "init_from": {"sweep": "dense-source"}},
             search={"seeds": [0, 1]},
-            resources=ONE_AT_A_TIME,
         )
     )  # fmt: skip
     second = run_sweep(frozen, tracking_uri, storage_path)
@@ -71,7 +60,6 @@ def test_sparse_sweeps_start_from_the_dense_trial_with_their_seed(
             regularizer={"kind": "magnitude", "target_sparsity": {"grid": [0.5, 0.8]},
                          "prune_end": 0.0},
             train={"epochs": 2, "finetune_epochs": 1, "init_from": {"sweep": first.sweep_id}},
-            resources=ONE_AT_A_TIME,
         )
     )  # fmt: skip
     third = run_sweep(magnitude, tracking_uri, storage_path)
