@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,12 +143,8 @@ def ensure_ray_token() -> None:
     """Create Ray's auth token (``ray get-auth-token --generate``) unless one is already there.
 
     Ray reads ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; the CLI
-    generates the last only when none of them holds a token, so an existing token is kept. A
-    token found in one of them here skips the CLI (a Python process importing Ray: a second of
-    CPU at every head start).
+    generates the last only when none of them holds a token, so an existing token is kept.
     """
-    if _has_ray_token(os.environ):
-        return
     done = subprocess.run(
         [_tool("ray"), "get-auth-token", "--generate"],
         capture_output=True,
@@ -158,17 +154,6 @@ def ensure_ray_token() -> None:
     )
     if done.returncode != 0:
         raise RuntimeError(f"could not create a Ray auth token: {done.stderr.strip()[-500:]}")
-
-
-def _has_ray_token(environ: Mapping[str, str]) -> bool:
-    """Whether one of the places Ray reads its token from holds one (see ``ensure_ray_token``)."""
-    if environ.get("RAY_AUTH_TOKEN", "").strip():
-        return True
-    path = environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    try:
-        return bool(Path(path).read_text().strip())
-    except OSError:
-        return False
 
 
 def start_ray_head(

@@ -19,7 +19,6 @@ import pytest
 from service.stack import (
     ManagedProcess,
     _dashboard_session,
-    ensure_ray_token,
     free_port,
     running_mlflow,
     wait_for_http,
@@ -115,30 +114,3 @@ def test_a_dashboard_that_answers_before_it_is_ready_is_asked_again(tmp_path, an
                 _dashboard_session(url, stub, time.monotonic() + 2)
     finally:
         stub.stop()
-
-
-def test_ray_token_is_created_once_and_an_existing_one_is_kept(tmp_path, monkeypatch) -> None:
-    """A fresh home gets a token from Ray's CLI; a token already in one of the places Ray reads
-    (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) is kept, without
-    starting the CLI (a process importing Ray at every head start)."""
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    ensure_ray_token()
-    token = (tmp_path / ".ray" / "auth_token").read_text()
-    assert len(token.strip()) >= 32
-
-    monkeypatch.setattr("service.stack._tool", lambda name: str(tmp_path / "no-such-ray"))
-    ensure_ray_token()  # the file's token: the CLI is not run
-    assert (tmp_path / ".ray" / "auth_token").read_text() == token
-
-    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)
-    ensure_ray_token()
-    monkeypatch.delenv("RAY_AUTH_TOKEN")
-    (tmp_path / "token").write_text("u" * 32)
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
-    ensure_ray_token()
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
-    with pytest.raises((RuntimeError, FileNotFoundError)):
-        ensure_ray_token()  # no token anywhere: the CLI is needed (here, a missing one)
