@@ -1,7 +1,5 @@
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +49,7 @@ def test_splits_are_seeded_and_disjoint():
     assert 0.0 < a.info["teacher_density"] < 0.2
 
 
-def test_digits_are_scikit_learns_read_without_importing_it():
+def test_digits_are_scikit_learns_read_without_importing_it(tmp_path):
     """The digits loader reads the file scikit-learn ships: the same images and labels as
     ``load_digits``, and the process that loads them does not import scikit-learn (a second of
     CPU in every trial and driver)."""
@@ -62,10 +60,9 @@ def test_digits_are_scikit_learns_read_without_importing_it():
         "sorted(m for m in sys.modules if m.startswith('sklearn')); "
         "np.save(sys.argv[1], raw.x); np.save(sys.argv[2], raw.y)"
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        x_path, y_path = Path(tmp) / "x.npy", Path(tmp) / "y.npy"
-        subprocess.run([sys.executable, "-c", code, str(x_path), str(y_path)], check=True)
-        x, y = np.load(x_path), np.load(y_path)
+    x_path, y_path = tmp_path / "x.npy", tmp_path / "y.npy"
+    subprocess.run([sys.executable, "-c", code, str(x_path), str(y_path)], check=True)
+    x, y = np.load(x_path), np.load(y_path)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
