@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ __all__ = [
     "EmbeddedStack",
     "ManagedProcess",
     "embedded_mlflow",
+    "ephemeral_port_range",
     "free_port",
     "mlflow_home",
     "running_mlflow",
@@ -99,15 +101,43 @@ def _child_environ(drop: tuple[str, ...] = ()) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "L0SWEEP_TOKEN" and k not in drop}
 
 
+# Ports handed out by free_port(): above Ray's worker ports (10002-19999 by default) and below the
+# range the kernel takes ports from for outgoing connections and bind(0) (see ephemeral_port_range).
+# A port from bind(0) is closed again before the server that gets it binds it, and on a busy
+# machine an outgoing connection of any process can take it in between; a Ray head started with
+# seven such ports then lost one now and then.
+_PORTS_FROM = 20000
+_random = random.SystemRandom()  # not the seeded module RNG: two test workers would pick alike
+
+
 def free_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
-    """``preferred`` if nothing listens on it, else a free port chosen by the OS."""
+    """``preferred`` if nothing listens on it, else a free port that the kernel does not hand out
+    to outgoing connections (a free one chosen by the OS where that range is unknown)."""
     if preferred:
         with socket.socket() as sock:
             if sock.connect_ex((host, preferred)) != 0:
                 return preferred
+    low = ephemeral_port_range()[0]
+    for _ in range(100 if low > _PORTS_FROM + 1000 else 0):
+        port = _random.randrange(_PORTS_FROM, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections and bind(0) (Linux; IANA's elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 49152, 65535
 
 
 def wait_for_http(
@@ -207,10 +237,22 @@ def start_ray_head(
         session = _dashboard_session(url, process, deadline)
         if not (Path(temp_dir) / session).is_dir():
             raise RuntimeError(f"another Ray cluster answers at {url}; see {process.log_path}")
-    except (RuntimeError, httpx.HTTPError):
+    except (RuntimeError, httpx.HTTPError) as err:
         process.stop()
-        raise
+        raise RuntimeError(f"{err}{_dashboard_log_tail(Path(temp_dir))}") from err
     return process, url
+
+
+def _dashboard_log_tail(temp_dir: Path, lines: int = 15) -> str:
+    """The end of the Ray dashboard's own logs of the session under ``temp_dir`` (they say why a
+    dashboard that does not answer stopped, or never bound its port), for a start-up error."""
+    parts = []
+    for log in sorted(temp_dir.glob("session_*/logs/dashboard.*")):
+        if log.suffix in (".log", ".err", ".out") and not log.parent.parent.is_symlink():
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            if tail:
+                parts.append(f"\n--- {log} (end) ---\n" + "\n".join(tail))
+    return "".join(parts)
 
 
 def _dashboard_session(url: str, process: ManagedProcess, deadline: float) -> str:

@@ -206,8 +206,8 @@ def _run(
         tracking.set_sweep_status(sweep_id, "FAILED", problem, tracking_uri)
         write_sweep_note(spec, sweep_id, "FAILED", problem, tracking_uri)
         return SweepResult(sweep_id, "FAILED", str(storage / sweep_id), False)
-    if not ray.is_initialized():  # a local Ray: its workers (the trials) get the sweep's env
-        ray.init(runtime_env={"env_vars": job_env(settings.mlflow_retry_window_s)})
+    if not ray.is_initialized():
+        start_local_ray(settings)
     # (A driver that runs as a Ray job joined its cluster in `main`: the job's runtime
     # environment, `service.jobs`, carries the same to its trials, and Ray refuses a second.)
     callback = SweepCallback(sweep_id, tracking_uri, spec, progress)
@@ -254,6 +254,18 @@ def _run(
     tracking.set_sweep_status(sweep_id, status, message, tracking_uri)
     write_sweep_note(spec, sweep_id, status, message, tracking_uri)
     return SweepResult(sweep_id, status, str(storage / sweep_id), restored, trials, report)
+
+
+def start_local_ray(settings: SweepSettings) -> ray.client_builder.BaseContext:
+    """Start the local Ray of a sweep run outside a cluster (``l0sweep run``): its workers (the
+    trials) get the sweep's environment. No dashboard: nobody looks at it, and it would take
+    port 8265 (or the next free one) while it runs, the port an ``l0sweep serve`` started at
+    the same time wants for its own Ray head, whose dashboard then cannot bind and whose start
+    waits on the local run's dashboard instead."""
+    return ray.init(
+        include_dashboard=False,
+        runtime_env={"env_vars": job_env(settings.mlflow_retry_window_s)},
+    )
 
 
 def _latency_pass(spec: SweepSpec, sweep_id: str, tracking_uri: str, dirs: DataDirs) -> None:

@@ -41,10 +41,10 @@ def test_serve_starts_and_stops_the_whole_stack(tmp_path, stop_signal, exit_code
         serve = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
-        while "Ray dashboard" not in log.read_text():
-            assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
+        # The banner's last address line (an error can name the Ray dashboard too).
+        while not re.search(r"^Ray dashboard\s+\S+$", text := log.read_text(), re.MULTILINE):
+            assert serve.poll() is None and time.monotonic() < deadline, text
             time.sleep(0.5)
-        text = log.read_text()
         api = re.search(r"l0sweep API\s+(\S+)", text).group(1)
         mlflow = re.search(r"MLflow UI\s+(\S+)", text).group(1)
         ray = re.search(r"Ray dashboard\s+(\S+)", text).group(1)
