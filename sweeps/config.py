@@ -87,6 +87,17 @@ class SweepSettings(BaseSettings):
     )
     max_trials: int = Field(default=512, ge=1, description="Most trials one sweep may expand to.")
     max_epochs: int = Field(default=200, ge=1, description="Most epochs one trial may train.")
+    speed_rounds: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description=(
+            "Timing samples per model and batch size when a trial measures the model it exports "
+            "(torch, and its ONNX export under ONNX Runtime); the median is logged, and the "
+            "l0sweep.speed_rounds tag says how many. Each sample lasts about 20 ms: more give "
+            "steadier figures on a busy machine, fewer a cheaper trial."
+        ),
+    )
     heartbeat_interval_s: float = Field(
         default=30.0,
         gt=0,

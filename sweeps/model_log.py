@@ -78,8 +78,10 @@ def record_exported_model(
     device: torch.device,
     threads: int,
     tracking_uri: str | None,
+    rounds: int,
 ) -> dict[str, float]:
     """Measure, export and log the trial's model; returns the metrics logged (speed, size, ONNX).
+    Every speed figure is the median of ``rounds`` timing samples (``SweepSettings.speed_rounds``).
 
     An ONNX export that fails is recorded in a tag and the rest goes on; an MLflow failure
     raises (the trial then fails with it, as for its other artifacts).
@@ -92,7 +94,7 @@ def record_exported_model(
         csr, converted = to_csr(model)
         if converted:
             candidates[ExportFormat.CSR] = csr
-    speeds = compare(candidates, example, device, threads, rounds=5)
+    speeds = compare(candidates, example, device, threads, rounds)
     speed, extra, tags = speeds[kind], {}, {}
     if ExportFormat.CSR in speeds:
         sparse = speeds[ExportFormat.CSR]
@@ -110,12 +112,13 @@ def record_exported_model(
     tags.update({
         Tag.SPEED_DEVICE: speed.device,
         Tag.SPEED_THREADS: str(speed.threads),
+        Tag.SPEED_ROUNDS: str(rounds),
         Tag.EXPORT_FORMAT: kind,
     })  # fmt: skip
     c = tracking.client(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         # ONNX has no sparse Linear: a CSR export goes to ONNX as its dense tensors.
-        onnx = export_onnx(onnx_source, example, Path(tmp) / "model.onnx", threads)
+        onnx = export_onnx(onnx_source, example, Path(tmp) / "model.onnx", threads, rounds=rounds)
         if onnx.path is not None:
             c.log_artifact(run_id, str(onnx.path), str(Path(tracking.ONNX_ARTIFACT).parent))
             metrics.update(onnx.metrics())

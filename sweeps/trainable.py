@@ -140,12 +140,14 @@ def _train_trial(config: dict[str, Any], context: SweepContext) -> None:
     try:
         init = _init_weights(cfg, run_id, context)
         device = _device()
-        result = train(cfg, device, on_epoch, state, init, get_settings().data_dirs())
+        settings = get_settings()
+        result = train(cfg, device, on_epoch, state, init, settings.data_dirs())
         log(result.metrics)
         _log_artifacts(run_id, result, context.tracking_uri)
-        result.metrics.update(
-            record_exported_model(run_id, result, cfg, device, threads, context.tracking_uri)
+        record = record_exported_model(
+            run_id, result, cfg, device, threads, context.tracking_uri, settings.speed_rounds
         )
+        result.metrics.update(record)
     except TrialDiverged as err:
         c.set_tag(run_id, Tag.DIVERGED, TRUE)
         tracking.end_trial_run(run_id, TrialStatus.FAILED, str(err), context.tracking_uri)

@@ -163,6 +163,7 @@ class Tag:
     # --- the measured speed of a trial's exported model (sweeps.model_log) ----------------
     SPEED_DEVICE = "l0sweep.speed_device"  # where latency_ms_b1 / throughput were measured
     SPEED_THREADS = "l0sweep.speed_threads"  # CPU threads used for them
+    SPEED_ROUNDS = "l0sweep.speed_rounds"  # timing samples per figure (their median)
     EXPORT_FORMAT = "l0sweep.export_format"  # an ExportFormat
     SPARSE_EXPORT = "l0sweep.sparse_export"  # the CSR export's measured ratios, which was kept
     ONNX_ERROR = "l0sweep.onnx_error"  # why the model has no ONNX export

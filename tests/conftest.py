@@ -65,15 +65,24 @@ def pytest_configure(config: pytest.Config) -> None:
     from sweeps.config import configure_mlflow_client
 
     configure_mlflow_client(0.0)
-    before = os.environ.get("L0SWEEP_HOME")
     home = tempfile.mkdtemp(prefix="l0t-home-")
-    os.environ["L0SWEEP_HOME"] = home
+    # Every trial the suite runs (a few hundred, inheriting this environment through the Ray
+    # heads and local Rays the tests start) times its exported model from one sample per figure
+    # instead of five: the timing loops are a fixed ~0.5 s a trial, which on the suite's tiny
+    # models is a quarter of a trial. Tests that check the measurement set their own.
+    ours = {
+        "L0SWEEP_HOME": home,
+        "L0SWEEP_SPEED_ROUNDS": os.environ.get("L0SWEEP_SPEED_ROUNDS", "1"),
+    }
+    before = {k: os.environ.get(k) for k in ours}
+    os.environ.update(ours)
 
     def restore() -> None:
-        if before is None:
-            os.environ.pop("L0SWEEP_HOME", None)
-        else:
-            os.environ["L0SWEEP_HOME"] = before
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         shutil.rmtree(home, ignore_errors=True)
 
     config.add_cleanup(restore)

@@ -45,7 +45,7 @@ def _new_run(uri: str, name: str) -> str:
 def test_structured_trial_model_round_trips_through_a_real_mlflow_server(server, tmp_path):
     cfg, result = _trained(kind="l0", lam=0.1, granularity="output")
     run_id = _new_run(server, "structured")
-    metrics = record_exported_model(run_id, result, cfg, torch.device("cpu"), 1, server)
+    metrics = record_exported_model(run_id, result, cfg, torch.device("cpu"), 1, server, 3)
 
     c = tracking.client(server)
     run = c.get_run(run_id)
@@ -53,6 +53,7 @@ def test_structured_trial_model_round_trips_through_a_real_mlflow_server(server,
         assert run.data.metrics[name] == pytest.approx(metrics[name]) and metrics[name] > 0
     tags = run.data.tags
     assert tags[Tag.SPEED_DEVICE] == "cpu" and tags[Tag.SPEED_THREADS] == "1"
+    assert tags[Tag.SPEED_ROUNDS] == "3"  # the medians of three samples each
     assert tags[Tag.EXPORT_FORMAT] == ExportFormat.SHRUNK
     assert Tag.ONNX_ERROR not in tags
     assert metrics["model_bytes"] == 4 * sum(p.numel() for p in result.shrunk.parameters())
@@ -92,7 +93,7 @@ def test_unstructured_trial_is_logged_as_dense_tensors_and_an_onnx_failure_is_a_
 
     monkeypatch.setattr(onnx_export, "_export", refuse)
     run_id = _new_run(server, "unstructured")
-    metrics = record_exported_model(run_id, result, cfg, torch.device("cpu"), 1, server)
+    metrics = record_exported_model(run_id, result, cfg, torch.device("cpu"), 1, server, 1)
     tags = tracking.client(server).get_run(run_id).data.tags
     # timed as stored (dense tensors) and with CSR weights, side by side; the faster one kept
     kept = tags[Tag.SPARSE_EXPORT].rsplit("kept ", 1)[1]

@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from sweeps import tracking
+from sweeps.config import SweepSettings
 from sweeps.driver import run_sweep
 from sweeps.spec import SweepSpec
 from sweeps.vocabulary import ExportFormat, Tag
@@ -38,6 +39,8 @@ def test_a_sweep_measures_its_models_and_ranks_accuracy_against_measured_speedup
         assert {"latency_ms_b1", "throughput", "model_bytes"} <= set(t.metrics)
         tags = c.get_run(t.run_id).data.tags
         assert tags[Tag.SPEED_DEVICE] == "cpu" and tags[Tag.SPEED_THREADS] == "1"
+        # the setting as the trial's process read it from the environment it inherited
+        assert tags[Tag.SPEED_ROUNDS] == str(SweepSettings().speed_rounds)
         assert Tag.ONNX_ERROR not in tags, tags.get(Tag.ONNX_ERROR)
         assert tracking.ONNX_ARTIFACT in {f.path for f in c.list_artifacts(t.run_id, "onnx")}
         # both are on the (val_accuracy, speedup_vs_dense) front's candidates: both timed
