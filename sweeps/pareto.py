@@ -170,8 +170,10 @@ def speed_candidates(
     The union of three fronts: the spec's objectives (a ``speedup_vs_dense`` objective, which
     exists only once this comparison has run, stands in as the trial's own measured
     ``throughput``), validation accuracy against sparsity (the report's fronts), and validation
-    accuracy against throughput. At most ``limit`` of them, in that order, so the comparison's
-    time stays bounded however large the sweep.
+    accuracy against throughput. A chosen trial brings the other finished seeds of its
+    configuration (a report row shows a measured speed only when all its seeds have one). At
+    most ``limit`` trials, whole configurations in that order (the first one cut at the limit if
+    it alone exceeds it), so the comparison's time stays bounded however large the sweep.
     """
     trials = list(trials)
     measured, derived = proxy
@@ -181,8 +183,15 @@ def speed_candidates(
         pareto_front(trials, [("val_accuracy", "max"), ("sparsity", "max")]),
         pareto_front(trials, [("val_accuracy", "max"), (measured, "max")]),
     )
-    chosen: dict[str, TrialRecord] = {}
-    for front in fronts:
-        for t in front:
-            chosen.setdefault(t.run_id, t)
-    return list(chosen.values())[:limit]
+    seeds: dict[str, list[TrialRecord]] = {}
+    for t in trials:
+        if t.status == TrialStatus.FINISHED:
+            seeds.setdefault(t.configuration, []).append(t)
+    configurations = dict.fromkeys(t.configuration for front in fronts for t in front)
+    chosen: list[TrialRecord] = []
+    for configuration in configurations:
+        members = seeds[configuration]
+        if chosen and len(chosen) + len(members) > limit:
+            break
+        chosen.extend(members)
+    return chosen[:limit]

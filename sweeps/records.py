@@ -10,6 +10,7 @@ them without torch or MLflow.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -17,7 +18,9 @@ from typing import Any
 
 from .vocabulary import TERMINAL_SWEEP
 
-__all__ = ["SweepRecord", "TrialRecord"]
+__all__ = ["SEED_KEYS", "SweepRecord", "TrialRecord"]
+
+SEED_KEYS = frozenset({"seed"})  # config keys that only tell the seeds of a configuration apart
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,13 @@ class TrialRecord:
     start_time: int | None = None  # MLflow's milliseconds
     end_time: int | None = None
     experiment_id: str = ""
+
+    @property
+    def configuration(self) -> str:
+        """The trial's config without its seed, as a key: the trials that share it are the
+        seeds of one configuration (one row of a report, their metrics averaged)."""
+        config = {k: v for k, v in self.config.items() if k not in SEED_KEYS}
+        return json.dumps(config, sort_keys=True)
 
     @property
     def id(self) -> str:

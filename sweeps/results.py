@@ -40,7 +40,6 @@ __all__ = [
 MEAN_METRICS = ("sparsity", "val_accuracy", "test_accuracy", "nonzero_params", "total_params",
                 "shrunk_params", "shrunk_flops", "expected_flops", "latency_ms_b1", "throughput", "model_bytes",
                 "speedup_vs_dense", "latency_speedup_b1")  # fmt: skip
-_IGNORED = {"seed"}  # config keys that only tell seeds apart
 
 
 @dataclass
@@ -141,8 +140,7 @@ def aggregate(trials: list[TrialRecord]) -> list[Point]:
     for t in trials:
         if t.status != TrialStatus.FINISHED or "test_accuracy" not in t.metrics:
             continue
-        config = {k: v for k, v in t.config.items() if k not in _IGNORED}
-        groups.setdefault(json.dumps(config, sort_keys=True), []).append(t)
+        groups.setdefault(t.configuration, []).append(t)
     points = []
     for key, members in groups.items():
         metrics = {

@@ -96,7 +96,7 @@ def test_digits_benchmark_report_comes_from_mlflow(
     pngs = sorted(p.name for p in out.glob("*.png"))
     # the fronts, one per method, and accuracy against measured speedup
     overview = {"fronts.png", "speed.png", "params.png", "flops.png"}
-    assert len(pngs) == len(overview) + len(METHODS) and overview <= set(pngs)
+    assert len(pngs) == len(overview) + len(METHODS) and overview <= set(pngs), (pngs, text)
     assert "## Measured speed" in text and "unstructured: dense tensors, no speedup" in text
     assert all((out / p).read_bytes().startswith(b"\x89PNG") for p in pngs)
     for png in pngs:

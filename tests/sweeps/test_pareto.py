@@ -68,7 +68,8 @@ def test_best_at_sparsity_chooses_on_validation():
 def test_speed_candidates_unite_the_fronts_a_speed_comparison_needs():
     def trial(run_id, val, sparsity, throughput, status="FINISHED"):
         metrics = {"val_accuracy": val, "sparsity": sparsity, "throughput": throughput}
-        return TrialRecord(run_id, status=status, metrics=metrics)
+        config = {"regularizer.lam": run_id}  # one configuration each
+        return TrialRecord(run_id, status=status, config=config, metrics=metrics)
 
     trials = [
         trial("accurate", 0.95, 0.1, 100.0),
@@ -83,3 +84,29 @@ def test_speed_candidates_unite_the_fronts_a_speed_comparison_needs():
     assert chosen == ["accurate", "fast", "sparse"]
     assert [t.run_id for t in speed_candidates(trials, own, limit=2)] == ["accurate", "fast"]
     assert speed_candidates([], own) == []
+
+
+def test_speed_candidates_take_every_seed_of_a_chosen_configuration():
+    """A report row averages a configuration's seeds and shows ``speedup_vs_dense`` only when
+    every seed was timed: a seed that another seed of its configuration dominates on every
+    front (more accurate and faster: a coin flip between equal dense models) was left out, and
+    the row lost its measured speed (the benchmark report's speed plot then went missing)."""
+
+    def trial(run_id, seed, lam, val, sparsity, throughput, status="FINISHED"):
+        metrics = {"val_accuracy": val, "sparsity": sparsity, "throughput": throughput}
+        config = {"seed": str(seed), "regularizer.lam": lam}
+        return TrialRecord(run_id, status=status, config=config, metrics=metrics)
+
+    trials = [
+        trial("a0", 0, "0.1", 0.95, 0.5, 200.0),
+        trial("a1", 1, "0.1", 0.90, 0.4, 100.0),  # dominated by a0 everywhere
+        trial("b0", 0, "1.0", 0.70, 0.3, 90.0),  # b: dominated everywhere, not chosen
+        trial("b1", 1, "1.0", 0.71, 0.2, 95.0),
+        trial("a2", 2, "0.1", 0.10, 0.1, 1.0, status="FAILED"),  # not a finished seed
+    ]
+    own = [("val_accuracy", "max"), ("sparsity", "max")]
+    assert [t.run_id for t in speed_candidates(trials, own)] == ["a0", "a1"]
+    # The limit keeps whole configurations (a row with half its seeds timed shows no speed)...
+    assert [t.run_id for t in speed_candidates(trials, own, limit=3)] == ["a0", "a1"]
+    # ...except the first, cut at the limit rather than dropped.
+    assert [t.run_id for t in speed_candidates(trials, own, limit=1)] == ["a0"]
