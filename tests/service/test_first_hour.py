@@ -43,6 +43,7 @@ class FreshRun:
     work: Path
     output: str
     store: Path
+    log: str  # what the run wrote to stderr (Ray's and the driver's logs)
 
     def client(self) -> MlflowClient:
         return MlflowClient(f"sqlite:///{self.store / 'mlflow.db'}")
@@ -64,7 +65,16 @@ def fresh_run(tmp_path_factory: pytest.TempPathFactory) -> FreshRun:
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-5000:]
-    return FreshRun(home, work, done.stdout, home / ".l0sweep" / "mlflow")
+    return FreshRun(home, work, done.stdout, home / ".l0sweep" / "mlflow", done.stderr)
+
+
+def test_the_local_ray_of_a_run_starts_no_dashboard(fresh_run) -> None:
+    """A run's local Ray would take port 8265 (or the next free one) for a dashboard nobody
+    looks at: the port an ``l0sweep serve`` started beside it wants for its Ray head, whose
+    start then waited on the run's dashboard and failed once the run ended ("the Ray dashboard
+    at http://127.0.0.1:8265 gave no session name (... Connection refused)")."""
+    (started,) = [line for line in fresh_run.log.splitlines() if "Started a local Ray" in line]
+    assert "dashboard" not in started, started
 
 
 def test_a_fresh_machine_runs_the_quick_example_into_the_embedded_store(fresh_run) -> None:
