@@ -256,13 +256,13 @@ def _run(
     return SweepResult(sweep_id, status, str(storage / sweep_id), restored, trials, report)
 
 
-def start_local_ray(settings: SweepSettings) -> ray.client_builder.BaseContext:
+def start_local_ray(settings: SweepSettings) -> None:
     """Start the local Ray of a sweep run outside a cluster (``l0sweep run``): its workers (the
     trials) get the sweep's environment. No dashboard: nobody looks at it, and it would take
     port 8265 (or the next free one) while it runs, the port an ``l0sweep serve`` started at
     the same time wants for its own Ray head, whose dashboard then cannot bind and whose start
     waits on the local run's dashboard instead."""
-    return ray.init(
+    ray.init(
         include_dashboard=False,
         runtime_env={"env_vars": job_env(settings.mlflow_retry_window_s)},
     )

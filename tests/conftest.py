@@ -68,8 +68,8 @@ def pytest_configure(config: pytest.Config) -> None:
     home = tempfile.mkdtemp(prefix="l0t-home-")
     # Every trial the suite runs (a few hundred, inheriting this environment through the Ray
     # heads and local Rays the tests start) times its exported model from one sample per figure
-    # instead of five: the timing loops are a fixed ~0.5 s a trial, which on the suite's tiny
-    # models is a quarter of a trial. Tests that check the measurement set their own.
+    # instead of five: the timing loops cost a trial about half a second whatever its model,
+    # much of a trial on the suite's tiny models. Tests that check the measurement set their own.
     ours = {
         "L0SWEEP_HOME": home,
         "L0SWEEP_SPEED_ROUNDS": os.environ.get("L0SWEEP_SPEED_ROUNDS", "1"),
