@@ -30,6 +30,7 @@ _FAST_MODULES = frozenset(
         "tests/sweeps/test_spec.py",
         "tests/sweeps/test_variants.py",
         "tests/service/test_ports.py",
+        "tests/service/test_ray_token.py",
         "tests/service/test_summary.py",
     }
 )
