@@ -18,7 +18,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -151,6 +154,50 @@ def _slow_groups_first(items: list[pytest.Item]) -> None:
 
     slow = {group(item) for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: group(item) not in slow)
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """The session's Ray head: its dashboard (the Jobs API the service submits to) and its GCS
+    address (what ``ray.init`` attaches a driver to)."""
+
+    url: str
+    gcs_address: str
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """One real Ray head (``ray start --head``, 2 CPUs) per worker, for the service's tests and
+    the in-process sweeps alike: a second cluster per worker cost about 20 s of CPU (start-up,
+    then its processes polling for the rest of the session) on a machine the suite keeps busy."""
+    from service.stack import free_port, start_ray_head
+
+    # Ray's session files need a short path (Unix sockets); pytest's tmp paths are too long.
+    temp_dir = tempfile.mkdtemp(prefix="l0t-ray-")
+    process, url = start_ray_head(
+        tmp_path_factory.mktemp("ray-logs"),
+        num_cpus=2,
+        dashboard_port=free_port(),
+        temp_dir=temp_dir,
+    )
+    # `ray start` writes the head's GCS address there (what `ray.init(address="auto")` reads),
+    # once the head is up: soon after its dashboard answers.
+    current = Path(temp_dir) / "ray_current_cluster"
+    deadline = time.monotonic() + 120
+    while not (current.exists() and current.read_text().strip()):
+        assert process.running and time.monotonic() < deadline, (
+            f"no {current}; see {process.log_path}"
+        )
+        time.sleep(0.2)
+    yield RayHead(url, current.read_text().strip())
+    process.stop()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_head: RayHead) -> str:
+    """The session's Ray head as the service reaches it (its dashboard URL)."""
+    return ray_head.url
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""Fixtures: a real Ray head and a real MLflow server for the session, apps built on them.
+"""Fixtures: a real MLflow server for the session (beside the session's Ray head, in
+``tests/conftest.py``), apps built on them.
 
 Both are started by the stack module itself (`ray start --head --block`, `mlflow server`), on
 free loopback ports, in temporary directories; no mocks of either.
@@ -7,11 +8,9 @@ free loopback ports, in temporary directories; no mocks of either.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from service.app import create_app
 from service.settings import Settings
-from service.stack import free_port, start_mlflow, start_ray_head
+from service.stack import free_port, start_mlflow
 from sweeps import raycompat
 
 TINY_SPEC = {
@@ -54,21 +53,6 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"), port=free_port())
     yield uri
     process.stop()
-
-
-@pytest.fixture(scope="session")
-def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    # Ray's session files need a short path (Unix sockets); pytest's tmp paths are too long.
-    temp_dir = tempfile.mkdtemp(prefix="l0t-ray-")
-    process, url = start_ray_head(
-        tmp_path_factory.mktemp("ray-logs"),
-        num_cpus=2,
-        dashboard_port=free_port(),
-        temp_dir=temp_dir,
-    )
-    yield url
-    process.stop()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Shared fixtures: a session-scoped local Ray (2 CPUs), a temporary MLflow store, tiny specs."""
+"""Shared fixtures: the session's Ray head as this process's cluster, a temporary MLflow store,
+tiny specs."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray with 2 CPUs, shared by the whole session."""
+def ray_local(ray_head):
+    """This process as a Ray driver on the session's Ray head (2 CPUs, ``tests/conftest.py``):
+    sweeps run in-process on it, as ``l0sweep run`` runs them on a cluster."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address=ray_head.gcs_address, log_to_driver=False)
     yield ray
     ray.shutdown()
 
