@@ -200,6 +200,17 @@ def ray_address(ray_head: RayHead) -> str:
     return ray_head.url
 
 
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real ``mlflow server`` per worker (SQLite store, local artifacts), started when a test
+    first needs it."""
+    from service.stack import free_port, start_mlflow
+
+    process, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"), port=free_port())
+    yield uri
+    process.stop()
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_tracking_uri_restored() -> Iterator[None]:
     """MLflow's process-wide tracking URI (``mlflow.set_tracking_uri``, which logging a model or

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from service.app import create_app
 from service.settings import Settings
-from service.stack import free_port, start_mlflow
+from service.stack import free_port
 from sweeps import raycompat
 
 TINY_SPEC = {
@@ -46,13 +46,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         items.remove(tally)
         same = [i for i, item in enumerate(items) if item.module is tally.module]
         items.insert(same[-1] + 1 if same else len(items), tally)
-
-
-@pytest.fixture(scope="session")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    process, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"), port=free_port())
-    yield uri
-    process.stop()
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,11 @@ checked with ONNX Runtime, and the MLflow logged model registered and loaded bac
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import mlflow
 import numpy as np
 import pytest
 import torch
 
-from service.stack import free_port, start_mlflow
 from sweeps import tracking
 from sweeps.model_log import record_exported_model, timing_inputs
 from sweeps.spec import TrialConfig
@@ -21,11 +18,11 @@ from tests.sweeps.conftest import tiny_spec
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    process, uri = start_mlflow(tmp_path_factory.mktemp("mlflow-server"), port=free_port())
-    yield uri
-    process.stop()
+@pytest.fixture
+def server(mlflow_uri: str) -> str:
+    """The session's ``mlflow server`` (``tests/conftest.py``); the runs go to an experiment of
+    their own."""
+    return mlflow_uri
 
 
 def _trained(**regularizer) -> tuple[dict, object]:
