@@ -180,18 +180,20 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
         dashboard_port=free_port(),
         temp_dir=temp_dir,
     )
-    # `ray start` writes the head's GCS address there (what `ray.init(address="auto")` reads),
-    # once the head is up: soon after its dashboard answers.
-    current = Path(temp_dir) / "ray_current_cluster"
-    deadline = time.monotonic() + 120
-    while not (current.exists() and current.read_text().strip()):
-        assert process.running and time.monotonic() < deadline, (
-            f"no {current}; see {process.log_path}"
-        )
-        time.sleep(0.2)
-    yield RayHead(url, current.read_text().strip())
-    process.stop()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    try:
+        # `ray start` writes the head's GCS address there (what `ray.init(address="auto")`
+        # reads), once the head is up: soon after its dashboard answers.
+        current = Path(temp_dir) / "ray_current_cluster"
+        deadline = time.monotonic() + 120
+        while not (current.exists() and current.read_text().strip()):
+            assert process.running and time.monotonic() < deadline, (
+                f"no {current}; see {process.log_path}"
+            )
+            time.sleep(0.2)
+        yield RayHead(url, current.read_text().strip())
+    finally:
+        process.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
