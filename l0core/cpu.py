@@ -13,11 +13,12 @@ import ctypes
 import ctypes.util
 import logging
 
-__all__ = ["tune_allocator"]
+__all__ = ["allocator", "tune_allocator"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _log = logging.getLogger(__name__)
+_tuned = False  # tune_allocator() applied in this process (mallopt has no getter)
 
 
 def tune_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
@@ -35,4 +36,12 @@ def tune_allocator(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold)) == 1
     ok &= mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)) == 1
+    global _tuned
+    _tuned = _tuned or bool(ok)
     return bool(ok)
+
+
+def allocator() -> str:
+    """``"tuned"`` once :func:`tune_allocator` applied its settings in this process, else
+    ``"default"``: what a speed measured here was measured with."""
+    return "tuned" if _tuned else "default"

@@ -30,6 +30,8 @@ import torch
 from mlflow.entities import Metric, RunTag
 from torch import nn
 
+from l0core.cpu import allocator
+
 from . import tracking
 from .config import DataDirs
 from .latency import compare, model_bytes
@@ -113,6 +115,7 @@ def record_exported_model(
         Tag.SPEED_DEVICE: speed.device,
         Tag.SPEED_THREADS: str(speed.threads),
         Tag.SPEED_ROUNDS: str(rounds),
+        Tag.SPEED_ALLOCATOR: allocator(),
         Tag.EXPORT_FORMAT: kind,
     })  # fmt: skip
     c = tracking.client(tracking_uri)

@@ -24,6 +24,7 @@ import torch
 from ray import tune
 
 from l0core import SummaryRow
+from l0core.cpu import tune_allocator
 
 from . import tracking
 from .config import SweepSettings, get_settings, use_settings
@@ -111,6 +112,9 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
 def _train_trial(config: dict[str, Any], context: SweepContext) -> None:
     threads = max(1, math.floor(context.cpus_per_trial))
     torch.set_num_threads(threads)
+    # Small CPU steps free and allocate the same buffers many times a step: keep them in the
+    # heap (up to 2x faster steps; the speed record tags the allocator it was measured with).
+    tune_allocator()
     own = trial_config(config)
     cfg = TrialConfig.of(own)
     trial_id = tune.get_context().get_trial_id()

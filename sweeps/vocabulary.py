@@ -164,6 +164,7 @@ class Tag:
     SPEED_DEVICE = "l0sweep.speed_device"  # where latency_ms_b1 / throughput were measured
     SPEED_THREADS = "l0sweep.speed_threads"  # CPU threads used for them
     SPEED_ROUNDS = "l0sweep.speed_rounds"  # timing samples per figure (their median)
+    SPEED_ALLOCATOR = "l0sweep.speed_allocator"  # "tuned" | "default": l0core.cpu.allocator()
     EXPORT_FORMAT = "l0sweep.export_format"  # an ExportFormat
     SPARSE_EXPORT = "l0sweep.sparse_export"  # the CSR export's measured ratios, which was kept
     ONNX_ERROR = "l0sweep.onnx_error"  # why the model has no ONNX export

@@ -41,6 +41,8 @@ def test_a_sweep_measures_its_models_and_ranks_accuracy_against_measured_speedup
         assert tags[Tag.SPEED_DEVICE] == "cpu" and tags[Tag.SPEED_THREADS] == "1"
         # the setting as the trial's process read it from the environment it inherited
         assert tags[Tag.SPEED_ROUNDS] == str(SweepSettings().speed_rounds)
+        # trained and timed with the allocator settings of l0core.cpu (glibc, as here)
+        assert tags[Tag.SPEED_ALLOCATOR] == "tuned"
         assert Tag.ONNX_ERROR not in tags, tags.get(Tag.ONNX_ERROR)
         assert tracking.ONNX_ARTIFACT in {f.path for f in c.list_artifacts(t.run_id, "onnx")}
         # both are on the (val_accuracy, speedup_vs_dense) front's candidates: both timed
