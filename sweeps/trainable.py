@@ -113,7 +113,7 @@ def _train_trial(config: dict[str, Any], context: SweepContext) -> None:
     threads = max(1, math.floor(context.cpus_per_trial))
     torch.set_num_threads(threads)
     # Small CPU steps free and allocate the same buffers many times a step: keep them in the
-    # heap (up to 2x faster steps; the speed record tags the allocator it was measured with).
+    # heap (1.3-1.5x faster MLP steps here; the speed record tags the allocator it ran with).
     tune_allocator()
     own = trial_config(config)
     cfg = TrialConfig.of(own)
