@@ -1,5 +1,6 @@
 """A trial's exported model through a real ``mlflow server``: speed metrics, the ONNX artifact
-checked with ONNX Runtime, and the MLflow logged model registered and loaded back."""
+checked with ONNX Runtime, and the MLflow logged model registered and loaded back (the worker's
+session server, ``mlflow_uri`` in ``tests/conftest.py``; the runs go to an experiment of their own)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,6 @@ from tests.sweeps.conftest import tiny_spec
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def server(mlflow_uri: str) -> str:
-    """The session's ``mlflow server`` (``tests/conftest.py``); the runs go to an experiment of
-    their own."""
-    return mlflow_uri
-
-
 def _trained(**regularizer) -> tuple[dict, object]:
     spec = tiny_spec(regularizer=regularizer)
     cfg = TrialConfig.of({**spec, "seed": 0})
@@ -39,12 +33,12 @@ def _new_run(uri: str, name: str) -> str:
     return c.create_run(exp.experiment_id, run_name=name).info.run_id
 
 
-def test_structured_trial_model_round_trips_through_a_real_mlflow_server(server, tmp_path):
+def test_structured_trial_model_round_trips_through_a_real_mlflow_server(mlflow_uri, tmp_path):
     cfg, result = _trained(kind="l0", lam=0.1, granularity="output")
-    run_id = _new_run(server, "structured")
-    metrics = record_exported_model(run_id, result, cfg, torch.device("cpu"), 1, server, 3)
+    run_id = _new_run(mlflow_uri, "structured")
+    metrics = record_exported_model(run_id, result, cfg, torch.device("cpu"), 1, mlflow_uri, 3)
 
-    c = tracking.client(server)
+    c = tracking.client(mlflow_uri)
     run = c.get_run(run_id)
     for name in ("latency_ms_b1", "throughput", "model_bytes", "onnx_latency_ms_b1"):
         assert run.data.metrics[name] == pytest.approx(metrics[name]) and metrics[name] > 0
@@ -68,7 +62,7 @@ def test_structured_trial_model_round_trips_through_a_real_mlflow_server(server,
     model_id = model_uri.removeprefix("models:/")
     logged = c.get_logged_model(model_id)
     assert logged.source_run_id == run_id and logged.name == tracking.LOGGED_MODEL_NAME
-    mlflow.set_tracking_uri(server)
+    mlflow.set_tracking_uri(mlflow_uri)
     outputs = [o.model_id for o in mlflow.get_run(run_id).outputs.model_outputs]
     assert model_id in outputs
     version = mlflow.register_model(model_uri, "l0sweep-model-log-test")
@@ -79,7 +73,7 @@ def test_structured_trial_model_round_trips_through_a_real_mlflow_server(server,
 
 
 def test_unstructured_trial_is_logged_as_dense_tensors_and_an_onnx_failure_is_a_tag(
-    server, monkeypatch
+    mlflow_uri, monkeypatch
 ):
     cfg, result = _trained(kind="l0", lam=0.1, granularity="weight")
     assert result.shrunk is None
@@ -89,9 +83,9 @@ def test_unstructured_trial_is_logged_as_dense_tensors_and_an_onnx_failure_is_a_
         raise RuntimeError("Exporting the operator 'aten::made_up' to ONNX is not supported")
 
     monkeypatch.setattr(onnx_export, "_export", refuse)
-    run_id = _new_run(server, "unstructured")
-    metrics = record_exported_model(run_id, result, cfg, torch.device("cpu"), 1, server, 1)
-    tags = tracking.client(server).get_run(run_id).data.tags
+    run_id = _new_run(mlflow_uri, "unstructured")
+    metrics = record_exported_model(run_id, result, cfg, torch.device("cpu"), 1, mlflow_uri, 1)
+    tags = tracking.client(mlflow_uri).get_run(run_id).data.tags
     # timed as stored (dense tensors) and with CSR weights, side by side; the faster one kept
     kept = tags[Tag.SPARSE_EXPORT].rsplit("kept ", 1)[1]
     assert tags[Tag.EXPORT_FORMAT] == {
@@ -100,7 +94,7 @@ def test_unstructured_trial_is_logged_as_dense_tensors_and_an_onnx_failure_is_a_
     assert metrics["csr_latency_ms_b1"] > 0 and metrics["csr_throughput"] > 0
     assert tags[Tag.ONNX_ERROR].startswith("export failed: RuntimeError: Exporting")
     assert "onnx_latency_ms_b1" not in metrics and metrics["latency_ms_b1"] > 0
-    onnx_files = {f.path for f in tracking.client(server).list_artifacts(run_id, "onnx")}
+    onnx_files = {f.path for f in tracking.client(mlflow_uri).list_artifacts(run_id, "onnx")}
     assert tracking.ONNX_ARTIFACT not in onnx_files
     loaded = mlflow.pytorch.load_model(tags[Tag.MODEL_URI])  # the model is still logged
     x = timing_inputs(cfg.dataset)
