@@ -2,7 +2,8 @@
 
 For MLP 784-300-100 and LeNet-5-Caffe (20-50-800-500) at batch 128, times a full step
 (forward, cross-entropy + penalty, backward, Adam step) of: the plain model; ``L0Regularizer``
-with weight and with output gates; the least an eager implementation of output gates can do
+with weight gates (with its fused CPU gate kernels, ``l0core.native``, and with the eager code
+they replace) and with output gates; the least an eager implementation of output gates can do
 (``MinimalOutputL0``: hooks, sampling and penalty written for the model, nothing else: the floor
 under ``L0 output``); and the copy-delete-replug reference design (re-implemented below: a copied
 module whose parameters move to a dict, one mask logit per element, a Python loop that samples
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l0core import L0Regularizer
+from l0core import L0Regularizer, native
 from sweeps.zoo import ViT, cifar_resnet, resnet
 
 FOREACH = None
@@ -130,6 +131,7 @@ def _configs(model_fn, compile_: bool):
     base = model_fn()
     yield "plain", copy.deepcopy(base), None
     yield "L0 weight", None, L0Regularizer(copy.deepcopy(base), 1e-6)
+    yield "L0 weight, eager kernels", None, L0Regularizer(copy.deepcopy(base), 1e-6)
     yield "L0 output", None, L0Regularizer(copy.deepcopy(base), 1e-6, granularity="output")
     yield "minimal output gates (hand-written)", None, MinimalOutputL0(copy.deepcopy(base))
     yield "reference design", None, ReferenceL0(copy.deepcopy(base))
@@ -151,6 +153,16 @@ def _stepper(model, reg, x, y):
         opt.step()
 
     return step
+
+
+def _eager(step):
+    """``step`` with l0core's eager gate code instead of its fused CPU kernels (l0core.native)."""
+
+    def eager_step() -> None:
+        with native.disabled():
+            step()
+
+    return eager_step
 
 
 def _interleaved_medians(steppers: dict, rounds: int, steps: int, warmup: int) -> dict:
@@ -176,6 +188,7 @@ def measure(rounds: int, steps: int, compile_: bool) -> dict[str, dict[str, floa
                                   ("LeNet-5-Caffe", lenet5, (128, 1, 28, 28))):  # fmt: skip
         x, y = torch.randn(shape), torch.randint(0, 10, (shape[0],))
         steppers = {name: _stepper(m, r, x, y) for name, m, r in _configs(fn, compile_)}
+        steppers["L0 weight, eager kernels"] = _eager(steppers["L0 weight, eager kernels"])
         results[model_name] = _interleaved_medians(steppers, rounds, steps, warmup=5)
     return results
 

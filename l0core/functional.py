@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
+
 __all__ = [
     "HardConcrete",
     "draw_gates",
@@ -206,14 +208,40 @@ def uniform_noise(
     """
     eps = hc.epsilon
     n = math.prod(size)
-    if dtype != torch.float32 or torch.device(device).type != "cpu" or n < _FEW:
+    if not _hashed(n, dtype, device):
         return torch.empty(size, dtype=dtype, device=device).uniform_(eps, 1.0 - eps)
-    key = int(torch.empty((), dtype=torch.int64).random_())  # the default CPU generator
-    k = splitmix64(key, (n + 1) // 2, device).view(torch.int32)[:n]  # two 32-bit halves each
+    k = splitmix64(_noise_key(), (n + 1) // 2, device).view(torch.int32)[:n]  # two halves each
     # 0.5 + k * (1 - 2 eps) / 2**32 for k in [-2**31, 2**31): (eps, 1 - eps), rounded to float32,
     # written over k (elementwise, same bytes): no second buffer
     u = k.view(torch.float32)
-    return torch.add(_scalar(0.5), k, alpha=(1.0 - 2.0 * eps) * 2.0**-32, out=u).view(size)
+    return torch.add(_scalar(0.5), k, alpha=_noise_scale(hc), out=u).view(size)
+
+
+def _hashed(n: int, dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether :func:`uniform_noise` cuts ``n`` values of ``dtype`` from splitmix64."""
+    return dtype == torch.float32 and torch.device(device).type == "cpu" and n >= _FEW
+
+
+def _noise_key() -> int:
+    """One 64-bit draw of the default CPU generator: the key of one draw of hashed noise."""
+    return int(torch.empty((), dtype=torch.int64).random_())
+
+
+def _noise_scale(hc: HardConcrete) -> float:
+    """``(1 - 2 eps) / 2**32``: the step from a 32-bit integer of the hash to the noise."""
+    return (1.0 - 2.0 * hc.epsilon) * 2.0**-32
+
+
+def _fused_draw(log_alpha: Tensor, hc: HardConcrete, rows: int) -> Tensor | None:
+    """``_noise_to_gate_(uniform_noise(...), log_alpha)`` for ``rows`` rows of gates in one
+    fused pass (:mod:`l0core.native`), from the same noise; ``None`` where it does not apply."""
+    n = log_alpha.numel() * rows
+    if not _hashed(n, log_alpha.dtype, log_alpha.device) or not native.usable(log_alpha):
+        return None
+    return native.draw(
+        log_alpha.detach(), rows, _noise_key(), _noise_scale(hc), 1.0 / hc.temperature,
+        hc.limit_a, hc.span,
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=32)
@@ -243,6 +271,8 @@ def _gate_grad_(grad: Tensor, z: Tensor, hc: HardConcrete) -> Tensor:
     """
     a, b = hc.limit_a, hc.limit_b
     c = 1.0 / (hc.span * hc.temperature)
+    if grad.numel() >= _FEW and native.usable(grad, z):  # the same, in one fused pass
+        return native.gate_grad_(grad, z, a, b, c)
     t = torch.rsub(z, (a + b) * c, alpha=c)  # c * (a + b - z)
     grad.mul_(torch.addcmul(_scalar(-a * b * c, z.dtype), t, z, out=t))
     return _CLAMP_BACKWARD(grad, z, 0.0, 1.0, grad_input=grad)
@@ -256,8 +286,11 @@ class _SampleGates(torch.autograd.Function):
         ctx, log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...], gates: Tensor | None
     ) -> Tensor:
         if gates is None:
-            u = uniform_noise(size, hc, log_alpha.dtype, log_alpha.device)
-            z = _noise_to_gate_(u, log_alpha, hc)
+            rows = 1 if tuple(size) == tuple(log_alpha.shape) else size[0]
+            z = _fused_draw(log_alpha, hc, rows)
+            if z is None:
+                u = uniform_noise(size, hc, log_alpha.dtype, log_alpha.device)
+                z = _noise_to_gate_(u, log_alpha, hc)
         else:  # a replay: the same gates, a new node
             z = gates.clone()
         ctx.save_for_backward(z)
@@ -316,5 +349,8 @@ def _sample_few(log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...]) -> T
 def draw_gates(log_alpha: Tensor, hc: HardConcrete) -> Tensor:
     """Hard-concrete gates drawn without gradient, one per logit (see ``masked_weights``).
     No ``no_grad`` block needed: nothing here requires grad, so autograd records nothing."""
+    z = _fused_draw(log_alpha, hc, 1)
+    if z is not None:
+        return z
     z = uniform_noise(tuple(log_alpha.shape), hc, log_alpha.dtype, log_alpha.device)
     return _noise_to_gate_(z, log_alpha.detach(), hc)

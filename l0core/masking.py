@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import HardConcrete, _gate_grad_, _noise_to_gate_, uniform_noise
+from . import native
+from .functional import _FEW, HardConcrete, _gate_grad_, draw_gates
 
 __all__ = ["masked_weights"]
 
@@ -19,11 +20,7 @@ class _MaskedWeights(torch.autograd.Function):
     @staticmethod
     def forward(ctx, log_alpha: Tensor, hc: HardConcrete, layout, gates, *weights: Tensor):
         # layout: per weight, (offset, n_gates, view_shape, reduce_dims); gates: z or None
-        if gates is None:
-            z = uniform_noise(tuple(log_alpha.shape), hc, log_alpha.dtype, log_alpha.device)
-            _noise_to_gate_(z, log_alpha, hc)
-        else:
-            z = gates
+        z = draw_gates(log_alpha, hc) if gates is None else gates
         outs = tuple(
             w * z[off : off + n].view(shape).to(w.dtype)
             for w, (off, n, shape, _) in zip(weights, layout, strict=True)
@@ -35,6 +32,9 @@ class _MaskedWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         z, *weights = ctx.saved_tensors
+        fused = _fused_backward(ctx, z, weights, grads)
+        if fused is not None:
+            return fused
         # Several tensors may share a gate range (a layer's weight rows and its bias): the first
         # writes its range, the others add to it; ranges nobody wrote get zero gradient.
         gz = torch.empty_like(z)
@@ -62,6 +62,33 @@ class _MaskedWeights(torch.autograd.Function):
                 gz[off : off + n].zero_()
                 written.add(off)
         return (_gate_grad_(gz, z, ctx.hc), None, None, None, *grad_ws)
+
+
+def _fused_backward(ctx, z: Tensor, weights: list[Tensor], grads: tuple[Tensor | None, ...]):
+    """The backward in one pass per weight (``l0core.native``: its gate gradient and its own,
+    from ``g``, ``w`` and ``z``), where every weight has a gate range of its own with one gate per
+    element (weight-level gates); ``None`` elsewhere."""
+    layout = ctx.layout
+    if z.numel() < _FEW or len({off for off, *_ in layout}) < len(layout):
+        return None
+    if any(rd or n != w.numel() for w, (_, n, _, rd) in zip(weights, layout, strict=True)):
+        return None
+    if not native.usable(z, *weights, *(g for g in grads if g is not None)):
+        return None
+    hc = ctx.hc
+    a, b, c = hc.limit_a, hc.limit_b, 1.0 / (hc.span * hc.temperature)
+    gz = torch.empty_like(z)
+    grad_ws = []
+    for i, (g, w, (off, n, _, _)) in enumerate(zip(grads, weights, layout, strict=True)):
+        if g is None:
+            gz[off : off + n].zero_()
+            grad_ws.append(None)
+            continue
+        want_w = ctx.needs_input_grad[4 + i]
+        grad_ws.append(
+            native.masked_grads(g, w, z[off : off + n], gz[off : off + n], want_w, a, b, c)
+        )
+    return (gz, None, None, None, *grad_ws)
 
 
 def masked_weights(
