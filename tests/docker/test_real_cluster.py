@@ -210,6 +210,12 @@ def test_sweep_runs_on_both_workers_and_lands_in_mlflow_and_postgres(lab: Stack)
     )
     assert nested == "4"
 
+    # A worker builds l0core's fused CPU gate kernels with the image's compiler (l0core.native):
+    # without one, CPU trials' weight gates would run as slower eager ops.
+    status = "from l0core import native; print(native.status())"
+    built = lab.compose("exec", "-T", "ray-worker", "python", "-c", status, timeout_s=300)
+    assert built.stdout.strip() == "native", built.stdout + built.stderr
+
 
 def test_a_killed_worker_s_trial_is_retried_on_the_other(lab: Stack) -> None:
     nodes = lab.node_ips()
