@@ -30,9 +30,20 @@ static inline float gate(int64_t i, float la, uint64_t key, float scale, float i
 }
 
 /* Gates z (rows x cols) from logits la (cols), one row after another (per-sample gates share
- * la across rows); the noise continues across rows like one flat draw of rows * cols. */
-void l0_draw(const float *restrict la, float *restrict z, int64_t rows, int64_t cols,
-             uint64_t key, float scale, float inv_beta, float a, float span, int nthreads) {
+ * la across rows); the noise continues across rows like one flat draw of rows * cols. With p
+ * (not NULL, rows 1), also p = P(z != 0) = sigmoid(la - shift) for the L0 penalty, in the same
+ * pass over la. */
+void l0_draw(const float *restrict la, float *restrict z, float *restrict p, int64_t rows,
+             int64_t cols, uint64_t key, float scale, float inv_beta, float a, float span,
+             float shift, int nthreads) {
+    if (rows == 1 && p != 0) {
+#pragma omp parallel for simd num_threads(nthreads) schedule(static)
+        for (int64_t j = 0; j < cols; j++) {
+            z[j] = gate(j, la[j], key, scale, inv_beta, a, span);
+            p[j] = 1.0f / (1.0f + expf(shift - la[j]));
+        }
+        return;
+    }
     if (rows == 1) {
 #pragma omp parallel for simd num_threads(nthreads) schedule(static)
         for (int64_t j = 0; j < cols; j++)

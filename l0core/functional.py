@@ -28,6 +28,7 @@ from . import native
 __all__ = [
     "HardConcrete",
     "draw_gates",
+    "draw_gates_and_prob",
     "eval_gate",
     "eval_zero_logit",
     "expected_count",
@@ -100,26 +101,37 @@ class _ExpectedCount(torch.autograd.Function):
     """``sum(P(z != 0) * group_sizes)`` with one buffer forward and one backward."""
 
     @staticmethod
-    def forward(ctx, log_alpha: Tensor, shift: float, group_sizes: Tensor | None) -> Tensor:
-        p = torch.sub(log_alpha, shift).sigmoid_()
+    def forward(
+        ctx, log_alpha: Tensor, shift: float, group_sizes: Tensor | None, p: Tensor | None
+    ) -> Tensor:
+        if p is None:
+            p = torch.sub(log_alpha, shift).sigmoid_()
         ctx.save_for_backward(p, group_sizes)
         return p.sum() if group_sizes is None else torch.dot(p, group_sizes)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         p, group_sizes = ctx.saved_tensors
         g = _SIGMOID_BACKWARD(grad.expand_as(p), p)  # grad * p * (1 - p), one pass
-        return (g if group_sizes is None else g.mul_(group_sizes)), None, None
+        return (g if group_sizes is None else g.mul_(group_sizes)), None, None, None
 
 
 def expected_count(
-    log_alpha: Tensor, hc: HardConcrete, group_sizes: Tensor | None = None
+    log_alpha: Tensor,
+    hc: HardConcrete,
+    group_sizes: Tensor | None = None,
+    prob: Tensor | None = None,
 ) -> Tensor:
-    """``sum_g P(z_g != 0) * group_sizes[g]`` (all ones if ``None``): the expected L0 norm."""
+    """``sum_g P(z_g != 0) * group_sizes[g]`` (all ones if ``None``): the expected L0 norm.
+
+    ``prob``: ``prob_nonzero(log_alpha, hc)`` computed before (no gradient; see
+    :func:`draw_gates_and_prob`), to use instead of computing it again; differentiable with
+    respect to ``log_alpha`` all the same.
+    """
     if log_alpha.numel() < _FEW:  # native autograd: cheaper than a Python Function when small
         p = prob_nonzero(log_alpha, hc)
         return p.sum() if group_sizes is None else torch.dot(p, group_sizes)
-    return _ExpectedCount.apply(log_alpha, hc.l0_shift, group_sizes)
+    return _ExpectedCount.apply(log_alpha, hc.l0_shift, group_sizes, prob)
 
 
 def eval_gate(log_alpha: Tensor, hc: HardConcrete, rule: str = "mean") -> Tensor:
@@ -232,15 +244,18 @@ def _noise_scale(hc: HardConcrete) -> float:
     return (1.0 - 2.0 * hc.epsilon) * 2.0**-32
 
 
-def _fused_draw(log_alpha: Tensor, hc: HardConcrete, rows: int) -> Tensor | None:
+def _fused_draw(
+    log_alpha: Tensor, hc: HardConcrete, rows: int, prob: bool = False
+) -> tuple[Tensor, Tensor | None] | None:
     """``_noise_to_gate_(uniform_noise(...), log_alpha)`` for ``rows`` rows of gates in one
-    fused pass (:mod:`l0core.native`), from the same noise; ``None`` where it does not apply."""
+    fused pass (:mod:`l0core.native`), from the same noise, with ``prob_nonzero(log_alpha)``
+    from the same pass when ``prob``; ``None`` where the kernels do not apply."""
     n = log_alpha.numel() * rows
     if not _hashed(n, log_alpha.dtype, log_alpha.device) or not native.usable(log_alpha):
         return None
     return native.draw(
         log_alpha.detach(), rows, _noise_key(), _noise_scale(hc), 1.0 / hc.temperature,
-        hc.limit_a, hc.span,
+        hc.limit_a, hc.span, hc.l0_shift if prob else None,
     )  # fmt: skip
 
 
@@ -287,7 +302,8 @@ class _SampleGates(torch.autograd.Function):
     ) -> Tensor:
         if gates is None:
             rows = 1 if tuple(size) == tuple(log_alpha.shape) else size[0]
-            z = _fused_draw(log_alpha, hc, rows)
+            fused = _fused_draw(log_alpha, hc, rows)
+            z = None if fused is None else fused[0]
             if z is None:
                 u = uniform_noise(size, hc, log_alpha.dtype, log_alpha.device)
                 z = _noise_to_gate_(u, log_alpha, hc)
@@ -349,8 +365,18 @@ def _sample_few(log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...]) -> T
 def draw_gates(log_alpha: Tensor, hc: HardConcrete) -> Tensor:
     """Hard-concrete gates drawn without gradient, one per logit (see ``masked_weights``).
     No ``no_grad`` block needed: nothing here requires grad, so autograd records nothing."""
-    z = _fused_draw(log_alpha, hc, 1)
-    if z is not None:
-        return z
+    fused = _fused_draw(log_alpha, hc, 1)
+    if fused is not None:
+        return fused[0]
     z = uniform_noise(tuple(log_alpha.shape), hc, log_alpha.dtype, log_alpha.device)
     return _noise_to_gate_(z, log_alpha.detach(), hc)
+
+
+def draw_gates_and_prob(log_alpha: Tensor, hc: HardConcrete) -> tuple[Tensor, Tensor]:
+    """:func:`draw_gates` and ``prob_nonzero(log_alpha)`` (no gradient), the probabilities from
+    the same pass over the logits where the fused kernels apply: the penalty of the forward
+    that drew the gates then needs no pass of its own (``expected_count(..., prob=p)``)."""
+    fused = _fused_draw(log_alpha, hc, 1, prob=True)
+    if fused is not None:
+        return fused
+    return draw_gates(log_alpha, hc), prob_nonzero(log_alpha.detach(), hc)

@@ -108,7 +108,7 @@ def _load() -> ctypes.CDLL:
         _log.info("l0core: built the fused gate kernels at %s", path)
     lib = ctypes.CDLL(str(path))
     c_float, c_int, c_i64, ptr = ctypes.c_float, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
-    lib.l0_draw.argtypes = [ptr, ptr, c_i64, c_i64, ctypes.c_uint64, *[c_float] * 4, c_int]
+    lib.l0_draw.argtypes = [ptr, ptr, ptr, c_i64, c_i64, ctypes.c_uint64, *[c_float] * 5, c_int]
     lib.l0_gate_grad.argtypes = [ptr, ptr, c_i64, c_float, c_float, c_float, c_int]
     lib.l0_masked_grads.argtypes = [*[ptr] * 5, c_i64, c_float, c_float, c_float, c_int]
     for fn in (lib.l0_draw, lib.l0_gate_grad, lib.l0_masked_grads):
@@ -165,18 +165,28 @@ def _threads(n: int) -> int:
 
 
 def draw(
-    log_alpha: Tensor, rows: int, key: int, scale: float, inv_beta: float, a: float, span: float
-) -> Tensor:
+    log_alpha: Tensor,
+    rows: int,
+    key: int,
+    scale: float,
+    inv_beta: float,
+    a: float,
+    span: float,
+    shift: float | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """Gates of shape ``(rows, *log_alpha.shape)`` (``log_alpha.shape`` when ``rows`` is 1) from
-    the noise of ``key``: see ``l0core.functional.draw_gates``."""
+    the noise of ``key`` (see ``l0core.functional.draw_gates``), and with ``shift`` (``rows``
+    1) ``P(z != 0) = sigmoid(log_alpha - shift)`` from the same pass, else ``None``."""
     cols = log_alpha.numel()
     shape = tuple(log_alpha.shape) if rows == 1 else (rows, *log_alpha.shape)
     z = torch.empty(shape, dtype=torch.float32)
+    p = None if shift is None else torch.empty_like(log_alpha, dtype=torch.float32)
     _lib.l0_draw(
-        log_alpha.data_ptr(), z.data_ptr(), rows, cols, key & ((1 << 64) - 1),
-        scale, inv_beta, a, span, _threads(rows * cols),
+        log_alpha.data_ptr(), z.data_ptr(), None if p is None else p.data_ptr(), rows, cols,
+        key & ((1 << 64) - 1), scale, inv_beta, a, span, 0.0 if shift is None else shift,
+        _threads(rows * cols),
     )  # fmt: skip
-    return z
+    return z, p
 
 
 def gate_grad_(grad: Tensor, z: Tensor, a: float, b: float, c: float) -> Tensor:

@@ -26,7 +26,7 @@ from .export import chain_export_blockers, example_rows, finish_export
 from .functional import (
     LOG_ALPHA_BOUND,
     HardConcrete,
-    draw_gates,
+    draw_gates_and_prob,
     eval_gate,
     eval_zero_logit,
     expected_count,
@@ -237,7 +237,10 @@ class L0Regularizer(MethodBase):
         swaps: list[tuple[Masked, Tensor]] = []
         if self._wsites:
             la = self._compute(self.weight_log_alpha)
-            wz = draw_gates(la, self.hc) if wz is None else wz
+            if wz is None:
+                wz, prob = draw_gates_and_prob(la, self.hc)
+                param = self.weight_log_alpha  # its penalty, until the logits change
+                self.__dict__["_drawn_prob"] = (param, param._version, prob)
             weights = [m.param for _, m in self._masked]
             gated = masked_weights(la, self.hc, weights, self._layout, gates=wz)
             swaps.extend(zip((m for _, m in self._masked), gated, strict=True))
@@ -358,8 +361,13 @@ class L0Regularizer(MethodBase):
     def count_l0(self) -> Tensor:
         """Expected number of retained gated parameters, ``sum_g P(z_g != 0) * |g|``."""
         total = None
-        for la, groups in self._logits_and_groups():
-            term = expected_count(la, self.hc, groups)
+        # P(z != 0) of the weight gates, computed by the training forward that drew them: valid
+        # while the logits keep their version (until an optimizer step or any in-place write)
+        drawn, wla = self.__dict__.get("_drawn_prob"), self.weight_log_alpha
+        fresh = drawn is not None and drawn[0] is wla and drawn[1] == wla._version
+        for i, (la, groups) in enumerate(self._logits_and_groups()):
+            prob = drawn[2] if fresh and i == 0 else None  # the weight logits come first
+            term = expected_count(la, self.hc, groups, prob)
             total = term if total is None else total + term
         return total
 
@@ -545,6 +553,7 @@ class L0Regularizer(MethodBase):
         state = self.__dict__.copy()
         state["_eval_cache"] = EvalGateCache()
         state["_module_id_set"] = None
+        state.pop("_drawn_prob", None)
         return state
 
 

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from l0core import L0Regularizer, native
-from l0core.functional import HardConcrete, _gate_grad_, draw_gates, sample_gates
+from l0core.functional import (
+    HardConcrete,
+    _gate_grad_,
+    draw_gates,
+    draw_gates_and_prob,
+    prob_nonzero,
+    sample_gates,
+)
 from l0core.masking import masked_weights
 
 HC = HardConcrete()
@@ -50,6 +57,17 @@ def test_drawn_gates_equal_the_eager_draw_on_the_same_noise(rows) -> None:
     assert torch.equal(fused == 0, eager == 0) and torch.equal(fused == 1, eager == 1)
     assert 0.05 < float((fused == 0).float().mean()) < 0.95  # both clamps are exercised
     assert not torch.equal(fused, draw_gates(la, HC))  # and the generator moved on
+
+
+def test_the_penalty_probabilities_come_with_the_draw() -> None:
+    """``draw_gates_and_prob``: the same gates as ``draw_gates`` on the same seed, and
+    ``P(z != 0)`` of each logit from the same pass."""
+    la = torch.randn(20_000) * 5
+    torch.manual_seed(2)
+    z, p = draw_gates_and_prob(la, HC)
+    torch.manual_seed(2)
+    assert torch.equal(z, draw_gates(la, HC))
+    assert torch.allclose(p, prob_nonzero(la, HC), atol=1e-6, rtol=1e-5)
 
 
 def test_the_gates_do_not_depend_on_the_number_of_threads() -> None:

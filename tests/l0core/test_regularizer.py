@@ -319,3 +319,33 @@ def test_an_unknown_layer_type_is_gated_on_its_weight_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         L0Regularizer(model, 0.0)  # weight gates suit any parameter: no warning
+
+
+def test_the_penalty_follows_the_logits_after_the_forward_that_drew_the_gates():
+    """A training forward computes the weight gates' P(z != 0) with their draw, and the penalty
+    of that step reuses it; once the logits change (an optimizer step, any in-place write), the
+    penalty is that of the new logits, with the same gradient as computed from scratch."""
+    torch.manual_seed(0)
+    reg = L0Regularizer(mlp((40, 200, 10)), 1.0)  # 8,000 + 2,000 weight gates
+    opt = torch.optim.SGD(reg.gate_parameters(), lr=5.0)
+    x = torch.randn(8, 40)
+
+    def from_scratch() -> tuple[float, torch.Tensor]:
+        la = reg.weight_log_alpha.detach().clone().requires_grad_()
+        count = prob_nonzero(la, HardConcrete()).sum()
+        count.backward()
+        return float(count), la.grad
+
+    for _ in range(2):
+        reg(x)
+        count, grad = from_scratch()
+        assert float(reg.count_l0()) == pytest.approx(count, rel=1e-5)
+        opt.zero_grad()
+        reg.regularization().backward()
+        assert torch.allclose(reg.weight_log_alpha.grad, grad, atol=1e-7)
+        opt.step()  # the logits move: the next count must see them, forward or not
+        count, _ = from_scratch()
+        assert float(reg.count_l0()) == pytest.approx(count, rel=1e-5)
+    with torch.no_grad():
+        reg.weight_log_alpha.add_(-3.0)
+    assert float(reg.count_l0()) == pytest.approx(from_scratch()[0], rel=1e-5)
