@@ -328,6 +328,16 @@ def plan_sites(
                     "exclude one of them"
                 )
             claimed[id(m.param)] = site.name
+    if not sites and not group_sites:
+        why = plan.not_gated if plan is not None else {}
+        some = "; ".join(
+            f"{t.name}: {why.get(t.name, 'no unit of it is gated')}" for t in targets[:4]
+        )
+        raise ValueError(
+            f"granularity {granularity!r} gates none of the {len(targets)} selected parameters "
+            f"({some}{'; ...' if len(targets) > 4 else ''}): select others (include/exclude) "
+            "or use granularity 'weight'"
+        )
     weight_sites = [s for s in sites if s.applied == "weight"]
     act_sites = group_sites + [s for s in sites if s.applied == "activation"]
     for group in (weight_sites, act_sites):

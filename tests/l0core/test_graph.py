@@ -214,6 +214,18 @@ def test_bad_granularities_name_the_value():
         ViT(SHAPE, 10, dim=32, heads=5)
 
 
+def test_a_selection_whose_units_cannot_be_gated_is_refused_at_construction():
+    """Only the classifier selected, with output gates: its units are the model's output, so
+    nothing would be gated; the constructor says so and why, instead of the first
+    ``regularization()`` failing on a missing count."""
+    model = cifar_resnet(20, SHAPE, 10)
+    with pytest.raises(
+        ValueError, match=r"gates none of the 2 selected parameters \(fc.weight: the model's output"
+    ):
+        L0Regularizer(model, 0.1, granularity="output", include=["fc.*"])
+    assert L0Regularizer(model, 0.1, granularity="weight", include=["fc.*"]).n_gated == 650
+
+
 @pytest.mark.parametrize("family", ["resnet18", "vit_heads_mlp"])
 def test_torch_export_accepts_the_shrunk_model(family):
     build, granularity = FAMILIES[family]
