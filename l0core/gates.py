@@ -172,6 +172,18 @@ def _plan_structured(
     return site
 
 
+def _chain_output_layer(model: nn.Module) -> nn.Module | None:
+    """The Linear or ConvNd of an ``nn.Sequential`` chain whose units are the model's outputs:
+    the last layer with parameters (a BatchNorm after it aside), when it is one."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    owners = [m for m in leaves if next(m.parameters(recurse=False), None) is not None]
+    while owners and isinstance(owners[-1], _BN):
+        owners.pop()
+    return owners[-1] if owners and isinstance(owners[-1], (nn.Linear, *_CONV)) else None
+
+
 def _uses_groups(model: nn.Module, granularity: object, per_sample: bool) -> bool | None:
     """``True``: gates by data flow (required); ``None``: by data flow if the model traces;
     ``False``: per layer (a chain of built-in layers, weight/input gates, per-sample gates)."""
@@ -243,7 +255,7 @@ def plan_sites(
     model: nn.Module, targets: list[TargetParam],
     granularity: str | list[str] | Mapping[str, str], per_sample: bool = False,
     example: tuple[tuple, dict] | None = None,
-) -> tuple[list[GateSite], list[GateSite]]:  # fmt: skip
+) -> tuple[list[GateSite], list[GateSite], dict[str, str]]:  # fmt: skip
     """Decide, for each selected parameter, its gates and how they are applied.
 
     Structured ``"output"`` gates (and ``"head"``, or a list of both) follow the model's data
@@ -252,11 +264,13 @@ def plan_sites(
     ``granularity`` may also map each target's name to its own granularity (per module, see
     ``l0core.selection.select_granularities``): a unit is gated when the layers that create it
     chose its kind. ``example``: ``(args, kwargs)`` of one forward, recorded where fx cannot
-    trace the model (``l0core.record``).
+    trace the model (``l0core.record``). Units that are the model's outputs get no structured
+    gate, in a chain as in a graph: removing one would change what the model returns.
 
     Returns:
-        ``(weight_sites, activation_sites)``, each with offsets into its own flat logit tensor;
-        coupled groups come first among the activation sites (``applied == "group"``).
+        ``(weight_sites, activation_sites, ungated)``: the sites, each kind with offsets into its
+        own flat logit tensor, coupled groups first among the activation sites (``applied ==
+        "group"``); ``ungated``: selected parameters whose units got no structured gate, and why.
 
     Raises:
         ValueError: unknown granularity, or two sites that would mask the same tensor.
@@ -308,9 +322,14 @@ def plan_sites(
         return g if isinstance(g, str) else "output"
 
     names = {id(m): n for n, m in model.named_modules()}
+    last = _chain_output_layer(model) if plan is None else None
+    ungated = dict(plan.not_gated) if plan is not None else {}
     sites = []
     for t in layered:
         g = layer_granularity(t)
+        if g == "output" and t.module is last and t.param.dim() >= 2:
+            ungated[t.name] = "its units are the model's outputs"
+            continue
         if g == "weight" or t.param.dim() < 2:
             site = GateSite(t.name, t, "weight", "weight", 0, t.param.numel(), 1)
             site.masked = [Masked(t.name, t.module, t.attr, t.aliases, tuple(t.param.shape))]
@@ -329,9 +348,8 @@ def plan_sites(
                 )
             claimed[id(m.param)] = site.name
     if not sites and not group_sites:
-        why = plan.not_gated if plan is not None else {}
         some = "; ".join(
-            f"{t.name}: {why.get(t.name, 'no unit of it is gated')}" for t in targets[:4]
+            f"{t.name}: {ungated.get(t.name, 'no unit of it is gated')}" for t in targets[:4]
         )
         raise ValueError(
             f"granularity {granularity!r} gates none of the {len(targets)} selected parameters "
@@ -345,7 +363,7 @@ def plan_sites(
         for s in group:
             s.offset = offset
             offset += s.n_gates
-    return weight_sites, act_sites
+    return weight_sites, act_sites, ungated
 
 
 def resolve_droprates(

@@ -149,7 +149,9 @@ class L0Regularizer(MethodBase):
         if example_inputs is not None:
             args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
             example = (args, {})
-        self._wsites, self._asites = plan_sites(model, targets, granularity, per_sample, example)
+        self._wsites, self._asites, self._ungated = plan_sites(
+            model, targets, granularity, per_sample, example
+        )
         self._masked = [(s, m) for s in self._wsites for m in s.masked]
         self._group_plan = next((s.plan for s in self._asites if s.plan is not None), None)
         ref = targets[0].param
@@ -530,11 +532,11 @@ class L0Regularizer(MethodBase):
         """
         if self._group_plan is not None:
             lines = export_blockers(self._group_plan, self._asites, self._wsites)
-            if ungated:
-                lines += [f"{name}: not gated: {why}"
-                          for name, why in self._group_plan.not_gated.items()]  # fmt: skip
-            return lines
-        return chain_export_blockers(self.module)
+        else:
+            lines = chain_export_blockers(self.module)
+        if ungated:
+            lines += [f"{name}: not gated: {why}" for name, why in self._ungated.items()]
+        return lines
 
     def kept_weights(self) -> dict[str, float]:
         """Per Linear/ConvNd layer, its expected non-zero weights: a weight is kept when its

@@ -22,7 +22,7 @@ def test_a_closed_output_removes_the_next_layers_input_from_expected_flops():
     with torch.no_grad():
         reg.weight_log_alpha.fill_(10.0)
         reg.weight_log_alpha[:4] = -10.0  # half of the first conv's channels
-        reg.unit_log_alpha.fill_(10.0)
+    assert reg.unit_log_alpha is None  # the Linear's units are the model's outputs
     reg.eval()
     with torch.no_grad():
         reg(torch.randn(2, 3, 8, 8))

@@ -22,8 +22,9 @@ GRANULARITIES = ["weight", "output", "input"]
 def test_count_l0_is_expected_number_of_kept_gated_parameters(granularity):
     model = mlp((20, 16, 8, 4))
     reg = L0Regularizer(model, 0.1, granularity=granularity, droprate_init=0.5)
-    # every gated weight starts at log_alpha ~ 0: P(z != 0) ~ 0.83 per gate
-    n_weights = 20 * 16 + 16 * 8 + 8 * 4
+    # every gated weight starts at log_alpha ~ 0: P(z != 0) ~ 0.83 per gate; output gates leave
+    # the last layer alone (its units are the model's outputs)
+    n_weights = 20 * 16 + 16 * 8 + (8 * 4 if granularity != "output" else 0)
     assert reg.n_gated == n_weights
     p = prob_nonzero(torch.tensor(0.0), HardConcrete()).item()
     assert reg.count_l0().item() == pytest.approx(p * n_weights, rel=0.02)
@@ -37,9 +38,8 @@ def test_count_l2_weights_each_group_by_its_probability():
     pw, pu = reg._prob_nonzero()
     p = torch.cat([t for t in (pw, pu) if t is not None])
     by_site = {s.name: p[s.slice] for s in reg._wsites + reg._asites}
-    expected = sum(
-        (by_site[n] * model.get_parameter(n).pow(2).sum(1)).sum() for n in ("0.weight", "2.weight")
-    )
+    assert set(by_site) == {"0.weight"}  # 2's units are the model's outputs: not gated
+    expected = (by_site["0.weight"] * model.get_parameter("0.weight").pow(2).sum(1)).sum()
     assert reg.count_l2().item() == pytest.approx(expected.item(), rel=1e-5)
     assert reg.regularization().item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -273,12 +273,13 @@ def test_summary_and_expected_flops():
     rows = {r.name: r for r in reg.summary()}
     assert rows["0.weight"].gated and rows["0.weight"].applied == "weight"
     assert not rows["0.bias"].gated and rows["1.weight"].expected_density == 1.0
-    assert rows["9.weight"].applied == "activation:9"
+    assert not rows["9.weight"].gated  # the classifier's units are the model's outputs
     p = prob_nonzero(torch.tensor(0.0), reg.hc).item()
     dense = 12 * 12 * 8 * 27 + 6 * 6 * 16 * 72 + 16 * 5
     # a weight counts when its row and its column are both open: the first conv reads the input
-    # (always there), the second conv and the Linear read gated units (the cascade)
-    expected = p * 12 * 12 * 8 * 27 + p * p * (6 * 6 * 16 * 72 + 16 * 5)
+    # (always there), the second conv and the Linear read gated units (the cascade), and the
+    # Linear's own rows are always there
+    expected = p * 12 * 12 * 8 * 27 + p * p * 6 * 6 * 16 * 72 + p * 16 * 5
     assert reg.expected_flops() == pytest.approx(expected, rel=0.02)
     with torch.no_grad():
         for la in reg.gate_parameters():
@@ -349,3 +350,37 @@ def test_the_penalty_follows_the_logits_after_the_forward_that_drew_the_gates():
     with torch.no_grad():
         reg.weight_log_alpha.add_(-3.0)
     assert float(reg.count_l0()) == pytest.approx(from_scratch()[0], rel=1e-5)
+
+
+class _ClassMLP(nn.Module):
+    def __init__(self, chain: nn.Sequential):
+        super().__init__()
+        self.a, self.b, self.c = chain[1], chain[3], chain[5]
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x.flatten(1))))))
+
+
+def test_output_gates_of_a_chain_leave_its_output_units_alone_as_in_a_graph():
+    """The classifier's units are what the model returns: an ``nn.Sequential`` MLP gets output
+    gates on its hidden units only, like the same layers written as a module class (planned
+    through the data flow); ``check_export(ungated=True)`` says why, and the shrunk model keeps
+    its ten outputs."""
+    torch.manual_seed(0)
+    chain = nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 10)
+    )
+    seq = L0Regularizer(chain, 0.1, granularity="output")
+    cls = L0Regularizer(_ClassMLP(copy.deepcopy(chain)), 0.1, granularity="output")
+    assert seq.n_gated == 12 * 9 + 9 * 7  # the hidden layers' weights (before: and 7 * 10)
+    assert sum(s.n_gates for s in seq._asites) == sum(s.n_gates for s in cls._asites) == 9 + 7
+    assert "5.weight: not gated: its units are the model's outputs" in seq.check_export(
+        ungated=True
+    )
+    assert any(line.startswith("c.weight: not gated") for line in cls.check_export(ungated=True))
+    with torch.no_grad():
+        seq.unit_log_alpha.fill_(-10.0)  # every hidden unit closed
+    seq.eval()
+    small = seq.prune(shrink=True).model
+    x = torch.randn(4, 12)
+    assert small(x).shape == (4, 10) and torch.allclose(small(x), seq(x), atol=1e-6)
