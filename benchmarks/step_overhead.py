@@ -94,14 +94,15 @@ class ReferenceL0(nn.Module):
 
 class MinimalOutputL0(nn.Module):
     """The least an eager implementation of output gates does, written for this one model: one
-    logit per output unit of every Linear/Conv2d, forward hooks registered once that scale the
-    outputs by gates sampled once per forward, and the L0 penalty. No coupled groups, export,
-    replay, probing or bounds: what a step costs below the library's bookkeeping."""
+    logit per output unit of every Linear/Conv2d but the last (whose units are the model's
+    outputs, which the library does not gate either), forward hooks registered once that scale
+    the outputs by gates sampled once per forward, and the L0 penalty. No coupled groups,
+    export, replay, probing or bounds: what a step costs below the library's bookkeeping."""
 
     def __init__(self, module: nn.Module, droprate_init: float = 0.2) -> None:
         super().__init__()
         self.module = copy.deepcopy(module)
-        layers = [m for m in self.module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        layers = [m for m in self.module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
         sizes = [m.weight.shape[0] for m in layers]
         la = math.log(1 - droprate_init) - math.log(droprate_init)
         self.log_alpha = nn.Parameter(torch.empty(sum(sizes)).normal_(la, 1e-2))
