@@ -73,6 +73,12 @@ class HardConcrete:
         return self.limit_b - self.limit_a
 
     @property
+    def slope(self) -> float:
+        """``1 / ((zeta - gamma) beta)``: inside (0, 1), ``dz/dlog_alpha = (z - gamma)(zeta - z)``
+        times this."""
+        return 1.0 / (self.span * self.temperature)
+
+    @property
     def l0_shift(self) -> float:
         """``beta * log(-gamma / zeta)``: ``P(z != 0) = sigmoid(log_alpha - l0_shift)``."""
         return self.temperature * math.log(-self.limit_a / self.limit_b)
@@ -245,16 +251,17 @@ def _noise_scale(hc: HardConcrete) -> float:
 
 
 def _fused_draw(
-    log_alpha: Tensor, hc: HardConcrete, rows: int, prob: bool = False
+    log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...], prob: bool = False
 ) -> tuple[Tensor, Tensor | None] | None:
-    """``_noise_to_gate_(uniform_noise(...), log_alpha)`` for ``rows`` rows of gates in one
-    fused pass (:mod:`l0core.native`), from the same noise, with ``prob_nonzero(log_alpha)``
-    from the same pass when ``prob``; ``None`` where the kernels do not apply."""
-    n = log_alpha.numel() * rows
-    if not _hashed(n, log_alpha.dtype, log_alpha.device) or not native.usable(log_alpha):
+    """``_noise_to_gate_(uniform_noise(size, ...), log_alpha)`` in one fused pass
+    (:mod:`l0core.native`), from the same noise, with ``prob_nonzero(log_alpha)`` from the same
+    pass when ``prob``; ``None`` where the kernels do not apply."""
+    if not _hashed(math.prod(size), log_alpha.dtype, log_alpha.device):
+        return None
+    if not native.usable(log_alpha):
         return None
     return native.draw(
-        log_alpha.detach(), rows, _noise_key(), _noise_scale(hc), 1.0 / hc.temperature,
+        log_alpha.detach(), size, _noise_key(), _noise_scale(hc), 1.0 / hc.temperature,
         hc.limit_a, hc.span, hc.l0_shift if prob else None,
     )  # fmt: skip
 
@@ -284,8 +291,7 @@ def _gate_grad_(grad: Tensor, z: Tensor, hc: HardConcrete) -> Tensor:
     clamp's own backward) keeps ``grad`` exactly where ``0 < z < 1``. Four passes (eight with a
     separate indicator), one temporary buffer.
     """
-    a, b = hc.limit_a, hc.limit_b
-    c = 1.0 / (hc.span * hc.temperature)
+    a, b, c = hc.limit_a, hc.limit_b, hc.slope
     if grad.numel() >= _FEW and native.usable(grad, z):  # the same, in one fused pass
         return native.gate_grad_(grad, z, a, b, c)
     t = torch.rsub(z, (a + b) * c, alpha=c)  # c * (a + b - z)
@@ -300,15 +306,8 @@ class _SampleGates(torch.autograd.Function):
     def forward(
         ctx, log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...], gates: Tensor | None
     ) -> Tensor:
-        if gates is None:
-            rows = 1 if tuple(size) == tuple(log_alpha.shape) else size[0]
-            fused = _fused_draw(log_alpha, hc, rows)
-            z = None if fused is None else fused[0]
-            if z is None:
-                u = uniform_noise(size, hc, log_alpha.dtype, log_alpha.device)
-                z = _noise_to_gate_(u, log_alpha, hc)
-        else:  # a replay: the same gates, a new node
-            z = gates.clone()
+        # a replay: the same gates, a new node
+        z = _draw(log_alpha, hc, size) if gates is None else gates.clone()
         ctx.save_for_backward(z)
         ctx.hc = hc
         ctx.expanded = tuple(size) != tuple(log_alpha.shape)
@@ -365,18 +364,24 @@ def _sample_few(log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...]) -> T
 def draw_gates(log_alpha: Tensor, hc: HardConcrete) -> Tensor:
     """Hard-concrete gates drawn without gradient, one per logit (see ``masked_weights``).
     No ``no_grad`` block needed: nothing here requires grad, so autograd records nothing."""
-    fused = _fused_draw(log_alpha, hc, 1)
+    return _draw(log_alpha, hc, tuple(log_alpha.shape))
+
+
+def _draw(log_alpha: Tensor, hc: HardConcrete, size: tuple[int, ...]) -> Tensor:
+    """Gates of ``size`` (``log_alpha``'s shape, or a batch of rows of it) without gradient:
+    the fused kernel where it applies, else the eager noise and formula, from the same noise."""
+    fused = _fused_draw(log_alpha, hc, size)
     if fused is not None:
         return fused[0]
-    z = uniform_noise(tuple(log_alpha.shape), hc, log_alpha.dtype, log_alpha.device)
-    return _noise_to_gate_(z, log_alpha.detach(), hc)
+    u = uniform_noise(size, hc, log_alpha.dtype, log_alpha.device)
+    return _noise_to_gate_(u, log_alpha.detach(), hc)
 
 
 def draw_gates_and_prob(log_alpha: Tensor, hc: HardConcrete) -> tuple[Tensor, Tensor]:
     """:func:`draw_gates` and ``prob_nonzero(log_alpha)`` (no gradient), the probabilities from
     the same pass over the logits where the fused kernels apply: the penalty of the forward
     that drew the gates then needs no pass of its own (``expected_count(..., prob=p)``)."""
-    fused = _fused_draw(log_alpha, hc, 1, prob=True)
+    fused = _fused_draw(log_alpha, hc, tuple(log_alpha.shape), prob=True)
     if fused is not None:
         return fused
     return draw_gates(log_alpha, hc), prob_nonzero(log_alpha.detach(), hc)

@@ -76,7 +76,7 @@ def _fused_backward(ctx, z: Tensor, weights: list[Tensor], grads: tuple[Tensor |
     if not native.usable(z, *weights, *(g for g in grads if g is not None)):
         return None
     hc = ctx.hc
-    a, b, c = hc.limit_a, hc.limit_b, 1.0 / (hc.span * hc.temperature)
+    a, b, c = hc.limit_a, hc.limit_b, hc.slope
     gz = torch.empty_like(z)
     grad_ws = []
     for i, (g, w, (off, n, _, _)) in enumerate(zip(grads, weights, layout, strict=True)):

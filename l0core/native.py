@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -166,7 +167,7 @@ def _threads(n: int) -> int:
 
 def draw(
     log_alpha: Tensor,
-    rows: int,
+    size: tuple[int, ...],
     key: int,
     scale: float,
     inv_beta: float,
@@ -174,13 +175,15 @@ def draw(
     span: float,
     shift: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Gates of shape ``(rows, *log_alpha.shape)`` (``log_alpha.shape`` when ``rows`` is 1) from
-    the noise of ``key`` (see ``l0core.functional.draw_gates``), and with ``shift`` (``rows``
-    1) ``P(z != 0) = sigmoid(log_alpha - shift)`` from the same pass, else ``None``."""
+    """Gates of ``size`` (``log_alpha``'s shape, or rows of it: per-sample gates) from the noise
+    of ``key`` (see ``l0core.functional.draw_gates``), and with ``shift`` ``P(z != 0) =
+    sigmoid(log_alpha - shift)`` of each logit from the same pass, else ``None``."""
     cols = log_alpha.numel()
-    shape = tuple(log_alpha.shape) if rows == 1 else (rows, *log_alpha.shape)
-    z = torch.empty(shape, dtype=torch.float32)
+    rows = math.prod(size) // cols
+    z = torch.empty(size, dtype=torch.float32)
     p = None if shift is None else torch.empty_like(log_alpha, dtype=torch.float32)
+    if p is not None and rows != 1:
+        raise ValueError(f"P(z != 0) comes with one row of gates, not {rows}")
     _lib.l0_draw(
         log_alpha.data_ptr(), z.data_ptr(), None if p is None else p.data_ptr(), rows, cols,
         key & ((1 << 64) - 1), scale, inv_beta, a, span, 0.0 if shift is None else shift,

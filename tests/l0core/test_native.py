@@ -70,6 +70,14 @@ def test_the_penalty_probabilities_come_with_the_draw() -> None:
     assert torch.allclose(p, prob_nonzero(la, HC), atol=1e-6, rtol=1e-5)
 
 
+def test_per_sample_gates_of_a_batch_of_one_keep_their_batch_dim() -> None:
+    la = torch.randn(5_000, requires_grad=True)
+    fused, eager = _both(lambda: sample_gates(la, HC, batch_size=1), 4)
+    assert fused.shape == eager.shape == (1, 5_000)
+    fused.sum().backward()
+    assert la.grad.shape == (5_000,)
+
+
 def test_the_gates_do_not_depend_on_the_number_of_threads() -> None:
     la = torch.randn(300_000)
     threads = torch.get_num_threads()
