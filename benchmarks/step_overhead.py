@@ -14,12 +14,21 @@ Each allocator mode runs in its own process: ``default`` (glibc as the process s
 ``tuned`` (``l0core.cpu.tune_allocator()``, which stops glibc from returning every freed
 activation buffer to the kernel, a 2x speed-up of small CPU training steps on this machine).
 
-The ``--families`` run times the graph-shaped models instead: ResNet-20 (32x32, batch 128) with
-coupled output gates, a 4-layer ViT with head and MLP gates, each against its plain step, and
-the export (``prune(shrink=True)``) of a ResNet-18-layout model with half of its units closed.
+``gate products alone`` is the MLP with fixed output gates that require grad and nothing else (no
+sampling, no penalty, no gate parameter for Adam): what multiplying the activations by gates and
+computing their gradients costs by itself, the part of any output gating done with activations.
+
+The ``--families`` run times the graph-shaped models instead, each against its plain step at
+batch 128 on 32x32 inputs: ResNet-20 with coupled output gates and a 4-layer ViT with head and MLP
+gates (the two with step targets), then one model of every other family the graph planner gates
+(``docs/GRAPHS.md``): the torchvision-layout ResNet-18 and ResNet-50 and GoogLeNet at a quarter
+width, MobileNetV2 at half width, a GroupNorm ResNet, a pre-norm LayerNorm MLP and a
+``nn.TransformerEncoder`` (heads and hidden units); and the export (``prune(shrink=True)``) of a
+ResNet-18-layout model with half of its units closed. ``--only NAME`` keeps the families whose
+name contains NAME.
 
     python benchmarks/step_overhead.py [--rounds 30] [--steps 5] [--compile] [--families]
-                                       [--threads N]
+                                       [--only NAME] [--threads N]
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from l0core import L0Regularizer, native
-from sweeps.zoo import ViT, cifar_resnet, resnet
+from sweeps.zoo import GoogLeNet, MobileNetV2, ViT, cifar_resnet, resnet
 
 FOREACH = None
 
@@ -128,6 +137,31 @@ class MinimalOutputL0(nn.Module):
         return 1e-6 * torch.sigmoid(self.log_alpha - shift).sum()
 
 
+class GateProductsOnly(nn.Module):
+    """The activations of every Linear/Conv2d but the last multiplied by fixed gates that require
+    grad, a new leaf per forward, as hooks do: the multiplications and the gates' gradients, and
+    nothing else (no sampling, no penalty, no gate parameter)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(module)
+        layers = [m for m in self.module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
+        self._sizes = [m.weight.shape[0] for m in layers]
+        self._values = torch.rand(sum(self._sizes))
+        self._z: list[torch.Tensor] = []
+        for i, m in enumerate(layers):
+            m.register_forward_hook(
+                lambda mod, args, out, i=i: out * MinimalOutputL0._view(self._z[i], out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._z = list(self._values.detach().requires_grad_().split(self._sizes))
+        return self.module(x)
+
+    def regularization(self) -> float:
+        return 0.0
+
+
 def _configs(model_fn, compile_: bool):
     base = model_fn()
     yield "plain", copy.deepcopy(base), None
@@ -135,6 +169,7 @@ def _configs(model_fn, compile_: bool):
     yield "L0 weight, eager kernels", None, L0Regularizer(copy.deepcopy(base), 1e-6)
     yield "L0 output", None, L0Regularizer(copy.deepcopy(base), 1e-6, granularity="output")
     yield "minimal output gates (hand-written)", None, MinimalOutputL0(copy.deepcopy(base))
+    yield "gate products alone", None, GateProductsOnly(copy.deepcopy(base))
     yield "reference design", None, ReferenceL0(copy.deepcopy(base))
     if compile_:
         reg = L0Regularizer(copy.deepcopy(base), 1e-6)
@@ -194,33 +229,103 @@ def measure(rounds: int, steps: int, compile_: bool) -> dict[str, dict[str, floa
     return results
 
 
-def _family_configs():
-    r20 = cifar_resnet(20, (3, 32, 32), 10)
-    yield "ResNet-20", "plain", copy.deepcopy(r20), None
-    yield (
-        "ResNet-20",
-        "L0 output (coupled groups)",
-        None,
-        L0Regularizer(copy.deepcopy(r20), 1e-6, granularity="output"),
-    )
-    vit = ViT((3, 32, 32), 10, patch=4, dim=128, depth=4, heads=4, mlp_ratio=2.0)
-    yield "ViT 4x128", "plain", copy.deepcopy(vit), None
-    yield (
-        "ViT 4x128",
-        "L0 head + MLP",
-        None,
-        L0Regularizer(copy.deepcopy(vit), 1e-6, granularity=["head", "output"]),
-    )
+class GNBlock(nn.Module):
+    def __init__(self, c: int, groups: int) -> None:
+        super().__init__()
+        self.conv1, self.gn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.GroupNorm(groups, c)
+        self.conv2, self.gn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.GroupNorm(groups, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.gn1(self.conv1(x)))
+        return torch.relu(self.gn2(self.conv2(out)) + x)
 
 
-def measure_families(rounds: int, steps: int) -> dict[str, dict[str, float]]:
+class GNResNet(nn.Module):
+    """A residual network normalized by GroupNorm (BatchNorm-free, as for small batches)."""
+
+    def __init__(self, c: int = 32, groups: int = 8, blocks: int = 3) -> None:
+        super().__init__()
+        self.stem, self.gn = nn.Conv2d(3, c, 3, padding=1), nn.GroupNorm(groups, c)
+        self.blocks = nn.Sequential(*[GNBlock(c, groups) for _ in range(blocks)])
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(torch.relu(self.gn(self.stem(x)))).mean((2, 3)))
+
+
+class LNMlp(nn.Module):
+    """Pre-norm residual MLP blocks on a LayerNorm-ed stream, and a final LayerNorm."""
+
+    def __init__(self, d: int = 256, hidden: int = 512, depth: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3 * 32 * 32, d)
+        self.norms = nn.ModuleList([nn.LayerNorm(d) for _ in range(depth)])
+        self.fc1 = nn.ModuleList([nn.Linear(d, hidden) for _ in range(depth)])
+        self.fc2 = nn.ModuleList([nn.Linear(hidden, d) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x.flatten(1))
+        for norm, fc1, fc2 in zip(self.norms, self.fc1, self.fc2, strict=True):
+            x = x + fc2(F.gelu(fc1(norm(x))))
+        return self.head(self.norm(x))
+
+
+class EncoderNet(nn.Module):
+    """4x4 patches into an ``nn.TransformerEncoder`` (post-norm layers), mean-pooled."""
+
+    def __init__(self, dim: int = 128, depth: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+_IMAGE = (3, 32, 32)
+# (family, gated configuration, model, granularity): the first two carry the issue's targets
+FAMILIES = (
+    ("ResNet-20", "L0 output (coupled groups)", lambda: cifar_resnet(20, _IMAGE, 10), "output"),
+    ("ViT 4x128", "L0 head + MLP",
+     lambda: ViT(_IMAGE, 10, patch=4, dim=128, depth=4, heads=4, mlp_ratio=2.0),
+     ["head", "output"]),
+    ("ResNet-18 (width 0.25)", "L0 output (coupled groups)",
+     lambda: resnet(18, _IMAGE, 10, width=0.25), "output"),
+    ("ResNet-50 (width 0.25)", "L0 output (coupled groups)",
+     lambda: resnet(50, _IMAGE, 10, width=0.25), "output"),
+    ("GoogLeNet (width 0.25)", "L0 output (coupled groups)",
+     lambda: GoogLeNet(_IMAGE, 10, width=0.25), "output"),
+    ("MobileNetV2 (width 0.5)", "L0 output (coupled groups)",
+     lambda: MobileNetV2(_IMAGE, 10, width=0.5), "output"),
+    ("GroupNorm ResNet", "L0 output (GroupNorm groups)", GNResNet, "output"),
+    ("LayerNorm MLP", "L0 output", LNMlp, "output"),
+    ("nn.TransformerEncoder 4x128", "L0 head + MLP", EncoderNet, ["head", "output"]),
+)  # fmt: skip
+
+
+def _family_configs(only: str | None = None):
+    for family, config, build, granularity in FAMILIES:
+        if only is not None and only.lower() not in family.lower():
+            continue
+        model = build()
+        yield family, "plain", copy.deepcopy(model), None
+        reg = L0Regularizer(copy.deepcopy(model), 1e-6, granularity=granularity)
+        yield family, config, None, reg
+
+
+def measure_families(rounds: int, steps: int, only: str | None = None) -> dict:
     torch.manual_seed(0)
-    x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
-    configs = list(_family_configs())
+    x, y = torch.randn(128, *_IMAGE), torch.randint(0, 10, (128,))
+    configs = list(_family_configs(only))
     steppers = {(m, c): _stepper(net, reg, x, y) for m, c, net, reg in configs}
     results: dict[str, dict[str, float]] = {}
     for (m, c), median in _interleaved_medians(steppers, rounds, steps, warmup=2).items():
         results.setdefault(m, {})[c] = median
+    if only is not None and only.lower() not in "resnet-18 export":
+        return results
     reg = L0Regularizer(resnet(18, (3, 32, 32), 10), 1e-6, granularity="output")
     reg(x[:8])
     with torch.no_grad():
@@ -241,7 +346,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the wrapper")
-    ap.add_argument("--families", action="store_true", help="ResNet-20, ViT and the export")
+    ap.add_argument("--families", action="store_true", help="the graph families and the export")
+    ap.add_argument("--only", help="with --families: the families whose name contains this")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); 1 keeps the ratios stable "
                          "on a machine shared with other work")  # fmt: skip
@@ -255,7 +361,7 @@ def main() -> None:
 
             tune_allocator()
         if args.families:
-            print(json.dumps(measure_families(args.rounds, args.steps)))
+            print(json.dumps(measure_families(args.rounds, args.steps, args.only)))
         else:
             print(json.dumps(measure(args.rounds, args.steps, args.compile)))
         return
@@ -267,6 +373,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--mode", mode, "--rounds", str(args.rounds),
                "--steps", str(args.steps)] + (["--compile"] if args.compile else [])  # fmt: skip
         cmd += ["--families"] if args.families else []
+        cmd += ["--only", args.only] if args.only else []
         cmd += ["--threads", str(args.threads)]
         res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         for model_name, row in res.items():
