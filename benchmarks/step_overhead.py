@@ -140,22 +140,14 @@ class MinimalOutputL0(nn.Module):
         return 1e-6 * torch.sigmoid(self.log_alpha - shift).sum()
 
 
-class GateProductsOnly(nn.Module):
-    """The activations of every Linear/Conv2d but the last multiplied by fixed gates that require
-    grad, a new leaf per forward, as hooks do: the multiplications and the gates' gradients, and
-    nothing else (no sampling, no penalty, no gate parameter)."""
+class GateProductsOnly(MinimalOutputL0):
+    """``MinimalOutputL0``'s hooks on fixed gates that require grad, a new leaf per forward: the
+    multiplications and the gates' gradients, and nothing else (no sampling, no penalty; its
+    logits never get a gradient, so Adam skips them)."""
 
     def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = copy.deepcopy(module)
-        layers = [m for m in self.module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][:-1]
-        self._sizes = [m.weight.shape[0] for m in layers]
+        super().__init__(module)
         self._values = torch.rand(sum(self._sizes))
-        self._z: list[torch.Tensor] = []
-        for i, m in enumerate(layers):
-            m.register_forward_hook(
-                lambda mod, args, out, i=i: out * MinimalOutputL0._view(self._z[i], out)
-            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._z = list(self._values.detach().requires_grad_().split(self._sizes))
@@ -339,7 +331,7 @@ def measure_families(rounds: int, steps: int, only: str | None = None) -> dict:
         results.setdefault(m, {})[c] = median
     if only is not None and only.lower() not in "resnet-18 export":
         return results
-    reg = L0Regularizer(resnet(18, (3, 32, 32), 10), 1e-6, granularity="output")
+    reg = L0Regularizer(resnet(18, _IMAGE, 10), 1e-6, granularity="output")
     reg(x[:8])
     with torch.no_grad():
         la = reg.unit_log_alpha
